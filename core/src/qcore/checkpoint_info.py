@@ -1,0 +1,103 @@
+"""What a checkpoint holds, without building the model: read from its header and config."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qcore.checkpoint import read_quantization_config
+from qcore.errors import CheckpointError
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4}
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes)."""
+    with file.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{file} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise CheckpointError(f"{file} is not a safetensors file (header of {n} bytes)")
+        try:
+            return json.loads(fh.read(n))
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{file} has a corrupt safetensors header") from None
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    qconfig = read_quantization_config(path)
+    tensors: dict[str, dict[str, Any]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        header = safetensors_header(file)
+        header.pop("__metadata__", None)
+        tensors.update(header)
+    if not tensors:
+        raise CheckpointError(f"{path} holds no *.safetensors weights")
+
+    def nbytes(key: str) -> int:
+        meta = tensors[key]
+        count = 1
+        for dim in meta["shape"]:
+            count *= dim
+        return count * _DTYPE_BYTES.get(meta["dtype"], 4)
+
+    layers = {}
+    quant_bytes = quant_weights = 0
+    for name, layer in qconfig["layers"].items():
+        out_f, in_f = layer["shape"]
+        stored = sum(nbytes(f"{name}.{k}") for k in layer["tensors"] if f"{name}.{k}" in tensors)
+        p = layer["params"]
+        fmt = (f"{layer['layout']} W{p.get('bits')}" + (f"A{p['act_bits']}" if p.get("act_bits") else "")
+               + (" per-channel" if p.get("group_size") == -1 else f" g{p.get('group_size')}")
+               + (" sym" if p.get("symmetric") else " asym") + (" act-order" if "g_idx" in layer["tensors"] else ""))
+        layers[name] = {"shape": [out_f, in_f], "format": fmt, "bytes": stored,
+                        "bits_per_weight": 8 * stored / (out_f * in_f), "kernel": layer.get("kernel", "auto")}
+        quant_bytes += stored
+        quant_weights += out_f * in_f
+    total_params = sum(_numel(meta["shape"]) for meta in tensors.values()
+                       if meta["dtype"] in {"F32", "F16", "BF16", "F64"})
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    pipeline = qconfig.get("pipeline", {})
+    names = [t["name"] for t in pipeline.get("transforms", [])] + [pipeline.get("quantizer", {}).get("name", "?")]
+    scheme = pipeline.get("scheme", {})
+    fp16_bytes = 2 * (total_params - _quantized_float_params(qconfig, tensors) + quant_weights)
+    return {
+        "path": str(path),
+        "pipeline": pipeline,
+        "pipeline_short": ",".join(names),
+        "scheme": f"W{scheme.get('bits')} g{scheme.get('group_size')} "
+                  f"{'sym' if scheme.get('symmetric') else 'asym'}",
+        "distributions": qconfig.get("distributions", {}),
+        "n_quantized": len(layers),
+        "formats": dict(Counter(layer["format"] for layer in layers.values())),
+        "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1),
+        "size_bytes": size,
+        "fp16_bytes": fp16_bytes,
+        "layers": layers,
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _quantized_float_params(qconfig: dict[str, Any], tensors: dict[str, Any]) -> int:
+    """Float elements stored for quantized layers (scales etc.), not counted as model
+    parameters in the fp16 comparison (their dense weights are counted instead)."""
+    n = 0
+    for name, layer in qconfig["layers"].items():
+        for key in layer["tensors"]:
+            meta = tensors.get(f"{name}.{key}")
+            if meta is not None and meta["dtype"] in {"F32", "F16", "BF16", "F64"}:
+                n += _numel(meta["shape"])
+    return n

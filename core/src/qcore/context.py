@@ -1,0 +1,64 @@
+"""What a transform sees of the block it edits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from qcore.interfaces import Quantizer
+    from qcore.model import BlockStructure
+    from qcore.scheme import Scheme
+
+log = logging.getLogger("qcore")
+
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class BlockContext:
+    """One decoder block during quantization.
+
+    ``inputs`` are the calibration calls of the block (args, kwargs per batch, on CPU),
+    computed by the already-quantized earlier blocks. ``stats[linear][observer]`` holds
+    what the step's observers collected on them. ``quantizer`` is the pipeline's
+    quantizer, so that a search quantizes candidates exactly as they will be quantized.
+    """
+
+    index: int
+    block: nn.Module
+    structure: BlockStructure
+    inputs: list[BlockCall]
+    stats: dict[str, dict[str, Any]]
+    scheme: Scheme
+    quantizer: Quantizer
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    log: logging.Logger = log
+
+    def fake_quantize(self, weight: torch.Tensor, stats: dict[str, Any] | None = None) -> torch.Tensor:
+        """``weight`` quantized and dequantized by the pipeline's quantizer and scheme."""
+        q = self.quantizer.quantize(weight.float(), stats or {}, self.scheme)
+        return self.quantizer.dequantize(q).to(weight.dtype)
+
+    def run_block(self) -> list[torch.Tensor]:
+        """The block's outputs (hidden states) on every calibration batch, on CPU."""
+        from qcore.model import run_block
+        from qcore.model.capture import move_to
+
+        outs = []
+        with torch.inference_mode():
+            for args, kwargs in self.inputs:
+                out = run_block(self.block, move_to(args, self.device), move_to(kwargs, self.device))
+                outs.append(out.to("cpu"))
+        return outs
+
+    def add_lowrank_branch(self, linear: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Register a full-precision branch ``x -> (x @ down.T) @ up.T`` added to linear
+        ``linear``'s output; the transform must have subtracted ``up @ down`` from its
+        weight so the block's function is unchanged."""
+        self.lowrank[linear] = (down.detach().contiguous(), up.detach().contiguous())

@@ -1,0 +1,134 @@
+"""The qcore plugin contract: every hook, typed and documented.
+
+A plugin is a module (named by a ``qcore`` entry point) with functions marked
+``@qcore.hookimpl``. Registration hooks only register classes; they do no work, so
+importing a hooks module and calling its hooks is cheap (no torch import, no kernel
+compile). Each hook receives ``register``, a callable that takes one component class of
+the hook's kind; every hook implementation is called (none stops the others) and the
+return value is ignored.
+
+The classes' interfaces are in :mod:`qcore.interfaces`. Names must be unique within a
+kind across all installed plugins: a duplicate is an error naming both distributions.
+
+How the methods behind qcore map onto this contract
+---------------------------------------------------
+
+- Round-to-nearest (built-in): quantizer ``rtn`` produces format ``"int"``; packer ``int``
+  writes layout ``"int-packed"``; the torch kernel provider computes ``linear`` on it.
+- GPTQ: observer ``hessian`` (2·XᵀX running mean); quantizer ``gptq`` with
+  ``needs = {"hessian"}`` and ``sequential = True`` (true-sequential: each linear sees the
+  inputs produced by already-quantized earlier linears); act-order is the ``"int"``
+  format's ``g_idx``.
+- AWQ: observer of mean activation magnitude; transform ``awq`` scales each input-sharing
+  group (``ctx.structure.groups``) and folds ``1/s`` into the group's scale source (the
+  preceding norm or linear found by the core), searching α with ``ctx.quantizer`` so that
+  ``awq,gptq`` searches with the quantizer that will run; transform ``awq-clip`` for the
+  clipping search.
+- VPTQ: quantizer ``vptq`` (``needs = {"hessian"}``) produces its own codebook format
+  (indices, codebooks, residual and outlier parts) and overrides ``dequantize``; its packer
+  writes a codebook layout with ``op = "lut_linear"``; kernel providers implement
+  ``lut_linear``.
+- Activation quantization (W8A8, static or dynamic): the scheme's ``act_bits`` and
+  ``act_dynamic``; a quantizer lists the act bit-widths it supports in
+  ``supported_act_bits``; static scales come from an observer (the built-in ``minmax``)
+  and travel as ``input_scale`` in the quantized weight; kernels declare ``act_bits``
+  in their :class:`~qcore.interfaces.KernelSupport`.
+- Quamba (Mamba): a transform applies a Hadamard rotation (folded into weights where the
+  algebra allows; where it must run online, it is part of the layer's op) and suppresses
+  the selective scan's input outliers; static 8-bit per-tensor scales come from
+  observers; kernel providers implement the ``selective_scan`` op.
+- SVDQuant: a transform smooths activations into weights (like AWQ's folding), splits
+  each weight into a 16-bit low-rank branch and a residual
+  (``ctx.add_lowrank_branch(name, down, up)``), and the quantizer quantizes the residual
+  to 4 bits with 4-bit activations; the quantized layer adds the low-rank branch.
+
+A plugin may implement any subset of the hooks. pluggy lets an implementation accept
+fewer arguments than its spec; hooks grow only by new optional arguments, new needs get
+new hooks with new names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+from qcore import PROJECT_NAME
+
+if TYPE_CHECKING:
+    from qcore.interfaces import KernelProvider, Observer, Packer, Quantizer, Transform
+
+_hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+# --------------------------------------------------------------------- registration ---
+
+
+@_hookspec
+def qcore_register_observers(register: Callable[[type[Observer]], None]) -> None:
+    """Register observer classes: ``register(MyObserver)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.Observer`. Its
+        ``name`` is the statistic it makes, the name steps list in their ``needs``.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
+@_hookspec
+def qcore_register_transforms(register: Callable[[type[Transform]], None]) -> None:
+    """Register transform classes: ``register(MyTransform)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.Transform`: a
+        function-preserving edit of a decoder block (scales folded into a preceding op,
+        a rotation, a low-rank split) that runs before the block is quantized.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
+@_hookspec
+def qcore_register_quantizers(register: Callable[[type[Quantizer]], None]) -> None:
+    """Register quantizer classes: ``register(MyQuantizer)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.Quantizer`, which
+        turns one linear's weight and statistics into a
+        :class:`~qcore.interfaces.QuantizedWeight` of the format it ``produces``.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
+@_hookspec
+def qcore_register_packers(register: Callable[[type[Packer]], None]) -> None:
+    """Register packer classes: ``register(MyPacker)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.Packer`, which maps
+        one logical ``format`` to one storage ``layout`` and back exactly.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
+@_hookspec
+def qcore_register_kernels(register: Callable[[type[KernelProvider]], None]) -> None:
+    """Register kernel provider classes: ``register(MyKernels)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.KernelProvider`, whose
+        ``support`` declares the ops (``linear``, ``lut_linear``, ``selective_scan``),
+        layouts, bits, group sizes, dtypes, devices and GPU architectures it handles and
+        its priority. Selection is by that data; ``unavailable_reason()`` is the only
+        run-time check (e.g. CuPy or a GPU missing). Importing the provider's module must
+        not import CuPy or compile anything.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
+#: Hook name -> component kind it registers.
+REGISTRATION_HOOKS: dict[str, str] = {
+    "qcore_register_observers": "observer",
+    "qcore_register_transforms": "transform",
+    "qcore_register_quantizers": "quantizer",
+    "qcore_register_packers": "packer",
+    "qcore_register_kernels": "kernel",
+}

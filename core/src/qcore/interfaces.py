@@ -1,0 +1,346 @@
+"""The component interfaces that plugins implement.
+
+Five kinds of component plug into qcore. Each is a class with a ``name`` (unique within
+its kind), a nested frozen dataclass ``Config`` whose fields are its options, and a
+declaration of what it needs and makes, so that a pipeline can be checked before any
+model is loaded:
+
+=============  ==========================================  ===============================
+kind           declares                                    does
+=============  ==========================================  ===============================
+Observer       ``name`` = the statistic it makes           collects statistics of a
+               (``"hessian"``, ``"minmax"``), whether it    linear's inputs (and outputs)
+               needs the linear's outputs                  during calibration
+Transform      ``needs`` (statistics, products of earlier  edits a block so that its
+               steps), ``provides``                        function is unchanged before
+                                                           quantization
+Quantizer      ``needs``, ``produces`` (a logical format), turns one linear's weight into
+               ``supported_bits``, ``supported_act_bits``  a :class:`QuantizedWeight`
+Packer         ``format`` it reads, ``layout`` it writes,  maps a logical format to a
+               ``op`` its layout is computed with          storage layout and back,
+                                                           exactly
+KernelProvider ``support`` (:class:`KernelSupport`)        computes an op on a layout
+=============  ==========================================  ===============================
+
+This module imports no torch at run time: a plugin's hooks module can import it and its
+component classes cheaply. Numerical work belongs in methods, which import what they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+    from qcore.context import BlockContext
+    from qcore.scheme import Scheme
+
+KINDS: tuple[str, ...] = ("observer", "transform", "quantizer", "packer", "kernel")
+
+JSONScalar = int | float | bool | str | None
+
+
+class Component:
+    """Base of every component: a name, a typed ``Config`` and an instance built from it."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    @dataclass(frozen=True)
+    class Config:
+        """No options."""
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring, for listings."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+# --------------------------------------------------------------------------- observers
+
+
+class Observer(Component):
+    """Collects one statistic of a linear layer during calibration.
+
+    The observer's ``name`` is the statistic's name: a transform or quantizer that lists
+    ``"hessian"`` in ``needs`` receives ``stats["hessian"]`` from the observer named
+    ``hessian``. The core creates one instance per linear layer and calls
+    :meth:`update` once per calibration batch, then :meth:`compute` once.
+    """
+
+    kind = "observer"
+    #: True if :meth:`update` needs the linear's outputs (else ``outputs`` is None).
+    needs_outputs: ClassVar[bool] = False
+
+    def update(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
+        """Accumulate one batch. ``inputs`` is ``[tokens, in_features]`` in the block's
+        dtype (float32 during calibration); ``outputs`` is ``[tokens, out_features]``."""
+        raise NotImplementedError
+
+    def compute(self) -> Any:
+        """The statistic (a tensor or a dict of tensors) after the last batch."""
+        raise NotImplementedError
+
+
+# -------------------------------------------------------------------------- transforms
+
+
+class Transform(Component):
+    """A function-preserving edit of one decoder block before its linears are quantized.
+
+    Examples: AWQ scales folded into the preceding norm or linear, a Hadamard rotation,
+    an SVD low-rank split, a channel reorder. :meth:`apply` receives a
+    :class:`~qcore.context.BlockContext` with the block, its structure (input-sharing
+    groups and their scale sources), the calibration inputs, the statistics of the
+    observers named in ``needs``, the scheme, and the pipeline's quantizer (so a search
+    can quantize candidate weights exactly as they will be quantized).
+    """
+
+    kind = "transform"
+    #: Statistics (observer names) and products of earlier steps this transform needs.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Products later steps may rely on (e.g. ``"rotated"``, ``"lowrank"``).
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def apply(self, ctx: BlockContext) -> None:
+        """Edit ``ctx.block`` in place. Must leave the unquantized block's function
+        unchanged (to float tolerance) unless it registers the difference with the
+        context (``ctx.add_lowrank_branch``)."""
+        raise NotImplementedError
+
+
+# -------------------------------------------------------------------------- quantizers
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear's quantized weight in a named logical format.
+
+    ``format`` names the logical format (``"int"``: an integer grid; a codebook method
+    names its own). ``shape`` is the dense weight's ``(out_features, in_features)``.
+    ``tensors`` holds the format's arrays; ``params`` its JSON-serialisable parameters.
+
+    The ``"int"`` format, produced by the built-in ``rtn`` quantizer and by GPTQ/AWQ:
+    ``codes`` uint8 ``[out, in]`` (unsigned, 0 .. 2**bits - 1); ``scales``
+    ``[out, n_groups]`` float; ``zeros`` uint8 ``[out, n_groups]`` for asymmetric grids
+    (symmetric grids have the implicit zero point ``2**(bits-1)``); optional ``g_idx``
+    int32 ``[in]`` (group of each input column, for act-order); optional
+    ``input_scale`` float32 scalar (static activation quantization). ``params``: ``bits``,
+    ``group_size``, ``symmetric``, ``act_bits``, ``act_dynamic``. The dense weight is
+    ``(codes - zero) * scale`` with each column's group from ``g_idx``
+    (``column // group_size`` without it).
+    """
+
+    format: str
+    shape: tuple[int, int]
+    tensors: dict[str, torch.Tensor]
+    params: dict[str, JSONScalar] = field(default_factory=dict)
+
+
+class Quantizer(Component):
+    """Turns one linear's weight (plus statistics) into a :class:`QuantizedWeight`."""
+
+    kind = "quantizer"
+    #: Statistics (observer names) and products of earlier steps the quantizer needs.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: The logical format of the result; a packer for it must exist.
+    produces: ClassVar[str] = "int"
+    #: Weight bit-widths this quantizer supports.
+    supported_bits: ClassVar[frozenset[int]] = frozenset({2, 3, 4, 5, 6, 7, 8})
+    #: Activation bit-widths it can calibrate (``None`` = weight-only).
+    supported_act_bits: ClassVar[frozenset[int | None]] = frozenset({None})
+    #: True if each linear must see the inputs produced by the already-quantized earlier
+    #: linears of its block (GPTQ's true-sequential); the core then observes and
+    #: quantizes the block stage by stage.
+    sequential: ClassVar[bool] = False
+
+    def needs_for(self, scheme: Scheme) -> frozenset[str]:
+        """What this quantizer needs under ``scheme`` (default: ``needs``)."""
+        return self.needs
+
+    def quantize(
+        self, weight: torch.Tensor, stats: Mapping[str, Any], scheme: Scheme
+    ) -> QuantizedWeight:
+        """Quantize ``weight`` (float32 ``[out, in]``, already transformed) with the
+        statistics named in ``needs`` (``stats[name]``)."""
+        raise NotImplementedError
+
+    def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
+        """The dense float32 weight that ``qweight`` stands for. The default serves the
+        ``"int"`` format; a quantizer producing another format overrides it."""
+        from qcore.grid import dequantize_int
+
+        if qweight.format != "int":
+            raise NotImplementedError(
+                f"quantizer {self.name!r} produces format {qweight.format!r} and must "
+                "override dequantize()")
+        return dequantize_int(qweight)
+
+
+# ----------------------------------------------------------------------------- packers
+
+
+@dataclass
+class PackedWeight:
+    """A quantized weight in a storage layout: what a checkpoint stores and a kernel reads.
+
+    ``tensors`` are saved in the checkpoint under ``<module>.<key>``; ``params`` (JSON) in
+    its ``quantization_config``. ``layout`` names the packer that wrote it.
+    """
+
+    layout: str
+    shape: tuple[int, int]
+    tensors: dict[str, torch.Tensor]
+    params: dict[str, JSONScalar] = field(default_factory=dict)
+
+
+class Packer(Component):
+    """Maps a logical format to a storage layout, and back exactly."""
+
+    kind = "packer"
+    #: Logical format this packer reads (a quantizer's ``produces``).
+    format: ClassVar[str] = "int"
+    #: Storage layout this packer writes (a kernel provider's ``support.layouts``).
+    layout: ClassVar[str] = ""
+    #: Kernel op that computes with this layout: ``"linear"`` or ``"lut_linear"``.
+    op: ClassVar[str] = "linear"
+    #: Among packers of one format, the highest priority is chosen by ``packer = "auto"``.
+    priority: ClassVar[int] = 0
+    supported_bits: ClassVar[frozenset[int]] = frozenset(range(1, 17))
+
+    def pack(self, qweight: QuantizedWeight) -> PackedWeight:
+        raise NotImplementedError
+
+    def unpack(self, packed: PackedWeight) -> QuantizedWeight:
+        """Exact inverse of :meth:`pack`."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ kernels
+
+#: Ops a kernel provider may implement. ``linear`` and ``lut_linear`` share the signature
+#: ``(x, prepared, bias) -> y``; ``selective_scan`` is Mamba's recurrence (see hookspecs).
+KNOWN_OPS: frozenset[str] = frozenset({"linear", "lut_linear", "selective_scan"})
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    """What a kernel provider supports, as data. ``None`` means any value."""
+
+    ops: frozenset[str]
+    layouts: frozenset[str]
+    bits: frozenset[int] | None = None
+    group_sizes: frozenset[int] | None = None
+    symmetric: frozenset[bool] = frozenset({True, False})
+    act_bits: frozenset[int | None] = frozenset({None})
+    act_order: bool = True
+    dtypes: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    #: Lowest CUDA compute capability, e.g. ``(8, 0)``; ``None`` = no requirement.
+    min_compute_capability: tuple[int, int] | None = None
+    in_features_multiple: int = 1
+    out_features_multiple: int = 1
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """What a quantized layer asks a kernel for."""
+
+    op: str
+    layout: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    in_features: int
+    out_features: int
+    act_bits: int | None = None
+    act_order: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    compute_capability: tuple[int, int] | None = None
+
+    @classmethod
+    def for_packed(cls, packed: PackedWeight, op: str, *, dtype: str = "float32",
+                   device: str = "cpu",
+                   compute_capability: tuple[int, int] | None = None) -> KernelRequest:
+        p = packed.params
+        return cls(op=op, layout=packed.layout, bits=int(p.get("bits", 0) or 0),
+                   group_size=int(p.get("group_size", -1) or -1),
+                   symmetric=bool(p.get("symmetric", False)),
+                   in_features=packed.shape[1], out_features=packed.shape[0],
+                   act_bits=p.get("act_bits"),  # type: ignore[arg-type]
+                   act_order="g_idx" in packed.tensors, dtype=dtype, device=device,
+                   compute_capability=compute_capability)
+
+
+class KernelProvider(Component):
+    """Computes ops on packed weights. Declares ``support``; the core picks the
+    highest-priority provider that supports a request and is available, falling back to
+    the built-in torch provider."""
+
+    kind = "kernel"
+    support: ClassVar[KernelSupport] = KernelSupport(ops=frozenset(), layouts=frozenset())
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this provider cannot run in this environment (e.g. CuPy missing), or None.
+        Must be cheap and must not raise."""
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, request: KernelRequest) -> str | None:
+        """Why ``request`` is outside the declared support, or None if it is inside."""
+        s = cls.support
+        checks: list[tuple[bool, str]] = [
+            (request.op in s.ops, f"op {request.op!r} not in {sorted(s.ops)}"),
+            (request.layout in s.layouts, f"layout {request.layout!r} not in {sorted(s.layouts)}"),
+            (s.bits is None or request.bits in s.bits, f"bits {request.bits} not in {sorted(s.bits or ())}"),
+            (s.group_sizes is None or request.group_size in s.group_sizes,
+             f"group size {request.group_size} not in {sorted(s.group_sizes or ())}"),
+            (request.symmetric in s.symmetric, f"symmetric={request.symmetric} unsupported"),
+            (request.act_bits in s.act_bits, f"act_bits={request.act_bits} unsupported"),
+            (s.act_order or not request.act_order, "act-order (g_idx) unsupported"),
+            (request.dtype in s.dtypes, f"dtype {request.dtype} not in {sorted(s.dtypes)}"),
+            (request.device in s.devices, f"device {request.device} not in {sorted(s.devices)}"),
+            (request.in_features % s.in_features_multiple == 0,
+             f"in_features {request.in_features} not a multiple of {s.in_features_multiple}"),
+            (request.out_features % s.out_features_multiple == 0,
+             f"out_features {request.out_features} not a multiple of {s.out_features_multiple}"),
+        ]
+        if s.min_compute_capability is not None:
+            cc = request.compute_capability
+            checks.append((cc is not None and tuple(cc) >= s.min_compute_capability,
+                           f"needs compute capability >= {s.min_compute_capability}, got {cc}"))
+        for ok, reason in checks:
+            if not ok:
+                return reason
+        return None
+
+    def prepare(self, packed: PackedWeight, device: torch.device) -> Any:
+        """One-time conversion of a packed weight for this provider on ``device`` (layout
+        conversion, caching). The result is passed back to the op; default: ``packed``."""
+        return packed
+
+    def linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """``y = x @ W.T + bias`` with ``W`` the weight that ``prepared`` stands for."""
+        raise NotImplementedError(f"kernel provider {self.name!r} does not implement 'linear'")
+
+    def lut_linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """Like :meth:`linear` for codebook layouts (weights decoded through a lookup table)."""
+        raise NotImplementedError(f"kernel provider {self.name!r} does not implement 'lut_linear'")
+
+
+def config_fields(component: type[Component]) -> list[dataclasses.Field[Any]]:
+    """The option fields of a component's ``Config``."""
+    return list(dataclasses.fields(component.Config))

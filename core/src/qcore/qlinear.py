@@ -1,0 +1,108 @@
+"""QuantLinear: a linear layer that holds packed tensors and calls the selected kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore.interfaces import KernelProvider, KernelRequest, PackedWeight
+from qcore.kernel_select import AUTO, select_kernel
+
+LOWRANK_DOWN = "lowrank_down"
+LOWRANK_UP = "lowrank_up"
+
+
+class QuantLinear(nn.Module):
+    """Replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``): ``y = op(x, W) + bias``, with
+    ``W`` held packed and computed by a kernel provider chosen per device and dtype (the
+    highest-priority one that supports the layer, or the one named by ``kernel``).
+
+    Optional low-rank branch (SVDQuant): ``y += (x @ lowrank_down.T) @ lowrank_up.T``.
+    The packed tensors are buffers, so ``state_dict()`` holds exactly what a checkpoint
+    stores.
+    """
+
+    def __init__(self, packed: PackedWeight, op: str = "linear", bias: torch.Tensor | None = None,
+                 kernel: str = AUTO, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.layout = packed.layout
+        self.op = op
+        self.params = dict(packed.params)
+        self.kernel = kernel
+        self.tensor_names = tuple(packed.tensors)
+        for key, tensor in packed.tensors.items():
+            self.register_buffer(key, tensor)
+        self.register_buffer("bias", bias)
+        if lowrank is not None:
+            down, up = lowrank
+            self.register_buffer(LOWRANK_DOWN, down)
+            self.register_buffer(LOWRANK_UP, up)
+        else:
+            self.lowrank_down = None
+            self.lowrank_up = None
+        self._providers: dict[tuple[str, str], tuple[KernelProvider, Any]] = {}
+
+    # ---------------------------------------------------------------- weights
+
+    def packed(self) -> PackedWeight:
+        return PackedWeight(layout=self.layout, shape=(self.out_features, self.in_features),
+                            tensors={k: getattr(self, k) for k in self.tensor_names},
+                            params=dict(self.params))
+
+    def request(self, device: torch.device, dtype: torch.dtype) -> KernelRequest:
+        cc = None
+        if device.type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+        return KernelRequest.for_packed(self.packed(), self.op, dtype=str(dtype).removeprefix("torch."),
+                                        device=device.type, compute_capability=cc)
+
+    def provider_for(self, device: torch.device, dtype: torch.dtype) -> tuple[KernelProvider, Any]:
+        """The kernel provider (and its prepared weight) for inputs on ``device``/``dtype``."""
+        key = (str(device), str(dtype))
+        cached = self._providers.get(key)
+        if cached is None:
+            from qcore.plugins import get_registry
+
+            cls = select_kernel(get_registry(), self.request(device, dtype), self.kernel)
+            provider = cls()
+            cached = (provider, provider.prepare(self.packed(), device))
+            self._providers[key] = cached
+        return cached
+
+    @property
+    def provider_name(self) -> str | None:
+        """Name of the provider of the most recent forward (None before the first)."""
+        if not self._providers:
+            return None
+        return next(reversed(self._providers.values()))[0].name
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        provider, prepared = self.provider_for(x.device, x.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = getattr(provider, self.op)(x2, prepared, self.bias)
+        if self.lowrank_down is not None:
+            y = y + (x2 @ self.lowrank_down.to(x.dtype).T) @ self.lowrank_up.to(x.dtype).T
+        return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # type: ignore[override]
+        self._providers.clear()  # device or dtype changes: prepare again
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        p = self.params
+        bits = p.get("bits")
+        act = f"A{p['act_bits']}" if p.get("act_bits") else ""
+        group = p.get("group_size")
+        group_label = "per-channel" if group == -1 else f"g{group}"
+        sym = "sym" if p.get("symmetric") else "asym"
+        extras = ", act-order" if "g_idx" in self.tensor_names else ""
+        extras += ", low-rank" if self.lowrank_down is not None else ""
+        kernel = self.provider_name or f"{self.kernel} (not yet run)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"layout={self.layout}, W{bits}{act} {group_label} {sym}{extras}, kernel={kernel}")

@@ -1,0 +1,71 @@
+"""Quantizing a model with a pipeline: the entry point behind ``qcore quantize``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore.calibration import BlockReport, needs_calibration, quantize_blocks
+from qcore.errors import ConfigError
+from qcore.model import capture_block_inputs, find_blocks
+from qcore.pipeline import Pipeline, ResolvedPipeline
+
+#: Attribute of a quantized model holding what the checkpoint records.
+QCORE_ATTR = "qcore_quantization"
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    resolved: ResolvedPipeline
+    blocks: list[BlockReport]
+    seconds: float
+
+    @property
+    def n_layers(self) -> int:
+        return sum(len(b.layers) for b in self.blocks)
+
+
+def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
+             calibration: torch.Tensor, *, batch_size: int = 8,
+             device: torch.device | str | None = None, progress: bool = True) -> QuantizeResult:
+    """Quantize every linear of ``model``'s decoder blocks in place, block by block.
+
+    ``calibration``: token ids ``[n_samples, seq_len]``. ``device``: where each block runs
+    (default: where the model is); activations are kept on CPU between blocks.
+    """
+    start = time.perf_counter()
+    resolved = pipeline if isinstance(pipeline, ResolvedPipeline) else (
+        Pipeline.from_names(pipeline) if isinstance(pipeline, str) else pipeline).validate()
+    if hasattr(model, QCORE_ATTR):
+        raise ConfigError("this model is already quantized by qcore; load the original "
+                          "floating-point model to quantize it again")
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise ConfigError(f"calibration ids must be [n_samples, seq_len], got {tuple(calibration.shape)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    blocks = find_blocks(model)
+    run_device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    calls = (capture_block_inputs(model, blocks, calibration, batch_size)
+             if needs_calibration(resolved) else None)
+    reports = quantize_blocks(blocks, calls, resolved, run_device, progress=progress)
+    model.train(was_training)
+    setattr(model, QCORE_ATTR, quantization_record(resolved, blocks.path))
+    return QuantizeResult(model, resolved, reports, time.perf_counter() - start)
+
+
+def quantization_record(resolved: ResolvedPipeline, blocks_path: str) -> dict[str, Any]:
+    return {"pipeline": resolved.spec(), "distributions": resolved.distributions,
+            "blocks": blocks_path}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

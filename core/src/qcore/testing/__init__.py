@@ -1,0 +1,55 @@
+"""qcore's conformance kit for plugin authors: a pytest plugin and base test classes.
+
+Subclass a base class and supply your component through a fixture, pandas-extension
+style::
+
+    import pytest
+    from qcore.testing import BaseQuantizerTests
+
+    class TestMyQuantizer(BaseQuantizerTests):
+        @pytest.fixture
+        def quantizer(self):
+            return MyQuantizer()
+
+The fixtures ``qcore_plugin_manager``, ``qcore_registry`` and ``qcore_register_plugin``
+come from the pytest plugin :mod:`qcore.testing.plugin`, which pytest loads by itself once
+qcore is installed. Importing this package is cheap; the base classes (and torch) load
+on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qcore.testing.plugin import isolated_plugin_manager, make_plugin
+
+if TYPE_CHECKING:
+    from qcore.testing.base import (
+        BaseKernelProviderTests,
+        BaseObserverTests,
+        BasePackerTests,
+        BaseQuantizerTests,
+        BaseTransformTests,
+        random_int_weight,
+        reference_linear,
+    )
+
+_FROM_BASE = {
+    "BaseKernelProviderTests",
+    "BaseObserverTests",
+    "BasePackerTests",
+    "BaseQuantizerTests",
+    "BaseTransformTests",
+    "random_int_weight",
+    "reference_linear",
+}
+
+__all__ = sorted(_FROM_BASE | {"isolated_plugin_manager", "make_plugin"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from qcore.testing import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'qcore.testing' has no attribute {name!r}")
