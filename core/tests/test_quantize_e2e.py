@@ -188,3 +188,31 @@ def test_quantlinear_repr_names_format_and_kernel(make_tiny_model, calib_ids):
         model(calib_ids[:1])
     assert repr(layer) == ("QuantLinear(in_features=96, out_features=64, layout=int-packed, "
                            "W4 g32 sym, kernel=torch)")
+
+
+def test_transformers_from_pretrained_loads_a_qcore_checkpoint(make_tiny_model, calib_ids, tmp_path):
+    """After `import qcore`, transformers' own loader rebuilds the QuantLinears (fresh
+    process: the registration must happen on transformers' first import)."""
+    import subprocess
+    import sys
+
+    model = make_tiny_model("llama")
+    quantize(model, Pipeline.from_names("rtn", scheme=Scheme(bits=4, group_size=32)), calib_ids,
+             progress=False)
+    with torch.no_grad():
+        expected = model(calib_ids).logits
+    path = save(model, tmp_path / "ck")
+    torch.save(calib_ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch, qcore\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r})\n"
+        "assert type(m.model.layers[0].mlp.down_proj).__name__ == 'QuantLinear'\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(ids).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.equal(got, expected)

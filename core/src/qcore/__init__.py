@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["CONTRACT_VERSION", "Pipeline", "__version__", "hookimpl", "load", "quantize"]
 
 
+from qcore import _hf_hook  # noqa: E402
+
+_hf_hook.install()
+
+
 def __getattr__(name: str) -> Any:
     if name == "Pipeline":
         from qcore.pipeline import Pipeline

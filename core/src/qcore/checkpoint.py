@@ -41,7 +41,9 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 def layer_record(layer: QuantLinear) -> dict[str, Any]:
     return {"layout": layer.layout, "op": layer.op, "shape": [layer.out_features, layer.in_features],
-            "params": dict(layer.params), "tensors": list(layer.tensor_names),
+            "params": dict(layer.params),
+            "tensors": {k: {"dtype": str(getattr(layer, k).dtype).removeprefix("torch."),
+                            "shape": list(getattr(layer, k).shape)} for k in layer.tensor_names},
             "bias": layer.bias is not None, "lowrank": layer.lowrank_down is not None,
             "kernel": layer.kernel}
 
