@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from qcore.builtin.observers import MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.interfaces import KernelRequest, Transform
+from qcore.scheme import Scheme
 from qcore.testing import (
     BaseKernelProviderTests,
     BaseObserverTests,
@@ -144,7 +145,8 @@ class _OffByOneRTN(RTNQuantizer):
     def quantize(self, weight, stats, scheme):
         qweight = super().quantize(weight, stats, scheme)
         codes = qweight.tensors["codes"]
-        qweight.tensors["codes"] = torch.clamp(codes.int() + 1, max=(1 << scheme.bits) - 1).to(torch.uint8)
+        shifted = torch.clamp(codes.int() + 1, max=(1 << scheme.bits) - 1)
+        qweight.tensors["codes"] = shifted.to(torch.uint8)
         return qweight
 
 
@@ -171,7 +173,7 @@ class _SloppyKernels(TorchKernels):
 def test_kit_catches_a_quantizer_off_by_one_step(qcore_plugin_manager) -> None:
     kit = BaseQuantizerTests()
     weight = torch.randn(16, 160, generator=torch.Generator().manual_seed(0))
-    schemes = [pytest.importorskip("qcore.scheme").Scheme(bits=4, group_size=32)]
+    schemes = [Scheme(bits=4, group_size=32)]
     with pytest.raises(AssertionError, match="grid steps"):
         kit.test_dequantize_error_within_grid_step(_OffByOneRTN(), weight, {}, schemes)
 
@@ -198,3 +200,27 @@ def test_kit_catches_a_kernel_that_drops_the_bias() -> None:
 
     with pytest.raises(AssertionError, match="exceeds"):
         kit.test_op_matches_reference(provider, [IntPacker()], requests, make, dequantize_int)
+
+
+def test_declared_requests_on_a_machine_with_a_gpu(monkeypatch) -> None:
+    # No GPU here: the device list is what the kit would find on an Ampere machine.
+    import qcore.testing.base as base
+    from qcore.interfaces import KernelSupport
+
+    monkeypatch.setattr(base, "_available_devices", lambda: {"cpu": None, "cuda": (8, 0)})
+    kit = BaseKernelProviderTests()
+    torch_requests = kit.declared_requests(TorchKernels.support, [IntPacker()])
+    cuda = [r for r in torch_requests if r.device == "cuda"]
+    assert len(cuda) == 1 and cuda[0].compute_capability == (8, 0)
+
+    hopper_only = KernelSupport(ops=frozenset({"linear"}), layouts=frozenset({"int-packed"}),
+                                bits=frozenset({4}), group_sizes=frozenset({128}),
+                                dtypes=frozenset({"float16"}), devices=frozenset({"cuda"}),
+                                min_compute_capability=(9, 0), in_features_multiple=64)
+    assert kit.declared_requests(hopper_only, [IntPacker()]) == []
+    ampere = dataclasses.replace(hopper_only, min_compute_capability=(8, 0))
+    requests = kit.declared_requests(ampere, [IntPacker()])
+    assert {(r.device, r.dtype, r.bits, r.group_size) for r in requests} == {
+        ("cuda", "float16", 4, 128)}
+    assert all(r.in_features % 64 == 0 and r.in_features % 128 == 0 for r in requests)
+    assert all(TorchKernels.unsupported_reason(r) is None for r in requests)

@@ -58,7 +58,7 @@ def test_plugins_json_lists_builtins_quickly_without_torch():
     report = json.loads(proc.stdout)
     builtin = next(p for p in report["plugins"] if p["name"] == "builtin")
     assert builtin["distribution"] == "qcore"
-    assert builtin["components"] == {"observer": ["minmax"], "quantizer": ["rtn"],
+    assert builtin["components"] == {"observer": ["minmax", "hessian"], "quantizer": ["rtn"],
                                      "packer": ["int"], "kernel": ["torch"]}
 
 

@@ -71,7 +71,8 @@ def test_asymmetric_range_always_contains_zero() -> None:
 
 def test_all_zero_group_dequantizes_to_zero() -> None:
     for symmetric in (True, False):
-        qweight = F32.quantize(torch.zeros(2, 8), {}, Scheme(bits=3, group_size=4, symmetric=symmetric))
+        scheme = Scheme(bits=3, group_size=4, symmetric=symmetric)
+        qweight = F32.quantize(torch.zeros(2, 8), {}, scheme)
         assert torch.equal(dequantize_int(qweight), torch.zeros(2, 8))
         assert bool((qweight.tensors["scales"] > 0).all())
 

@@ -47,9 +47,9 @@ class Tuned(RTNQuantizer):
         note: str | None = None
 
 
-class NeedsHessian(RTNQuantizer):
-    name = "needs-hessian"
-    needs = frozenset({"hessian"})
+class NeedsAbsMean(RTNQuantizer):
+    name = "needs-absmean"
+    needs = frozenset({"act_absmean"})
 
     def needs_for(self, scheme: Scheme) -> frozenset[str]:
         return self.needs
@@ -86,7 +86,7 @@ class OrphanLayoutPacker(IntPacker):
 def registry(qcore_register_plugin) -> Any:
     manager = qcore_register_plugin(make_plugin(
         "extras", transforms=[Smooth, Rotate, NeedsRotated], observers=[],
-        quantizers=[SmoothQ, Tuned, NeedsHessian, WeightOnly, Codebook]),
+        quantizers=[SmoothQ, Tuned, NeedsAbsMean, WeightOnly, Codebook]),
         distribution="qcore-plugin-extras", version="0.5")
     return manager.registry
 
@@ -142,7 +142,8 @@ def test_unknown_transform_in_the_short_form(registry) -> None:
     message = str(raised.value)
     assert "Unknown pipeline step: 'awq'" in message
     assert "Installed transforms: needs-rotated, rotate, smooth" in message
-    assert "installed quantizers: codebook-q, needs-hessian, rtn, smooth, tuned, weight-only" in message
+    assert ("installed quantizers: codebook-q, needs-absmean, rtn, smooth, tuned, "
+            "weight-only") in message
     assert "pip install qcore-plugin-awq" in message
 
 
@@ -158,9 +159,11 @@ def test_name_of_another_kind_says_so(registry) -> None:
 
 
 def test_unknown_packer_and_kernel(qcore_registry) -> None:
-    with pytest.raises(UnknownComponentError, match="Unknown packer: 'marlin'. Installed packers: int"):
+    with pytest.raises(UnknownComponentError,
+                       match="Unknown packer: 'marlin'. Installed packers: int"):
         Pipeline(packer="marlin").validate()
-    with pytest.raises(UnknownComponentError, match="Unknown kernel: 'cupy'.*qcore-kernels\\[cuda\\]"):
+    with pytest.raises(UnknownComponentError,
+                       match=r"Unknown kernel: 'cupy'.*qcore-kernels\[cuda\]"):
         Pipeline(kernel="cupy").validate()
 
 
@@ -209,7 +212,8 @@ def test_options_from_text_are_coerced(registry) -> None:
     # What the CLI and TOML hand over: strings and lists.
     options = {"iters": "5", "damp": "0.1", "act_order": "true", "skip": "lm_head,gate",
                "note": None}
-    resolved = Pipeline.from_spec({"quantizer": {"name": "tuned", "options": options}}).validate(registry)
+    spec = {"quantizer": {"name": "tuned", "options": options}}
+    resolved = Pipeline.from_spec(spec).validate(registry)
     assert resolved.quantizer.config == Tuned.Config(iters=5, damp=0.1, act_order=True,
                                                      skip=("lm_head", "gate"), note=None)
 
@@ -288,7 +292,8 @@ def test_short_form_ambiguity_needs_a_qualifier(registry) -> None:
 
 
 def test_short_form_errors(registry) -> None:
-    with pytest.raises(ConfigError, match="qualifier is 'transform:' or 'quantizer:', not 'packer'"):
+    with pytest.raises(ConfigError,
+                       match="qualifier is 'transform:' or 'quantizer:', not 'packer'"):
         Pipeline.from_names("packer:int", registry=registry)
     with pytest.raises(ConfigError, match="the quantizer must be the last step"):
         Pipeline.from_names("rtn,rotate", registry=registry)
@@ -305,17 +310,19 @@ def test_short_form_errors(registry) -> None:
 
 def test_unmet_need_names_the_distribution_that_provides_it(registry) -> None:
     with pytest.raises(PipelineError) as raised:
-        Pipeline(quantizer=Step("needs-hessian")).validate(registry)
+        Pipeline(quantizer=Step("needs-absmean")).validate(registry)
     assert str(raised.value) == (
-        "quantizer 'needs-hessian' needs 'hessian', which no installed observer makes and no "
-        "earlier step provides; it is provided by qcore-plugin-gptq: pip install qcore-plugin-gptq")
+        "quantizer 'needs-absmean' needs 'act_absmean', which no installed observer makes and "
+        "no earlier step provides; it is provided by qcore-plugin-awq: pip install "
+        "qcore-plugin-awq")
 
 
 def test_need_provided_by_a_later_step_says_to_reorder(registry) -> None:
     pipeline = Pipeline.from_names("needs-rotated,rotate,rtn", registry=registry)
     with pytest.raises(PipelineError) as raised:
         pipeline.validate(registry)
-    assert "step 'rotate' provides it but comes later: put 'rotate' before 'needs-rotated'" in str(raised.value)
+    assert ("step 'rotate' provides it but comes later: put 'rotate' before "
+            "'needs-rotated'") in str(raised.value)
     Pipeline.from_names("rotate,needs-rotated,rtn", registry=registry).validate(registry)
 
 
@@ -404,7 +411,8 @@ def to_toml(spec: dict[str, Any]) -> str:
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
+            items = (f"{k} = {value(x)}" for k, x in v.items() if x is not None)
+            return "{ " + ", ".join(items) + " }"
         raise TypeError(v)
 
     lines = [f"packer = {value(spec['packer'])}", f"kernel = {value(spec['kernel'])}"]
@@ -424,7 +432,8 @@ def test_toml_recipe_round_trip(registry, tmp_path: Path) -> None:
     assert pipeline.short_form() == "rotate,needs-rotated,tuned"
     assert pipeline.scheme == Scheme(bits=3, group_size=128, symmetric=True)
     resolved = pipeline.validate(registry)
-    assert resolved.quantizer.config == Tuned.Config(iters=5, damp=0.05, skip=("lm_head",), mode="mse")
+    assert resolved.quantizer.config == Tuned.Config(iters=5, damp=0.05, skip=("lm_head",),
+                                                     mode="mse")
 
     # Spec -> TOML -> Pipeline gives the same pipeline, and the filled-in spec (what a
     # checkpoint records) validates to the same components.

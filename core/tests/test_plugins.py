@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -98,6 +99,10 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
     fake.cleanup()
 
 
+#: Components the built-in plugin registers (it may register more).
+BUILTINS = [("observer", "minmax"), ("quantizer", "rtn"), ("packer", "int"), ("kernel", "torch")]
+
+
 def loaded(manager: PluginManager) -> set[str]:
     return {name for name, info in manager.plugins.items() if info.error is None}
 
@@ -114,11 +119,13 @@ def test_builtins_load_through_their_entry_point() -> None:
     assert info.entry_point == "builtin = qcore.builtin.hooks"
     assert info.hooks == ["qcore_register_kernels", "qcore_register_observers",
                           "qcore_register_packers", "qcore_register_quantizers"]
-    assert info.components == {"observer": ["minmax"], "quantizer": ["rtn"],
-                               "packer": ["int"], "kernel": ["torch"]}
-    for kind, name in [("observer", "minmax"), ("quantizer", "rtn"), ("packer", "int"),
-                       ("kernel", "torch")]:
-        assert manager.registry.get(kind, name).origin == Origin("builtin", "qcore", qcore.__version__)
+    for kind, name in BUILTINS:
+        assert name in info.components[kind]
+        origin = manager.registry.get(kind, name).origin
+        assert origin == Origin("builtin", "qcore", qcore.__version__)
+    # Everything registered is attributed to the built-in plugin, nothing else loaded.
+    assert set(manager.plugins) == {"builtin"}
+    assert {r.origin.plugin for r in manager.registry} == {"builtin"}
 
 
 def test_report_is_json_with_name_distribution_version_hooks() -> None:
@@ -128,11 +135,15 @@ def test_report_is_json_with_name_distribution_version_hooks() -> None:
     assert report == [{
         "name": "builtin", "distribution": "qcore", "version": qcore.__version__,
         "entry_point": "builtin = qcore.builtin.hooks",
-        "hooks": manager.plugins["builtin"].hooks,
-        "components": {"observer": ["minmax"], "quantizer": ["rtn"], "packer": ["int"],
-                       "kernel": ["torch"]},
+        "hooks": ["qcore_register_kernels", "qcore_register_observers",
+                  "qcore_register_packers", "qcore_register_quantizers"],
+        "components": manager.plugins["builtin"].components,
         "error": None,
     }]
+    # The listing's components are exactly what the registry holds.
+    listed = {kind: sorted(names) for kind, names in report[0]["components"].items()}
+    assert listed == {kind: manager.registry.names(kind)
+                      for kind in ("observer", "quantizer", "packer", "kernel")}
 
 
 def test_fixture_manager_is_isolated_from_installed_plugins(site: FakeSite) -> None:
@@ -157,7 +168,8 @@ def test_qcore_register_plugin_fixture(qcore_register_plugin, qcore_registry) ->
 
     manager = qcore_register_plugin(make_plugin("mine", quantizers=[Other]),
                                     distribution="qcore-plugin-mine", version="0.3")
-    assert manager.registry.get("quantizer", "other").origin == Origin("mine", "qcore-plugin-mine", "0.3")
+    origin = manager.registry.get("quantizer", "other").origin
+    assert origin == Origin("mine", "qcore-plugin-mine", "0.3")
     with pytest.raises(PluginLoadError, match="two quantizers are named 'other'"):
         qcore_register_plugin(make_plugin("again", quantizers=[Other]), distribution="dup")
 
@@ -196,13 +208,14 @@ def test_allowlist_by_entry_point_or_distribution_name(two_plugins: FakeSite, mo
 
 def test_allowlist_naming_an_uninstalled_plugin_is_an_error(two_plugins: FakeSite,
                                                             monkeypatch) -> None:
-    monkeypatch.setenv("QCORE_PLUGINS", "extra,gptq")
+    monkeypatch.setenv("QCORE_PLUGINS", "extra,no-such-plugin")
     manager = get_plugin_manager()
     assert len(manager.errors) == 1
     message = str(manager.errors[0])
-    assert "QCORE_PLUGINS names 'gptq', which is not installed" in message
-    assert "Installed plugins: extra, other" in message
-    with pytest.raises(PluginLoadError, match="'gptq', which is not installed"):
+    assert "QCORE_PLUGINS names 'no-such-plugin', which is not installed" in message
+    installed = re.search(r"Installed plugins: ([^.]*)\.", message).group(1).split(", ")
+    assert {"extra", "other"} <= set(installed) and "builtin" not in installed
+    with pytest.raises(PluginLoadError, match="'no-such-plugin', which is not installed"):
         get_registry()
     assert manager.report()[-1] == {"name": None, "error": message}
 
@@ -230,7 +243,8 @@ def test_disable_by_distribution_name_and_reset_rereads_environment(two_plugins:
 
 
 def test_plugin_raising_at_import_is_reported_with_distribution_version_entry_point(
-        site: FakeSite) -> None:
+        site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "broken")  # other installed plugins stay out
     site.install("qcore-plugin-broken", "0.4.1", {"broken": "fake_broken.hooks"},
                  {"fake_broken.hooks": "raise RuntimeError('needs a GPU at import')\n"})
     manager = get_plugin_manager()
@@ -258,10 +272,14 @@ def test_blocking_the_broken_plugin_lets_the_rest_run(site: FakeSite, monkeypatc
     site.install("qcore-plugin-broken", "0.4.1", {"broken": "fake_broken2.hooks"},
                  {"fake_broken2.hooks": "import no_such_module_anywhere\n"})
     monkeypatch.setenv("QCORE_DISABLE_PLUGINS", "broken")
-    assert get_registry().names("quantizer") == ["rtn"]
+    manager = get_plugin_manager()
+    assert "broken" not in manager.plugins
+    assert "rtn" in get_registry().names("quantizer")
 
 
-def test_duplicate_component_names_name_both_distributions(site: FakeSite) -> None:
+def test_duplicate_component_names_name_both_distributions(site: FakeSite,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "alpha,beta")
     site.quantizer_plugin("alpha", "qcore-plugin-alpha", "1.0", "shared")
     site.quantizer_plugin("beta", "qcore-plugin-beta", "2.0", "shared")
     manager = get_plugin_manager()
@@ -281,7 +299,9 @@ def test_duplicate_component_names_name_both_distributions(site: FakeSite) -> No
     "PluginManager._register_components walks reversed(get_hookimpls()), which is the "
     "reverse of load order, so the last plugin loaded keeps a duplicated name and the "
     "first (the built-ins) is the one marked failed"))
-def test_a_plugin_reusing_a_builtin_name_fails_not_the_builtin(site: FakeSite) -> None:
+def test_a_plugin_reusing_a_builtin_name_fails_not_the_builtin(
+        site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "copycat")
     site.quantizer_plugin("copycat", "qcore-plugin-copycat", "1.0", "rtn")
     manager = get_plugin_manager()
     assert manager.plugins["builtin"].error is None
@@ -289,7 +309,9 @@ def test_a_plugin_reusing_a_builtin_name_fails_not_the_builtin(site: FakeSite) -
     assert "qcore-plugin-copycat" in manager.plugins["copycat"].error
 
 
-def test_duplicate_plugin_names_name_both_distributions(site: FakeSite) -> None:
+def test_duplicate_plugin_names_name_both_distributions(site: FakeSite,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "same")
     site.quantizer_plugin("same", "qcore-plugin-same", "1.0", "q-one")
     site.quantizer_plugin("same", "qcore-plugin-same-fork", "1.1", "q-two")
     manager = get_plugin_manager()
@@ -373,7 +395,7 @@ def test_registering_an_invalid_class_says_what_to_fix(qcore_plugin_manager, cas
     assert len(qcore_plugin_manager.errors) == 1
     message = str(qcore_plugin_manager.errors[0])
     assert "qcore-plugin-bad" in message
-    assert pytest.importorskip("re").search(match, message), message
+    assert re.search(match, message), message
 
 
 def test_plugin_built_for_another_contract_is_refused(qcore_plugin_manager) -> None:
@@ -428,3 +450,19 @@ def test_loading_every_plugin_does_not_import_torch(site: FakeSite) -> None:
     assert out["torch"] is False
     assert {"builtin", "extra"} <= set(out["plugins"])
     assert {"extra-q", "rtn"} <= set(out["quantizers"])
+
+
+def test_pytest_start_up_with_the_qcore_plugin_does_not_import_torch(tmp_path: Path) -> None:
+    (tmp_path / "test_start.py").write_text(
+        "import sys\n\n\n"
+        "def test_fixtures_are_there(request):\n"
+        "    assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "    assert request.config.pluginmanager.has_plugin('qcore')\n"
+        "    manager = request.getfixturevalue('qcore_plugin_manager')\n"
+        "    assert set(manager.plugins) == {'builtin'}\n"
+        "    assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_start.py"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout

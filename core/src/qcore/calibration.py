@@ -1,9 +1,19 @@
 """Block-sequential calibration: observe, transform and quantize one block at a time.
 
 The inputs of block ``i + 1`` are computed by the already-quantized block ``i``, and only
-one block's calibration activations (its inputs and outputs) are held at a time, so the
-memory needed grows with one block, not with the model. Activations stay on CPU while a
-block may run on another device.
+one block's calibration activations are held at a time, so the memory needed grows with
+one block, not with the model. Activations stay on CPU while a block may run elsewhere.
+
+Statistics are collected once per input-sharing group (q/k/v read one input, so one
+Hessian serves all three) and quantizers receive a whole group (``quantize_group``).
+
+A *sequential* quantizer (GPTQ's true-sequential) must see, for each group, the inputs
+produced by the already-quantized groups before it. That is done in a single forward of
+the block over all calibration rows at once: a pre-hook on each group's first linear
+collects the group's statistics from the input arriving there, quantizes the group and
+writes the dequantized weights into the layers before they run, so later groups receive
+exactly the quantized block's activations and the forward's output is the next block's
+input. One block forward per block, instead of one per group.
 """
 
 from __future__ import annotations
@@ -16,16 +26,17 @@ import torch
 from torch import nn
 
 from qcore.context import BlockCall, BlockContext
-from qcore.interfaces import Observer, PackedWeight
+from qcore.interfaces import Observer, PackedWeight, QuantizedWeight
 from qcore.model import (
     BlockStructure,
-    block_linears,
     DecoderBlocks,
+    LinearGroup,
+    block_linears,
     describe_block,
-    execution_order_stages,
     move_to,
     replace_hidden,
     run_block,
+    set_weight_matrix,
     weight_matrix,
 )
 from qcore.pipeline import ResolvedPipeline
@@ -43,59 +54,13 @@ class BlockReport:
     groups: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
 
 
-def observe(block: nn.Module, calls: list[BlockCall], linears: dict[str, nn.Module],
-            observers: dict[str, type[Observer]], device: torch.device,
-            stop_after: nn.Module | None = None) -> dict[str, dict[str, Any]]:
-    """Run the block on every calibration call with one instance of each observer on each
-    of ``linears``; return ``stats[linear][observer]``. With ``stop_after``, each forward
-    stops once that module has run (later layers' work is not needed)."""
-    if not observers or not linears:
-        return {name: {} for name in linears}
-    instances = {name: {obs: cls() for obs, cls in observers.items()} for name in linears}
-    wants_outputs = any(cls.needs_outputs for cls in observers.values())
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            x = args[0].detach()
-            x2 = x.reshape(-1, x.shape[-1])
-            y2 = output.detach().reshape(-1, output.shape[-1]) if wants_outputs else None
-            for instance in instances[name].values():
-                instance.update(x2, y2 if instance.needs_outputs else None)
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
-    if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(_stop))
-    try:
-        with torch.inference_mode():
-            for args, kwargs in calls:
-                try:
-                    run_block(block, args, kwargs, device)
-                except _StopBlock:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: {obs: inst.compute() for obs, inst in per.items()} for name, per in instances.items()}
-
-
-class _StopBlock(Exception):
-    pass
-
-
-def _stop(*_: Any) -> None:
-    raise _StopBlock
-
-
-def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, new)
+# ------------------------------------------------------------------- structure
 
 
 def block_signature(block: nn.Module) -> tuple[Any, ...]:
     """Module names, classes and parameter shapes: equal signatures, equal structure."""
-    return tuple((name, type(m).__name__, tuple((k, tuple(p.shape)) for k, p in m.named_parameters(recurse=False)))
+    return tuple((name, type(m).__name__,
+                  tuple((k, tuple(p.shape)) for k, p in m.named_parameters(recurse=False)))
                  for name, m in block.named_modules())
 
 
@@ -117,35 +82,147 @@ class StructureCache:
                               groups=list(template.groups), not_called=template.not_called)
 
 
+def _batch_of(call: BlockCall) -> int:
+    args, kwargs = call
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+
+def _map_batch(value: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_batch(v, batch, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_batch(v, batch, fn) for v in value]
+    return value
+
+
 def first_row(call: BlockCall) -> BlockCall:
     """The call restricted to its first batch row (tensors whose first dimension is the
     batch size are sliced; shared ones such as rotary tables are kept)."""
+    batch = _batch_of(call)
     args, kwargs = call
-    hidden = args[0] if args else kwargs["hidden_states"]
-    batch = hidden.shape[0]
+    cut = lambda t: t[:1]  # noqa: E731
+    return (tuple(_map_batch(a, batch, cut) for a in args),
+            {k: _map_batch(v, batch, cut) for k, v in kwargs.items()})
 
-    def cut(value: Any) -> Any:
+
+def merge_calls(calls: list[BlockCall]) -> BlockCall:
+    """One call over every row of ``calls``: tensors with a batch dimension are
+    concatenated, shared ones (rotary tables, flags) taken from the first call."""
+    if len(calls) == 1:
+        return calls[0]
+    first_args, first_kwargs = calls[0]
+    batch = _batch_of(calls[0])
+    if batch == 1 and any(_batch_of(c) != 1 for c in calls):
+        raise ValueError("cannot merge calibration calls of batch 1 with larger ones")
+
+    def merge(path: tuple[Any, ...], value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value[:1]
-        if isinstance(value, tuple):
-            return tuple(cut(v) for v in value)
-        if isinstance(value, list):
-            return [cut(v) for v in value]
+            parts = [_lookup(c, path) for c in calls]
+            if batch == 1 and all(torch.equal(parts[0], p) for p in parts[1:]) and path != (0, 0):
+                return value  # shared across calls (e.g. rotary tables at batch size 1)
+            return torch.cat(parts)
+        if isinstance(value, (tuple, list)):
+            merged = [merge((*path, i), v) for i, v in enumerate(value)]
+            return tuple(merged) if isinstance(value, tuple) else merged
         return value
 
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    args = tuple(merge((0, i), a) for i, a in enumerate(first_args))
+    kwargs = {k: merge((1, k), v) for k, v in first_kwargs.items()}
+    return args, kwargs
 
 
-def needs_calibration(resolved: ResolvedPipeline) -> bool:
-    """Whether any step needs calibration data (else weights are quantized directly)."""
-    return bool(resolved.transforms or resolved.observers or resolved.quantizer.sequential)
+def _lookup(call: BlockCall, path: tuple[Any, ...]) -> Any:
+    value: Any = call
+    for key in path:
+        value = value[key]
+    return value
 
 
-def _quantize_linear(block: nn.Module, name: str, linear: nn.Module, stats: dict[str, Any],
-                     resolved: ResolvedPipeline, device: torch.device,
-                     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> PackedWeight:
-    weight = weight_matrix(linear).detach().float()
-    qweight = resolved.quantizer.quantize(weight, stats, resolved.scheme)
+# -------------------------------------------------------------------- observing
+
+
+def _group_input_hook(linear: nn.Module, fn: Callable[[torch.Tensor], None]) -> Any:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        fn(x.reshape(-1, x.shape[-1]))
+    return linear.register_forward_pre_hook(pre_hook)
+
+
+def observe(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
+            groups: list[LinearGroup], observers: dict[str, type[Observer]],
+            device: torch.device) -> dict[str, dict[str, Any]]:
+    """Run the block on every calibration call with one instance of each observer per
+    input-sharing group; return ``stats[linear][observer]`` (one object per group,
+    shared by its linears: do not modify in place)."""
+    names = [n for g in groups for n in g.names]
+    if not observers:
+        return {name: {} for name in names}
+    if any(cls.needs_outputs for cls in observers.values()):
+        return _observe_with_outputs(block, calls, structure, names, observers, device)
+    instances = {g.names: {obs: cls() for obs, cls in observers.items()} for g in groups}
+
+    def feed(group: LinearGroup) -> Callable[[torch.Tensor], None]:
+        def update(x2: torch.Tensor) -> None:
+            for instance in instances[group.names].values():
+                instance.update(x2, None)
+        return update
+
+    handles = [_group_input_hook(structure.linears[g.names[0]], feed(g)) for g in groups]
+    try:
+        with torch.inference_mode():
+            for args, kwargs in calls:
+                run_block(block, args, kwargs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        computed = {obs: inst.compute() for obs, inst in instances[group.names].items()}
+        for name in group.names:
+            stats[name] = computed
+    return stats
+
+
+def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
+                          names: list[str], observers: dict[str, type[Observer]],
+                          device: torch.device) -> dict[str, dict[str, Any]]:
+    """Per-linear observation for observers that need each linear's outputs."""
+    instances = {name: {obs: cls() for obs, cls in observers.items()} for name in names}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            x2 = args[0].detach().reshape(-1, args[0].shape[-1])
+            y2 = output.detach().reshape(-1, output.shape[-1])
+            for instance in instances[name].values():
+                instance.update(x2, y2 if instance.needs_outputs else None)
+        return record
+
+    handles = [structure.linears[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for args, kwargs in calls:
+                run_block(block, args, kwargs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: {obs: inst.compute() for obs, inst in per.items()} for name, per in instances.items()}
+
+
+# ------------------------------------------------------------------- quantizing
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, new)
+
+
+def _install(block: nn.Module, name: str, linear: nn.Module, qweight: QuantizedWeight,
+             resolved: ResolvedPipeline, device: torch.device,
+             lowrank: tuple[torch.Tensor, torch.Tensor] | None) -> PackedWeight:
+    """Pack ``qweight`` and put a QuantLinear in place of ``linear``."""
     packed = resolved.packer.pack(qweight)
     packed.tensors = {k: v.contiguous() for k, v in packed.tensors.items()}
     bias = linear.bias.detach().clone() if getattr(linear, "bias", None) is not None else None
@@ -155,19 +232,37 @@ def _quantize_linear(block: nn.Module, name: str, linear: nn.Module, stats: dict
     return packed
 
 
+def _quantize_group(group_names: tuple[str, ...], linears: dict[str, nn.Module],
+                    stats: dict[str, Any], resolved: ResolvedPipeline) -> list[QuantizedWeight]:
+    weights = [weight_matrix(linears[n]).detach().float() for n in group_names]
+    qweights = resolved.quantizer.quantize_group(weights, stats, resolved.scheme)
+    if len(qweights) != len(weights):
+        raise RuntimeError(f"quantizer {resolved.quantizer.name!r} returned {len(qweights)} "
+                           f"weights for a group of {len(weights)}")
+    return qweights
+
+
+def needs_calibration(resolved: ResolvedPipeline) -> bool:
+    """Whether any step needs calibration data (else weights are quantized directly)."""
+    return bool(resolved.transforms or resolved.observers or resolved.quantizer.sequential)
+
+
 def quantize_block_weights(index: int, block: nn.Module, resolved: ResolvedPipeline,
                            device: torch.device) -> BlockReport:
     """Data-free path: every linear quantized from its weight alone."""
     report = BlockReport(index)
-    for name, linear in block_linears(block).items():
-        report.layers[name] = _quantize_linear(block, name, linear, {}, resolved, device)
+    linears = block_linears(block)
+    for name, linear in linears.items():
+        (qweight,) = _quantize_group((name,), linears, {}, resolved)
+        report.layers[name] = _install(block, name, linear, qweight, resolved, device, None)
     return report
 
 
 def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
                    resolved: ResolvedPipeline, device: torch.device,
-                   structures: StructureCache | None = None) -> BlockReport:
-    """Transform and quantize one block in place (its linears become QuantLinears)."""
+                   structures: StructureCache | None = None) -> tuple[BlockReport, list[BlockCall]]:
+    """Transform and quantize one block in place (its linears become QuantLinears);
+    return the report and the next block's calibration calls."""
     report = BlockReport(index)
     structure = (structures or StructureCache()).describe(block, calls[0], device)
     report.groups = [(g.names, g.source) for g in structure.groups]
@@ -177,19 +272,78 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
                        scheme=scheme, quantizer=quantizer, device=device)
     for transform in resolved.transforms:
         needs = {n: resolved.observers[n] for n in resolved.needs_of(transform)}
-        ctx.stats = observe(block, calls, structure.linears, needs, device)
+        ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
         transform.apply(ctx)
 
     needs = {n: resolved.observers[n] for n in resolved.needs_of(quantizer)}
-    stages = execution_order_stages(structure) if quantizer.sequential else [list(structure.linears)]
-    for stage in stages:
-        stage_linears = {name: structure.linears[name] for name in stage}
-        last = stage_linears[stage[-1]] if quantizer.sequential else None
-        stats = observe(block, calls, stage_linears, needs, device, stop_after=last)
-        for name, linear in stage_linears.items():
-            report.layers[name] = _quantize_linear(block, name, linear, stats[name], resolved,
-                                                   device, ctx.lowrank.get(name))
-    return report
+    if quantizer.sequential and not any(cls.needs_outputs for cls in needs.values()):
+        qweights, next_calls = _quantize_in_forward(block, calls, structure, resolved, needs, device)
+    else:
+        qweights = {}
+        if quantizer.sequential:  # observers need outputs: one observation pass per group
+            for group in structure.groups:
+                stats = observe(block, calls, structure, [group], needs, device)
+                for name, qw in zip(group.names, _quantize_group(
+                        group.names, structure.linears, stats[group.names[0]], resolved)):
+                    set_weight_matrix(structure.linears[name], quantizer.dequantize(qw))
+                    qweights[name] = qw
+        else:
+            stats = observe(block, calls, structure, structure.groups, needs, device)
+            for group in structure.groups:
+                qweights.update(zip(group.names, _quantize_group(
+                    group.names, structure.linears, stats[group.names[0]], resolved)))
+        next_calls = []
+    for name, qweight in qweights.items():
+        report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,
+                                       device, ctx.lowrank.get(name))
+    if not next_calls:
+        next_calls = next_block_inputs(block, calls, device)
+    return report, next_calls
+
+
+def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
+                         resolved: ResolvedPipeline, observers: dict[str, type[Observer]],
+                         device: torch.device) -> tuple[dict[str, QuantizedWeight], list[BlockCall]]:
+    """Sequential quantization in one forward over all calibration rows (module doc)."""
+    quantizer = resolved.quantizer
+    qweights: dict[str, QuantizedWeight] = {}
+
+    def quantize_group_here(group: LinearGroup) -> Callable[[torch.Tensor], None]:
+        def on_input(x2: torch.Tensor) -> None:
+            if group.names[0] in qweights:  # a layer called twice in one forward
+                return
+            stats = {}
+            for obs, cls in observers.items():
+                instance = cls()
+                instance.update(x2, None)
+                stats[obs] = instance.compute()
+            for name, qw in zip(group.names, _quantize_group(group.names, structure.linears,
+                                                              stats, resolved)):
+                qweights[name] = qw
+                linear = structure.linears[name]
+                set_weight_matrix(linear, quantizer.dequantize(qw).to(weight_matrix(linear).dtype))
+        return on_input
+
+    handles = [_group_input_hook(structure.linears[g.names[0]], quantize_group_here(g))
+               for g in structure.groups]
+    merged = merge_calls(calls)
+    try:
+        with torch.inference_mode():
+            hidden = run_block(block, *merged, device).to("cpu")
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in structure.linears if n not in qweights]
+    if missing:
+        raise RuntimeError(f"block {type(block).__name__}: linears {missing} were not reached "
+                           "by the calibration forward")
+    next_calls = []
+    start = 0
+    for args, kwargs in calls:
+        rows = _batch_of((args, kwargs))
+        next_calls.append(replace_hidden(args, kwargs, hidden[start:start + rows]))
+        start += rows
+    return qweights, next_calls
 
 
 def next_block_inputs(block: nn.Module, calls: list[BlockCall], device: torch.device) -> list[BlockCall]:
@@ -219,9 +373,8 @@ def quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
         if calls is None:
             reports.append(quantize_block_weights(index, block, resolved, device))
         else:
-            reports.append(quantize_block(index, block, calls, resolved, device, structures))
-            if index + 1 < len(blocks.blocks):
-                calls = next_block_inputs(block, calls, device)
+            report, calls = quantize_block(index, block, calls, resolved, device, structures)
+            reports.append(report)
         block.to(home)
     return reports
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -172,8 +172,17 @@ class Quantizer(Component):
         self, weight: torch.Tensor, stats: Mapping[str, Any], scheme: Scheme
     ) -> QuantizedWeight:
         """Quantize ``weight`` (float32 ``[out, in]``, already transformed) with the
-        statistics named in ``needs`` (``stats[name]``)."""
+        statistics named in ``needs`` (``stats[name]``). ``stats`` may be shared with other
+        linears: never modify it (or ``weight``) in place."""
         raise NotImplementedError
+
+    def quantize_group(
+        self, weights: Sequence[torch.Tensor], stats: Mapping[str, Any], scheme: Scheme
+    ) -> list[QuantizedWeight]:
+        """Quantize the linears of one input-sharing group (q/k/v; gate/up), which share
+        ``stats``. The default quantizes them one by one; a quantizer whose work depends
+        only on the statistics (GPTQ's inverse Hessian) can do the group at once."""
+        return [self.quantize(w, stats, scheme) for w in weights]
 
     def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
         """The dense float32 weight that ``qweight`` stands for. The default serves the

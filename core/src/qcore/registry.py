@@ -13,7 +13,6 @@ from qcore.interfaces import KINDS, Component
 #: unknown name can say what to install.
 KNOWN_PROVIDERS: dict[str, str] = {
     "gptq": "qcore-plugin-gptq",
-    "hessian": "qcore-plugin-gptq",
     "awq": "qcore-plugin-awq",
     "awq-clip": "qcore-plugin-awq",
     "act_absmean": "qcore-plugin-awq",

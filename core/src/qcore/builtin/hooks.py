@@ -6,7 +6,7 @@ from typing import Callable
 
 from qcore import hookimpl
 from qcore.builtin.int_packer import IntPacker
-from qcore.builtin.observers import MinMaxObserver
+from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
 
@@ -16,6 +16,7 @@ QCORE_CONTRACT_VERSION = "1.0"
 @hookimpl
 def qcore_register_observers(register: Callable[[type], None]) -> None:
     register(MinMaxObserver)
+    register(HessianObserver)
 
 
 @hookimpl

@@ -32,3 +32,37 @@ class MinMaxObserver(Observer):
         if self.min is None or self.max is None:
             raise RuntimeError("minmax observer saw no calibration batch")
         return {"min": self.min, "max": self.max}
+
+
+class HessianObserver(Observer):
+    """Running mean of 2·XᵀX over calibration tokens (second-order statistic: GPTQ, VPTQ)."""
+
+    name = "hessian"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.hessian: torch.Tensor | None = None
+        self.tokens = 0
+
+    def update(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
+        import torch
+
+        x = inputs.detach().float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.tokens + n
+        # Scale the old mean and the new batch by their shares of the tokens seen, so the
+        # sum never grows with the number of tokens (stable in float32).
+        x = x * (2.0 / total) ** 0.5
+        if self.hessian is None:
+            self.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        else:
+            self.hessian.mul_(self.tokens / total)
+        self.hessian.addmm_(x.T, x)
+        self.tokens = total
+
+    def compute(self) -> torch.Tensor:
+        if self.hessian is None:
+            raise RuntimeError("hessian observer saw no calibration tokens")
+        return self.hessian

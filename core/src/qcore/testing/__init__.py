@@ -44,7 +44,17 @@ _FROM_BASE = {
     "reference_linear",
 }
 
-__all__ = sorted(_FROM_BASE | {"isolated_plugin_manager", "make_plugin"})
+__all__ = [
+    "BaseKernelProviderTests",
+    "BaseObserverTests",
+    "BasePackerTests",
+    "BaseQuantizerTests",
+    "BaseTransformTests",
+    "isolated_plugin_manager",
+    "make_plugin",
+    "random_int_weight",
+    "reference_linear",
+]
 
 
 def __getattr__(name: str) -> Any:

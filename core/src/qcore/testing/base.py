@@ -13,10 +13,12 @@ Random data is seeded: the same code gives the same tensors on every run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -52,6 +54,9 @@ __all__ = [
 #: Characters a component name must not hold: the short form ``"awq,gptq"`` splits on
 #: commas, ``kind:name`` on the colon, and names are stripped of whitespace.
 _FORBIDDEN_IN_NAMES = re.compile(r"[\s,:]")
+
+#: Calibration batches of an observer test: ``(inputs, outputs)`` of a linear.
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 #: Ops whose signature is ``(x, prepared, bias) -> y``: the ones the kernel tests call.
 LINEAR_OPS = ("linear", "lut_linear")
@@ -182,7 +187,8 @@ class _ComponentChecks:
         assert cls.Config.__dataclass_params__.frozen, (  # type: ignore[attr-defined]
             f"{cls.__qualname__}.Config must be @dataclass(frozen=True)")
         assert isinstance(component.config, cls.Config), (
-            f"the instance's config is a {type(component.config).__name__}, not {cls.__qualname__}.Config")
+            f"the instance's config is a {type(component.config).__name__}, "
+            f"not {cls.__qualname__}.Config")
         default = cls.Config()  # a pipeline that names the component without options
         for f in dataclasses.fields(cls.Config):
             with pytest.raises(dataclasses.FrozenInstanceError):
@@ -337,10 +343,12 @@ class BaseQuantizerTests(_ComponentChecks):
             groups = 1 if scheme.per_channel else math.ceil(in_f / scheme.group_size)
             for key, want in (("bits", scheme.bits), ("group_size", scheme.group_size),
                               ("symmetric", scheme.symmetric), ("act_bits", scheme.act_bits)):
-                assert params.get(key) == want, f"{label}: params[{key!r}] = {params.get(key)!r}, expected {want!r}"
+                assert params.get(key) == want, (
+                    f"{label}: params[{key!r}] = {params.get(key)!r}, expected {want!r}")
             codes = t["codes"]
             assert codes.dtype == torch.uint8 and tuple(codes.shape) == (out_f, in_f), (
-                f"{label}: codes must be uint8 {[out_f, in_f]}, got {codes.dtype} {list(codes.shape)}")
+                f"{label}: codes must be uint8 {[out_f, in_f]}, "
+                f"got {codes.dtype} {list(codes.shape)}")
             assert int(codes.max()) <= (1 << scheme.bits) - 1, (
                 f"{label}: code {int(codes.max())} does not fit in {scheme.bits} bits")
             scales = t["scales"]
@@ -362,7 +370,8 @@ class BaseQuantizerTests(_ComponentChecks):
                 assert 0 <= int(g_idx.min()) and int(g_idx.max()) < groups
 
     def test_dequantize_shape_and_dtype(self, quantizer: Quantizer, weight: torch.Tensor,
-                                        stats: Mapping[str, Any], schemes: Sequence[Scheme]) -> None:
+                                        stats: Mapping[str, Any],
+                                        schemes: Sequence[Scheme]) -> None:
         for scheme in schemes:
             dense = quantizer.dequantize(self.quantize(quantizer, weight, stats, scheme))
             assert dense.dtype == torch.float32 and tuple(dense.shape) == tuple(weight.shape), (
@@ -382,7 +391,8 @@ class BaseQuantizerTests(_ComponentChecks):
             # Scales are stored rounded (e.g. to float16) after the range was measured:
             # the grid then spans (2**bits - 1) steps of a scale off by up to one unit
             # in the last place, so its end can fall short of the weight's extreme.
-            roundoff = 0.0 if scales.dtype == torch.float32 else float(torch.finfo(scales.dtype).eps) / 2
+            roundoff = (0.0 if scales.dtype == torch.float32
+                        else float(torch.finfo(scales.dtype).eps) / 2)
             slack = ((1 << scheme.bits) - 1) * roundoff + 1e-4
             error = (weight - quantizer.dequantize(qweight)).abs()
             worst = float((error / step).max())
@@ -409,7 +419,8 @@ class BaseQuantizerTests(_ComponentChecks):
         for scheme in schemes:
             qweight = self.quantize(quantizer, weight, stats, scheme)
             torch.testing.assert_close(quantizer.dequantize(qweight), dequantize_int(qweight),
-                                       rtol=0, atol=0, msg=lambda m: f"{scheme.label()}: {m}")
+                                       rtol=0, atol=0,
+                                       msg=lambda m, s=scheme: f"{s.label()}: {m}")
 
     def test_deterministic(self, quantizer: Quantizer, weight: torch.Tensor,
                            stats: Mapping[str, Any], schemes: Sequence[Scheme]) -> None:
@@ -424,6 +435,27 @@ class BaseQuantizerTests(_ComponentChecks):
             assert first.params == second.params
             _assert_same_tensors(second.tensors, first.tensors, f"{scheme.label()}, second run")
 
+    def test_quantize_group_matches_one_by_one(self, quantizer: Quantizer,
+                                               weight: torch.Tensor, stats: Mapping[str, Any],
+                                               schemes: Sequence[Scheme]) -> None:
+        # The core quantizes an input-sharing group (q/k/v) at once with shared statistics;
+        # the result must be each linear's own. Float summation order may put a few
+        # weights on the neighbouring level when a group is solved stacked.
+        other = torch.randn(8, weight.shape[1], generator=_generator(4))
+        for scheme in schemes:
+            given = {k: stats[k] for k in quantizer.needs_for(scheme) if k in stats}
+            group = quantizer.quantize_group([weight.clone(), other.clone()], given, scheme)
+            assert len(group) == 2, f"{scheme.label()}: quantize_group returned {len(group)}"
+            for w, grouped in zip((weight, other), group, strict=True):
+                single = self.quantize(quantizer, w, stats, scheme)
+                assert grouped.format == single.format and grouped.params == single.params
+                assert tuple(grouped.shape) == tuple(w.shape)
+                apart = (quantizer.dequantize(grouped) - quantizer.dequantize(single)).abs()
+                moved = float((apart > 1e-5 * float(w.abs().max())).float().mean())
+                assert moved <= 0.01, (
+                    f"{scheme.label()}: {moved:.1%} of the weights differ between "
+                    "quantize_group() and quantize() one linear at a time")
+
     def test_weight_and_stats_not_modified(self, quantizer: Quantizer, weight: torch.Tensor,
                                            stats: Mapping[str, Any],
                                            schemes: Sequence[Scheme]) -> None:
@@ -434,7 +466,8 @@ class BaseQuantizerTests(_ComponentChecks):
         w = weight.clone()
         quantizer.quantize(w, given, scheme)
         assert torch.equal(w, weight), "quantize() modified the weight it was given in place"
-        for (name, t_before), (_, t_after) in zip(before, _tensors_of(given, "stats")):
+        for (name, t_before), (_, t_after) in zip(before, _tensors_of(given, "stats"),
+                                                  strict=True):
             assert torch.equal(t_before, t_after), f"quantize() modified {name} in place"
 
     def test_every_supported_bit_width(self, quantizer: Quantizer, weight: torch.Tensor,
@@ -543,8 +576,8 @@ class BasePackerTests(_ComponentChecks):
         assert isinstance(cls.priority, int)
         assert cls.supported_bits and all(isinstance(b, int) and b >= 1 for b in cls.supported_bits)
 
-    def test_quantized_weights_are_of_the_format(self, packer: Packer,
-                                                 quantized_weights: Sequence[QuantizedWeight]) -> None:
+    def test_quantized_weights_are_of_the_format(
+            self, packer: Packer, quantized_weights: Sequence[QuantizedWeight]) -> None:
         assert quantized_weights, "quantized_weights is empty"
         for qweight in quantized_weights:
             assert qweight.format == packer.format
@@ -590,8 +623,9 @@ class BasePackerTests(_ComponentChecks):
                 assert tensor.is_contiguous(), f"{key!r} is not contiguous"
             stored = load(save({k: t.cpu() for k, t in packed.tensors.items()}))
             params = json.loads(json.dumps(packed.params))
-            reloaded = PackedWeight(layout=packed.layout, shape=tuple(packed.shape),  # type: ignore[arg-type]
-                                    tensors=stored, params=params)
+            shape = (packed.shape[0], packed.shape[1])
+            reloaded = PackedWeight(layout=packed.layout, shape=shape, tensors=stored,
+                                    params=params)
             back = packer.unpack(reloaded)
             _assert_same_tensors(back.tensors, qweight.tensors, "unpack after safetensors")
 
@@ -705,29 +739,16 @@ class BaseKernelProviderTests(_ComponentChecks):
                 group_sizes = [PER_CHANNEL, 32, 64]
             else:
                 group_sizes = sorted(support.group_sizes)
-            act_bits_default = None if None in support.act_bits else sorted(
-                b for b in support.act_bits if b is not None)[0]
-
-            def request(bits: int, group_size: int, symmetric: bool, **changes: Any) -> KernelRequest:
-                in_multiple = support.in_features_multiple
-                if group_size == PER_CHANNEL:
-                    in_f = _round_up(96, in_multiple)
-                elif in_multiple == 1 and support.group_sizes is None:
-                    in_f = group_size * 2 + group_size // 2  # a shorter last group
-                else:
-                    in_f = 2 * math.lcm(group_size, in_multiple)
-                fields: dict[str, Any] = dict(
-                    op=packer.op, layout=packer.layout, bits=bits, group_size=group_size,
-                    symmetric=symmetric, in_features=in_f,
-                    out_features=_round_up(24, support.out_features_multiple),
-                    act_bits=act_bits_default, act_order=False, dtype=dtype, device=device,
-                    compute_capability=devices[device])
-                fields.update(changes)
-                if "device" in changes:
-                    fields["compute_capability"] = devices[changes["device"]]
-                return KernelRequest(**fields)
-
             symmetries = sorted(support.symmetric)
+            act_widths = sorted(b for b in support.act_bits if b is not None)
+            if not (bits and group_sizes and symmetries
+                    and (None in support.act_bits or act_widths)):
+                continue
+            act_bits_default = None if None in support.act_bits else act_widths[0]
+
+            request = functools.partial(self._request, support, packer, devices,
+                                        act_bits=act_bits_default, device=device, dtype=dtype)
+
             for b in bits:
                 for gs in group_sizes:
                     for sym in symmetries:
@@ -736,13 +757,37 @@ class BaseKernelProviderTests(_ComponentChecks):
             gs, sym = group_sizes[-1], symmetries[0]
             if support.act_order:
                 requests.append(request(b, gs, sym, act_order=True))
-            requests += [request(b, gs, sym, dtype=dt) for dt in sorted(support.dtypes) if dt != dtype]
-            requests += [request(b, gs, sym, device=dev) for dev in sorted(devices) if dev != device]
+            requests += [request(b, gs, sym, dtype=dt)
+                         for dt in sorted(support.dtypes) if dt != dtype]
+            requests += [request(b, gs, sym, device=dev)
+                         for dev in sorted(devices) if dev != device]
             # Twice each: make_quantized_weight gives odd seeds a static input scale.
-            requests += [request(b, gs, sym, act_bits=ab) for ab in
-                         sorted(a for a in support.act_bits if a is not None and a != act_bits_default)
+            other_act_bits = sorted(a for a in support.act_bits
+                                    if a is not None and a != act_bits_default)
+            requests += [request(b, gs, sym, act_bits=ab) for ab in other_act_bits
                          for _ in range(2)]
         return requests
+
+    @staticmethod
+    def _request(support: KernelSupport, packer: Packer,
+                 devices: Mapping[str, tuple[int, int] | None], bits: int, group_size: int,
+                 symmetric: bool, *, act_bits: int | None, device: str, dtype: str,
+                 **changes: Any) -> KernelRequest:
+        in_multiple = support.in_features_multiple
+        if group_size == PER_CHANNEL:
+            in_f = _round_up(96, in_multiple)
+        elif in_multiple == 1 and support.group_sizes is None:
+            in_f = group_size * 2 + group_size // 2  # a shorter last group
+        else:
+            in_f = 2 * math.lcm(group_size, in_multiple)
+        fields: dict[str, Any] = dict(
+            op=packer.op, layout=packer.layout, bits=bits, group_size=group_size,
+            symmetric=symmetric, in_features=in_f,
+            out_features=_round_up(24, support.out_features_multiple),
+            act_bits=act_bits, act_order=False, dtype=dtype, device=device,
+            compute_capability=devices[device])
+        fields.update(changes)
+        return KernelRequest(**fields)
 
     def _run(self, provider: KernelProvider, packer: Packer, request: KernelRequest,
              make_quantized_weight: Callable[..., QuantizedWeight],
@@ -783,7 +828,8 @@ class BaseKernelProviderTests(_ComponentChecks):
     def test_declarations(self, provider: KernelProvider) -> None:
         s = type(provider).support
         assert isinstance(s, KernelSupport), "support must be a KernelSupport"
-        assert s.ops and s.ops <= KNOWN_OPS, f"ops {sorted(s.ops)} must be among {sorted(KNOWN_OPS)}"
+        assert s.ops and s.ops <= KNOWN_OPS, (
+            f"ops {sorted(s.ops)} must be among {sorted(KNOWN_OPS)}")
         assert s.layouts and all(isinstance(x, str) and x for x in s.layouts)
         assert s.dtypes <= {"float32", "float16", "bfloat16"}, f"dtypes {sorted(s.dtypes)}"
         assert s.devices and all(isinstance(d, str) for d in s.devices)
@@ -815,7 +861,8 @@ class BaseKernelProviderTests(_ComponentChecks):
         base = kernel_requests[0] if kernel_requests else KernelRequest(
             op=sorted(s.ops)[0], layout=sorted(s.layouts)[0],
             bits=min(s.bits) if s.bits else 4,
-            group_size=min(s.group_sizes) if s.group_sizes else 32, symmetric=sorted(s.symmetric)[0],
+            group_size=min(s.group_sizes) if s.group_sizes else 32,
+            symmetric=sorted(s.symmetric)[0],
             in_features=s.in_features_multiple * 64, out_features=s.out_features_multiple * 64,
             act_bits=None if None in s.act_bits else sorted(b for b in s.act_bits if b)[0],
             dtype=sorted(s.dtypes)[0], device=sorted(s.devices)[0],
@@ -826,7 +873,8 @@ class BaseKernelProviderTests(_ComponentChecks):
             "device": dataclasses.replace(base, device="no_such_device"),
         }
         if s.bits is not None:
-            outside["bits"] = dataclasses.replace(base, bits=next(b for b in range(1, 33) if b not in s.bits))
+            bits = next(b for b in range(1, 33) if b not in s.bits)
+            outside["bits"] = dataclasses.replace(base, bits=bits)
         if s.group_sizes is not None:
             outside["group_size"] = dataclasses.replace(
                 base, group_size=next(g for g in (7, 13, 1000003) if g not in s.group_sizes))
@@ -921,7 +969,7 @@ class BaseObserverTests(_ComponentChecks):
         assert isinstance(type(observer).needs_outputs, bool)
 
     def test_statistic_is_finite_tensors(self, observer: Observer,
-                                         observer_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                                         observer_batches: Batches) -> None:
         stat = self.observe(observer, observer_batches)
         tensors = _tensors_of(stat)
         assert tensors, "compute() returned no tensor"
@@ -929,34 +977,34 @@ class BaseObserverTests(_ComponentChecks):
             assert bool(torch.isfinite(t).all()), f"{where} holds non-finite values"
 
     def test_deterministic(self, observer: Observer,
-                           observer_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                           observer_batches: Batches) -> None:
         first = _tensors_of(self.observe(observer, observer_batches))
         second = _tensors_of(self.observe(observer, observer_batches))
-        for (where, a), (_, b) in zip(first, second):
+        for (where, a), (_, b) in zip(first, second, strict=True):
             assert torch.equal(a, b), f"{where} differs between two identical runs"
 
     def test_batch_split_invariance(self, observer: Observer,
-                                    observer_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                                    observer_batches: Batches) -> None:
         if not self.split_invariant:
             pytest.skip("split_invariant = False")
         whole = (torch.cat([x for x, _ in observer_batches]),
                  torch.cat([y for _, y in observer_batches]))
         split = _tensors_of(self.observe(observer, observer_batches))
         joined = _tensors_of(self.observe(observer, [whole]))
-        for (where, a), (_, b) in zip(split, joined):
+        for (where, a), (_, b) in zip(split, joined, strict=True):
             torch.testing.assert_close(a, b, rtol=self.rtol, atol=self.rtol * float(b.abs().max()),
                                        msg=lambda m, w=where: f"{w}: batches of 7, 5, 9 tokens "
                                                               f"vs one batch of 21: {m}")
 
     def test_inputs_not_modified(self, observer: Observer,
-                                 observer_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                                 observer_batches: Batches) -> None:
         copies = [(x.clone(), y.clone()) for x, y in observer_batches]
         self.observe(observer, observer_batches)
-        for (x, y), (x0, y0) in zip(observer_batches, copies):
+        for (x, y), (x0, y0) in zip(observer_batches, copies, strict=True):
             assert torch.equal(x, x0) and torch.equal(y, y0), "update() modified its inputs"
 
     def test_single_batch(self, observer: Observer,
-                          observer_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                          observer_batches: Batches) -> None:
         stat = self.observe(observer, observer_batches[:1])
         assert _tensors_of(stat)
 
@@ -1025,7 +1073,7 @@ class BaseTransformTests(_ComponentChecks):
         block = blocks.blocks[0]
         structure = describe_block(block, *calls[0])
         needed = {name: observers[name] for name in sorted(transform.needs) if name in observers}
-        stats = observe(block, calls, structure.linears, needed, torch.device("cpu"))
+        stats = observe(block, calls, structure, structure.groups, needed, torch.device("cpu"))
         return BlockContext(index=0, block=block, structure=structure, inputs=calls,
                             stats=stats, scheme=Scheme(bits=4, group_size=32),
                             quantizer=RTNQuantizer())

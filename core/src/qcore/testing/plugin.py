@@ -16,8 +16,9 @@ Disable it with ``-p no:qcore``. Loading it is cheap: no torch import.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 

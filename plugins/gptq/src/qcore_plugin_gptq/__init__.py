@@ -1,0 +1,3 @@
+"""GPTQ as a qcore plugin."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""The GPTQ solver (Frantar et al., 2022), on one weight matrix and its Hessian.
+
+Columns are quantized one at a time; the rounding error of column ``j``, divided by the
+``j``-th diagonal element of the upper Cholesky factor ``U`` of ``H⁻¹``, is spread over the
+not-yet-quantized columns through row ``j`` of ``U`` (the optimal brain surgeon update of
+the paper, Eq. 3, in its Cholesky form). Updates inside a block of ``block_size``
+columns are applied immediately; the accumulated effect on later columns is applied once
+per block ("lazy batch" updates), which turns most of the work into one matrix product.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from qcore.grid import grid_from_range, max_code, minmax_grid, n_groups, zero_points
+from qcore.scheme import PER_CHANNEL
+
+log = logging.getLogger("qcore.gptq")
+
+#: Dampening is multiplied by this factor after each failed Cholesky factorisation.
+DAMPENING_GROWTH = 10.0
+MAX_ATTEMPTS = 6
+
+
+class GPTQError(RuntimeError):
+    """The Hessian could not be factorised even with strong dampening."""
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 [out, in], natural column order
+    scales: torch.Tensor  # [out, n_groups]
+    zeros: torch.Tensor | None  # uint8 [out, n_groups] or None (symmetric)
+    g_idx: torch.Tensor | None  # int32 [in] when columns are not grouped in natural order
+    dampening: float  # the relative dampening that was finally used
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹``; λ grows ×10 on failure."""
+    mean_diag = float(torch.diagonal(hessian).mean())
+    damp = dampening
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(MAX_ATTEMPTS):
+        lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        next_damp = max(damp * DAMPENING_GROWTH, 1e-6)
+        log.warning("GPTQ: Cholesky factorisation failed with dampening %.3g (attempt %d of %d); "
+                    "retrying with %.3g", damp, attempt + 1, MAX_ATTEMPTS, next_damp)
+        damp = next_damp
+    raise GPTQError(f"GPTQ: the Hessian ({hessian.shape[0]}x{hessian.shape[0]}) is not positive "
+                    f"definite even with dampening {damp / DAMPENING_GROWTH:.3g} x mean diagonal; "
+                    "check the calibration data (NaN or constant inputs?) or raise "
+                    "--set gptq.dampening")
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
+         symmetric: bool, act_order: bool = False, static_groups: bool = False,
+         block_size: int = 128, dampening: float = 0.01,
+         scale_dtype: torch.dtype = torch.float16) -> GPTQResult:
+    """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (not modified)."""
+    out_f, in_f = weight.shape
+    if hessian.shape != (in_f, in_f):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with {in_f} inputs")
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    if not torch.isfinite(H).all():
+        raise GPTQError("GPTQ: the Hessian holds NaN or inf; the calibration activations overflowed")
+    # Input columns that never saw a non-zero activation carry no information: their
+    # weights cannot matter to the output, so they are zeroed and given a unit diagonal.
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    gs = in_f if group_size == PER_CHANNEL else group_size
+    groups = n_groups(in_f, group_size)
+    scales = torch.empty(out_f, groups, dtype=scale_dtype, device=W.device)
+    zeros = None if symmetric else torch.empty(out_f, groups, dtype=torch.uint8, device=W.device)
+    if static_groups:
+        static_scales, static_zeros = minmax_grid(W, bits, group_size, symmetric, scale_dtype)
+        scales.copy_(static_scales)
+        if zeros is not None and static_zeros is not None:
+            zeros.copy_(static_zeros)
+
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, used_damp = inverse_hessian_factor(H, dampening)
+    del H
+
+    # Group of each position in quantization order.
+    positions = torch.arange(in_f, device=W.device)
+    original = perm if perm is not None else positions
+    group_of_position = (original // gs) if static_groups else (positions // gs)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    maxq = max_code(bits)
+    scale_col = zero_col = None
+    current_group = -1
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        errors = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(group_of_position[j])
+            if g != current_group:
+                if not static_groups:
+                    # Group parameters from the columns as they are now (already updated
+                    # by the errors of every earlier column).
+                    span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs] if i2 < in_f else W1[:, i:i + gs]
+                    s, z = grid_from_range(span.amin(1), span.amax(1), bits, symmetric, scale_dtype)
+                    scales[:, g] = s
+                    if zeros is not None and z is not None:
+                        zeros[:, g] = z
+                scale_col = scales[:, g].float()
+                zero_col = zero_points(scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1],
+                                       bits)[:, 0]
+                current_group = g
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scale_col) + zero_col, 0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - (q - zero_col) * scale_col) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            errors[:, i] = err
+        if i2 < in_f:
+            W[:, i2:].sub_(errors @ U[i1:i2, i2:])
+
+    g_idx = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if not static_groups:
+            g_idx = group_of_position[inverse].to(torch.int32)
+    return GPTQResult(codes=codes.contiguous(), scales=scales, zeros=zeros, g_idx=g_idx,
+                      dampening=used_damp)
