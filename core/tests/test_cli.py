@@ -76,7 +76,9 @@ def test_plugins_requirements_prints_pins(capsys):
     (["--pipeline", "rtn", "--set", "rtn.shrink=2"], "valid options: scale_dtype"),
     (["--samples", "0"], "--samples must be at least 1"),
 ])
-def test_bad_options_fail_before_loading_and_write_nothing(tiny_model_dir, tmp_path, capsys, flags, message):
+def test_bad_options_fail_before_loading_and_write_nothing(qcore_plugin_manager, tiny_model_dir, tmp_path,
+                                                          capsys, flags, message):
+    # qcore_plugin_manager: built-ins only, whatever else is installed here
     out = tmp_path / "ck"
     assert main(_quantize_args(tiny_model_dir, out, *flags)) == EXIT_ERROR
     assert message in capsys.readouterr().err

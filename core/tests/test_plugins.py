@@ -295,10 +295,6 @@ def test_duplicate_component_names_name_both_distributions(site: FakeSite,
         get_registry()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PluginManager._register_components walks reversed(get_hookimpls()), which is the "
-    "reverse of load order, so the last plugin loaded keeps a duplicated name and the "
-    "first (the built-ins) is the one marked failed"))
 def test_a_plugin_reusing_a_builtin_name_fails_not_the_builtin(
         site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QCORE_PLUGINS", "copycat")

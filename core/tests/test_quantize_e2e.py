@@ -138,9 +138,10 @@ def test_missing_plugin_and_newer_format_are_named(make_tiny_model, calib_ids, t
     path = save(model, tmp_path / "ck")
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"]["distributions"]["qcore-plugin-gptq"] = "0.3.0"
+    config["quantization_config"]["distributions"]["qcore-plugin-notinstalled"] = "0.3.0"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="needs qcore-plugin-gptq.*pip install qcore-plugin-gptq"):
+    with pytest.raises(CheckpointError,
+                       match="needs qcore-plugin-notinstalled.*pip install qcore-plugin-notinstalled"):
         load(path)
     config["quantization_config"]["format_version"] = 99
     config_file.write_text(json.dumps(config))

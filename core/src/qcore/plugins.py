@@ -162,7 +162,7 @@ class PluginManager:
     def _register_components(self, only: str | None = None) -> None:
         for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order: built-ins first
                 info = self.plugins.get(impl.plugin_name)
                 if info is None or info.error is not None:
                     continue

@@ -33,8 +33,8 @@ class Scheme:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
-            raise ConfigError(f"bits={self.bits!r} is out of range: use an integer from 2 to 8 "
-                              "(what each quantizer supports is checked by validate())")
+            raise ConfigError(f"bits={self.bits!r} is out of range: use an integer from 1 to 16 "
+                              "(each quantizer's supported widths, e.g. 2 to 8, are checked by validate())")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
             self.group_size != PER_CHANNEL and self.group_size < 1
         ):
