@@ -172,7 +172,7 @@ def test_registered_components_compose_into_a_pipeline(qcore_plugin_manager) -> 
     resolved = Pipeline.from_spec({
         "transforms": ["noop-rotate"], "quantizer": {"name": "sample-q", "options": {"damp": 0.1}},
         "packer": "sample-pack"}).validate()
-    assert resolved.observers == {"token-count": SampleObserver}
+    assert {n: f.cls for n, f in resolved.observers.items()} == {"token-count": SampleObserver}
     assert resolved.kernel == "sample-kernels"
     assert resolved.quantizer.config == SampleQuantizer.Config(damp=0.1)
     assert resolved.distributions == {"qcore-plugin-everything": "1.0"}  # no built-in took part

@@ -107,7 +107,7 @@ def test_default_pipeline_is_rtn_int_torch(qcore_registry) -> None:
 
 def test_static_activation_scales_need_the_minmax_observer(qcore_registry) -> None:
     resolved = Pipeline(scheme=Scheme(bits=8, act_bits=8, act_dynamic=False)).validate()
-    assert resolved.observers == {"minmax": MinMaxObserver}
+    assert {n: f.cls for n, f in resolved.observers.items()} == {"minmax": MinMaxObserver}
     assert resolved.needs_of(resolved.quantizer) == {"minmax"}
     dynamic = Pipeline(scheme=Scheme(bits=8, act_bits=8, act_dynamic=True)).validate()
     assert dynamic.observers == {}
@@ -220,8 +220,8 @@ def test_options_from_text_are_coerced(registry) -> None:
 
 def test_malformed_specs(qcore_registry) -> None:
     cases = [
-        ({"quantiser": "rtn"}, "unknown pipeline key(s) quantiser; valid keys: kernel, packer, "
-                               "quantizer, scheme, transforms"),
+        ({"quantiser": "rtn"}, "unknown pipeline key(s) quantiser; valid keys: kernel, observers, "
+                               "packer, quantizer, scheme, transforms"),
         ({"transforms": "awq"}, "'transforms' must be a list of steps"),
         ({"quantizer": {"name": "rtn", "opts": {}}}, "quantizer: unexpected key(s) ['opts']"),
         ({"quantizer": {"name": "rtn", "options": [1]}}, "quantizer: options must be a table"),
@@ -455,3 +455,38 @@ def test_recipe_file_errors(tmp_path: Path) -> None:
     bad.write_text("[quantizer\nname = 'rtn'\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         Pipeline.from_toml(bad)
+
+
+def test_observer_options_reach_the_observers_and_unused_ones_are_errors(qcore_register_plugin):
+    from dataclasses import dataclass as _dataclass
+
+    from qcore.builtin.observers import MinMaxObserver as _MinMax
+    from qcore.builtin.rtn import RTNQuantizer as _RTN
+    from qcore.errors import ConfigError as _ConfigError
+    from qcore.testing import make_plugin as _make_plugin
+
+    class ClippedMinMax(_MinMax):
+        name = "clipped-minmax"
+
+        @_dataclass(frozen=True)
+        class Config:
+            clip: float = 1.0
+
+    class NeedsClipped(_RTN):
+        name = "needs-clipped"
+        needs = frozenset({"clipped-minmax"})
+
+        def needs_for(self, scheme):
+            return self.needs
+
+    qcore_register_plugin(_make_plugin("clip", observers=[ClippedMinMax], quantizers=[NeedsClipped]))
+    spec = {"quantizer": "needs-clipped", "observers": {"clipped-minmax": {"clip": 0.5}}}
+    resolved = Pipeline.from_spec(spec).validate()
+    assert resolved.observers["clipped-minmax"]().config.clip == 0.5
+    assert resolved.spec()["observers"] == [{"name": "clipped-minmax", "options": {"clip": 0.5}}]
+    assert Pipeline.from_spec(resolved.spec()).validate().observers["clipped-minmax"]().config.clip == 0.5
+    with pytest.raises(_ConfigError, match="observer\\(s\\) minmax, which no step of this pipeline needs"):
+        Pipeline.from_spec({"quantizer": "rtn", "observers": {"minmax": {}}}).validate()
+    with pytest.raises(_ConfigError, match="has no option 'clp'; valid options: clip"):
+        Pipeline.from_spec({"quantizer": "needs-clipped",
+                            "observers": {"clipped-minmax": {"clp": 1}}}).validate()

@@ -252,6 +252,8 @@ class KernelSupport:
     group_sizes: frozenset[int] | None = None
     symmetric: frozenset[bool] = frozenset({True, False})
     act_bits: frozenset[int | None] = frozenset({None})
+    #: Activation scales it handles: per token at run time (True), static per tensor (False).
+    act_dynamic: frozenset[bool] = frozenset({True, False})
     act_order: bool = True
     dtypes: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
@@ -274,6 +276,7 @@ class KernelRequest:
     in_features: int
     out_features: int
     act_bits: int | None = None
+    act_dynamic: bool = True
     act_order: bool = False
     dtype: str = "float32"
     device: str = "cpu"
@@ -289,6 +292,7 @@ class KernelRequest:
                    symmetric=bool(p.get("symmetric", False)),
                    in_features=packed.shape[1], out_features=packed.shape[0],
                    act_bits=p.get("act_bits"),  # type: ignore[arg-type]
+                   act_dynamic=bool(p.get("act_dynamic", True)),
                    act_order="g_idx" in packed.tensors, dtype=dtype, device=device,
                    compute_capability=compute_capability)
 
@@ -319,6 +323,8 @@ class KernelProvider(Component):
              f"group size {request.group_size} not in {sorted(s.group_sizes or ())}"),
             (request.symmetric in s.symmetric, f"symmetric={request.symmetric} unsupported"),
             (request.act_bits in s.act_bits, f"act_bits={request.act_bits} unsupported"),
+            (request.act_bits is None or request.act_dynamic in s.act_dynamic,
+             f"{'dynamic' if request.act_dynamic else 'static'} activation scales unsupported"),
             (s.act_order or not request.act_order, "act-order (g_idx) unsupported"),
             (request.dtype in s.dtypes, f"dtype {request.dtype} not in {sorted(s.dtypes)}"),
             (request.device in s.devices, f"device {request.device} not in {sorted(s.devices)}"),
@@ -348,6 +354,19 @@ class KernelProvider(Component):
     def lut_linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
         """Like :meth:`linear` for codebook layouts (weights decoded through a lookup table)."""
         raise NotImplementedError(f"kernel provider {self.name!r} does not implement 'lut_linear'")
+
+    def selective_scan(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+                       z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                       delta_softplus: bool = False, prepared: Any = None) -> torch.Tensor:
+        """Mamba's selective scan: ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t``,
+        ``y_t = C_t h_t + D u_t``, times ``silu(z_t)`` when ``z`` is given. Shapes: ``u``,
+        ``delta``, ``z`` ``[batch, dim, seq]``; ``A`` ``[dim, state]``; ``B``, ``C``
+        ``[batch, state, seq]``; ``D``, ``delta_bias`` ``[dim]``. ``Δ`` is ``delta``
+        (+ ``delta_bias``, through softplus if ``delta_softplus``). ``prepared`` carries
+        what a quantized scan needs (Quamba: static 8-bit scales of ``u``, ``B``, ``C``).
+        Returns ``y`` ``[batch, dim, seq]``."""
+        raise NotImplementedError(f"kernel provider {self.name!r} does not implement 'selective_scan'")
 
 
 def config_fields(component: type[Component]) -> list[dataclasses.Field[Any]]:

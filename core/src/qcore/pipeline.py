@@ -17,7 +17,7 @@ from qcore.registry import KNOWN_PROVIDERS, Registry
 from qcore.scheme import Scheme
 
 DEFAULT_QUANTIZER = "rtn"
-_SPEC_KEYS = {"transforms", "quantizer", "packer", "kernel", "scheme"}
+_SPEC_KEYS = {"transforms", "quantizer", "observers", "packer", "kernel", "scheme"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class Pipeline:
     scheme: Scheme = field(default_factory=Scheme)
     packer: str = AUTO
     kernel: str = AUTO
+    #: Options of observers the steps need (by observer name); observers themselves are
+    #: added by what the steps need, not listed here.
+    observers: tuple[Step, ...] = ()
 
     # ---------------------------------------------------------------- building
 
@@ -74,7 +77,11 @@ class Pipeline:
         if isinstance(transforms, (str, Mapping)) or not isinstance(transforms, Sequence):
             raise ConfigError("'transforms' must be a list of steps")
         scheme = spec.get("scheme", {})
+        observers = spec.get("observers", [])
+        if isinstance(observers, Mapping):  # {"hessian": {options}} is accepted too
+            observers = [{"name": k, "options": v} for k, v in observers.items()]
         return cls(
+            observers=tuple(Step.parse(o, f"observers[{i}]") for i, o in enumerate(observers)),
             quantizer=Step.parse(spec.get("quantizer", DEFAULT_QUANTIZER), "quantizer"),
             transforms=tuple(Step.parse(t, f"transforms[{i}]") for i, t in enumerate(transforms)),
             scheme=scheme if isinstance(scheme, Scheme) else Scheme.from_dict(scheme),
@@ -130,6 +137,7 @@ class Pipeline:
         return {
             "transforms": [t.to_dict() for t in self.transforms],
             "quantizer": self.quantizer.to_dict(),
+            "observers": [o.to_dict() for o in self.observers],
             "packer": self.packer,
             "kernel": self.kernel,
             "scheme": self.scheme.to_dict(),
@@ -150,8 +158,9 @@ class Pipeline:
         scheme = self.scheme
         _check_scheme(quantizer, scheme)
 
-        observers: dict[str, type[Observer]] = {}
+        observers: dict[str, ObserverFactory] = {}
         provided: dict[str, str] = {}
+        observer_options = {o.name: o for o in self.observers}
         all_steps: list[Transform | Quantizer] = [*transforms, quantizer]
         later_provides = {p: s.name for s in all_steps for p in getattr(s, "provides", ())}
         for step in all_steps:
@@ -161,12 +170,19 @@ class Pipeline:
                     continue
                 reg = registry.find("observer", need)
                 if reg is not None:
-                    observers[need] = reg.cls  # type: ignore[assignment]
+                    step_spec = observer_options.get(need, Step(need))
+                    observers[need] = ObserverFactory(
+                        reg.cls, build_config(reg.cls, step_spec.options))  # type: ignore[arg-type]
                     continue
                 raise PipelineError(_unmet_need(step, need, later_provides))
             for product in getattr(step, "provides", ()):
                 provided[product] = step.name
 
+        unused = sorted(set(observer_options) - set(observers))
+        if unused:
+            needed = ", ".join(sorted(observers)) or "none"
+            raise ConfigError(f"options given for observer(s) {', '.join(unused)}, which no step of "
+                              f"this pipeline needs (observers it uses: {needed})")
         packer = _resolve_packer(registry, self.packer, quantizer, scheme)
         kernel = _check_kernel(registry, self.kernel, packer, scheme)
         used = [(s.kind, s.name) for s in all_steps] + [("packer", packer.name), ("kernel", kernel)]
@@ -191,7 +207,7 @@ class ResolvedPipeline:
     transforms: list[Transform]
     quantizer: Quantizer
     packer: Packer
-    observers: dict[str, type[Observer]]
+    observers: dict[str, ObserverFactory]
     #: The provider that serves the layout on CPU in float32 (per-layer choice happens at
     #: run time on the layer's device and dtype).
     kernel: str
@@ -207,7 +223,24 @@ class ResolvedPipeline:
         for step, instance in zip(spec["transforms"], self.transforms):
             step["options"] = config_to_dict(instance.config)
         spec["quantizer"]["options"] = config_to_dict(self.quantizer.config)
+        spec["observers"] = [{"name": name, "options": config_to_dict(factory.config)}
+                             for name, factory in self.observers.items()]
         return spec
+
+
+@dataclass(frozen=True)
+class ObserverFactory:
+    """Makes one observer instance (per input group) with the pipeline's options."""
+
+    cls: type[Observer]
+    config: Any
+
+    @property
+    def needs_outputs(self) -> bool:
+        return self.cls.needs_outputs
+
+    def __call__(self) -> Observer:
+        return self.cls(self.config)
 
 
 def _default_registry() -> Registry:
