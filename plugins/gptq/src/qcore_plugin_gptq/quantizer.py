@@ -40,6 +40,10 @@ class GPTQQuantizer(Quantizer):
         #: each group of linears sees the inputs of the already-quantized earlier ones
         true_sequential: bool = True
         scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+        #: grid search of each group's range: shrink factors tried from 1 down to
+        #: 1 - max_shrink (1 = plain min-max)
+        shrink_steps: int = 1
+        max_shrink: float = 0.2
 
         def __post_init__(self) -> None:
             if self.block_size < 1:
@@ -68,7 +72,8 @@ class GPTQQuantizer(Quantizer):
         result = gptq(stacked, stats["hessian"], bits=scheme.bits, group_size=scheme.group_size,
                       symmetric=scheme.symmetric, act_order=c.act_order,
                       static_groups=c.static_groups, block_size=c.block_size,
-                      dampening=c.dampening, scale_dtype=getattr(torch, c.scale_dtype))
+                      dampening=c.dampening, scale_dtype=getattr(torch, c.scale_dtype),
+                      shrink_steps=c.shrink_steps, max_shrink=c.max_shrink)
         out = []
         start = 0
         for w in weights:
