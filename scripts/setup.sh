@@ -12,7 +12,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python"
 fi
 echo "qcore setup: installing the workspace into $venv (first run takes a few minutes)" >&2
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -r requirements-dev.txt
-"$venv/bin/python" -m pip install --quiet --no-deps -r requirements-assets.txt
+pip_install() {
+  # This machine's pip configuration lists local indexes that may be absent; their
+  # "is ignored" warnings are noise.
+  "$venv/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+pip_install --upgrade pip
+pip_install -r requirements-dev.txt
+pip_install --no-deps -r requirements-assets.txt
 echo "$want" > "$stamp"
