@@ -7,27 +7,9 @@ import torch
 
 
 def tiny_model(arch: str, layers: int = 2) -> torch.nn.Module:
-    import transformers as tf
+    from qcore.testing.models import tiny_causal_lm
 
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
-        model = tf.LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
-        model = tf.Qwen2ForCausalLM(cfg)
-    elif arch == "opt":
-        cfg = tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=layers,
-                           num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64)
-        model = tf.OPTForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=64)
-        model = tf.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(arch)
-    return model.eval()
+    return tiny_causal_lm(arch, layers=layers, tie_word_embeddings=arch in ("opt", "gpt2"))
 
 
 @pytest.fixture

@@ -54,20 +54,9 @@ def words(n: int) -> str:
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from qcore.testing.models import tiny_causal_lm
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", hidden=32, intermediate=64, vocab_size=vocab_size, seed=seed)
 
 
 @pytest.fixture

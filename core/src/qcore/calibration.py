@@ -169,7 +169,19 @@ def observe(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
                 instance.update(x2, None)
         return update
 
-    handles = [_group_input_hook(structure.linears[g.names[0]], feed(g)) for g in groups]
+    _run_with_hooks(block, calls, device,
+                    [_group_input_hook(structure.linears[g.names[0]], feed(g)) for g in groups])
+    stats: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        computed = {obs: inst.compute() for obs, inst in instances[group.names].items()}
+        for name in group.names:
+            stats[name] = computed
+    return stats
+
+
+def _run_with_hooks(block: nn.Module, calls: list[BlockCall], device: torch.device,
+                    handles: list[Any]) -> None:
+    """Run the block on every call, then remove ``handles`` (also on error)."""
     try:
         with torch.inference_mode():
             for args, kwargs in calls:
@@ -177,12 +189,6 @@ def observe(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
     finally:
         for handle in handles:
             handle.remove()
-    stats: dict[str, dict[str, Any]] = {}
-    for group in groups:
-        computed = {obs: inst.compute() for obs, inst in instances[group.names].items()}
-        for name in group.names:
-            stats[name] = computed
-    return stats
 
 
 def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
@@ -199,14 +205,8 @@ def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: B
                 instance.update(x2, y2 if instance.needs_outputs else None)
         return record
 
-    handles = [structure.linears[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            for args, kwargs in calls:
-                run_block(block, args, kwargs, device)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_with_hooks(block, calls, device,
+                    [structure.linears[n].register_forward_hook(hook(n)) for n in names])
     return {name: {obs: inst.compute() for obs, inst in per.items()} for name, per in instances.items()}
 
 
