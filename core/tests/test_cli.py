@@ -47,6 +47,8 @@ def test_quantize_eval_inspect_on_a_tiny_model(tiny_model_dir, tmp_path, capsys)
     bits = sum(3 * o * i + 16 * o * -(-i // 48) for o, i in shapes)
     assert info["bits_per_weight"] == pytest.approx(bits / sum(o * i for o, i in shapes))
     assert info["size_bytes"] < info["fp16_bytes"] * 2  # embeddings stay fp32 in this tiny model
+    layer = info["layers"]["model.layers.0.self_attn.q_proj"]
+    assert (layer["kernel"], layer["kernel_cpu"], layer["kernel_cuda"]) == ("auto", "torch", "torch")
 
 
 def test_plugins_json_lists_builtins_quickly_without_torch():

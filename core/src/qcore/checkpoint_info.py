@@ -58,7 +58,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
                + (" per-channel" if p.get("group_size") == -1 else f" g{p.get('group_size')}")
                + (" sym" if p.get("symmetric") else " asym") + (" act-order" if "g_idx" in layer["tensors"] else ""))
         layers[name] = {"shape": [out_f, in_f], "format": fmt, "bytes": stored,
-                        "bits_per_weight": 8 * stored / (out_f * in_f), "kernel": layer.get("kernel", "auto")}
+                        "bits_per_weight": 8 * stored / (out_f * in_f),
+                        "kernel": layer.get("kernel", "auto"),
+                        "kernel_cpu": _kernel_on(layer, "cpu", "float32"),
+                        "kernel_cuda": _kernel_on(layer, "cuda", "float16")}
         quant_bytes += stored
         quant_weights += out_f * in_f
     total_params = sum(_numel(meta["shape"]) for meta in tensors.values()
@@ -82,6 +85,26 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "fp16_bytes": fp16_bytes,
         "layers": layers,
     }
+
+
+def _kernel_on(layer: dict[str, Any], device: str, dtype: str) -> str:
+    """The provider that would serve the layer on ``device``/``dtype`` here, or why none."""
+    from qcore.errors import QcoreError
+    from qcore.interfaces import KernelRequest
+    from qcore.kernel_select import select_kernel
+    from qcore.plugins import get_registry
+
+    p = layer["params"]
+    request = KernelRequest(op=layer["op"], layout=layer["layout"], bits=int(p.get("bits") or 0),
+                            group_size=int(p.get("group_size") or -1),
+                            symmetric=bool(p.get("symmetric")), in_features=layer["shape"][1],
+                            out_features=layer["shape"][0], act_bits=p.get("act_bits"),
+                            act_dynamic=bool(p.get("act_dynamic", True)),
+                            act_order="g_idx" in layer["tensors"], dtype=dtype, device=device)
+    try:
+        return select_kernel(get_registry(), request, layer.get("kernel", "auto")).name
+    except QcoreError as exc:
+        return f"none ({exc})"
 
 
 def _numel(shape: list[int]) -> int:

@@ -286,7 +286,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.layers:
         for name, layer in info["layers"].items():
             print(f"  {name:48} {layer['shape'][0]}x{layer['shape'][1]}  {layer['format']}  "
-                  f"{layer['bits_per_weight']:.3f} b/w  kernel={layer['kernel']}")
+                  f"{layer['bits_per_weight']:.3f} b/w  kernel {layer['kernel']}: "
+                  f"cpu={layer['kernel_cpu']} cuda={layer['kernel_cuda']}")
     return 0
 
 
