@@ -87,3 +87,23 @@ def test_merge_calls_concatenates_batch_tensors_and_keeps_shared_ones():
     assert kwargs["attention_mask"].shape == (5, 1, 5, 5)
     assert kwargs["position_embeddings"][0] is rotary[0]
     assert kwargs["use_cache"] is False
+
+
+def test_bfloat16_calibration_forwards_keep_float32_statistics(qcore_register_plugin, make_tiny_model,
+                                                               calib_ids):
+    qcore_register_plugin(make_plugin("recording", quantizers=[SequentialRecordingRTN]))
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        SequentialRecordingRTN.seen.clear()
+        model = make_tiny_model("llama", layers=2)
+        quantize(model, Pipeline.from_names(SequentialRecordingRTN.name, scheme=Scheme(bits=4, group_size=16)),
+                 calib_ids, batch_size=3, progress=False, calib_dtype=dtype)
+        results[dtype] = [h for _, h in SequentialRecordingRTN.seen]
+        assert all(h.dtype == torch.float32 for h in results[dtype])
+        assert model.qcore_quantization["calibration"] == {
+            "samples": 6, "seq_len": 24, "used": True,
+            "dtype": "bfloat16" if dtype else "float32"}
+    rels = [float((exact - fast).norm() / exact.norm())
+            for exact, fast in zip(results[None], results[torch.bfloat16])]
+    assert rels[0] == 0.0  # block 0's q/k/v read the embeddings through a float32 norm
+    assert all(0 < r < 0.05 for r in rels[1:]), rels  # bf16 activations: close, not equal

@@ -18,7 +18,9 @@ input. One block forward per block, instead of one per group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +45,27 @@ from qcore.pipeline import ResolvedPipeline
 from qcore.qlinear import QuantLinear
 
 log = logging.getLogger("qcore")
+
+#: Precision of the calibration forwards of the current run (None: the model's own).
+#: Set once per run by :func:`quantize_blocks`; statistics and quantizers always work in
+#: float32 on float32 master weights.
+_CALIB_DTYPE: ContextVar[torch.dtype | None] = ContextVar("qcore_calib_dtype", default=None)
+
+
+def forward(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            device: torch.device | str) -> torch.Tensor:
+    """One calibration forward of ``block`` (autocast to the run's calibration dtype, if
+    any), returning float32 hidden states."""
+    dtype = _CALIB_DTYPE.get()
+    if dtype is None:
+        return run_block(block, args, kwargs, device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        return run_block(block, args, kwargs, device).float()
+
+
+def _exact(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Statistics and quantization inside a hook: no autocast."""
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 @dataclass
@@ -146,7 +169,8 @@ def _lookup(call: BlockCall, path: tuple[Any, ...]) -> Any:
 def _group_input_hook(linear: nn.Module, fn: Callable[[torch.Tensor], None]) -> Any:
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        fn(x.reshape(-1, x.shape[-1]))
+        with _exact(x.device.type):
+            fn(x.reshape(-1, x.shape[-1]).float())
     return linear.register_forward_pre_hook(pre_hook)
 
 
@@ -185,7 +209,7 @@ def _run_with_hooks(block: nn.Module, calls: list[BlockCall], device: torch.devi
     try:
         with torch.inference_mode():
             for args, kwargs in calls:
-                run_block(block, args, kwargs, device)
+                forward(block, args, kwargs, device)
     finally:
         for handle in handles:
             handle.remove()
@@ -199,10 +223,11 @@ def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: B
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            x2 = args[0].detach().reshape(-1, args[0].shape[-1])
-            y2 = output.detach().reshape(-1, output.shape[-1])
-            for instance in instances[name].values():
-                instance.update(x2, y2 if instance.needs_outputs else None)
+            x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            y2 = output.detach().reshape(-1, output.shape[-1]).float()
+            with _exact(x2.device.type):
+                for instance in instances[name].values():
+                    instance.update(x2, y2 if instance.needs_outputs else None)
         return record
 
     _run_with_hooks(block, calls, device,
@@ -329,7 +354,7 @@ def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: Bl
     merged = merge_calls(calls)
     try:
         with torch.inference_mode():
-            hidden = run_block(block, *merged, device).to("cpu")
+            hidden = forward(block, *merged, device).to("cpu")
     finally:
         for handle in handles:
             handle.remove()
@@ -351,16 +376,27 @@ def next_block_inputs(block: nn.Module, calls: list[BlockCall], device: torch.de
     out = []
     with torch.inference_mode():
         for args, kwargs in calls:
-            hidden = run_block(block, args, kwargs, device).to("cpu")
+            hidden = forward(block, args, kwargs, device).to("cpu")
             out.append(replace_hidden(args, kwargs, hidden))
     return out
 
 
 def quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
                     resolved: ResolvedPipeline, device: torch.device,
-                    progress: bool = True) -> list[BlockReport]:
+                    progress: bool = True, calib_dtype: torch.dtype | None = None) -> list[BlockReport]:
     """Block-sequential quantization of every block, starting from block 0's ``calls``
-    (None when :func:`needs_calibration` is false: weights are quantized directly)."""
+    (None when :func:`needs_calibration` is false: weights are quantized directly).
+    ``calib_dtype`` (e.g. bfloat16) autocasts the calibration forwards."""
+    token = _CALIB_DTYPE.set(calib_dtype)
+    try:
+        return _quantize_blocks(blocks, calls, resolved, device, progress)
+    finally:
+        _CALIB_DTYPE.reset(token)
+
+
+def _quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
+                     resolved: ResolvedPipeline, device: torch.device,
+                     progress: bool) -> list[BlockReport]:
     from tqdm.auto import tqdm
 
     reports = []

@@ -223,7 +223,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
                               f"unexpected {result.unexpected_keys[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    setattr(model, QCORE_ATTR, {k: qconfig[k] for k in ("pipeline", "distributions", "blocks") if k in qconfig})
+    setattr(model, QCORE_ATTR, {k: qconfig[k] for k in ("pipeline", "distributions", "blocks",
+                                                         "calibration") if k in qconfig})
     return model.to(device).eval()
 
 

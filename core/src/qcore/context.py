@@ -47,14 +47,12 @@ class BlockContext:
 
     def run_block(self) -> list[torch.Tensor]:
         """The block's outputs (hidden states) on every calibration batch, on CPU."""
-        from qcore.model import run_block
-        from qcore.model.capture import move_to
+        from qcore.calibration import forward
 
         outs = []
         with torch.inference_mode():
             for args, kwargs in self.inputs:
-                out = run_block(self.block, move_to(args, self.device), move_to(kwargs, self.device))
-                outs.append(out.to("cpu"))
+                outs.append(forward(self.block, args, kwargs, self.device).to("cpu"))
         return outs
 
     def add_lowrank_branch(self, linear: str, down: torch.Tensor, up: torch.Tensor) -> None:

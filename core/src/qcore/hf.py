@@ -86,7 +86,7 @@ class QcoreHfQuantizer(HfQuantizer):
         record = self.quantization_config.to_dict()  # type: ignore[attr-defined]
         for layer in quantized_layers(model).values():
             layer._providers.clear()
-        setattr(model, QCORE_ATTR, {k: record[k] for k in ("pipeline", "distributions", "blocks")
+        setattr(model, QCORE_ATTR, {k: record[k] for k in ("pipeline", "distributions", "blocks", "calibration")
                                     if k in record})
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:

@@ -32,12 +32,18 @@ class QuantizeResult:
 
 def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
              calibration: torch.Tensor, *, batch_size: int = 8,
-             device: torch.device | str | None = None, progress: bool = True) -> QuantizeResult:
+             device: torch.device | str | None = None, progress: bool = True,
+             calib_dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize every linear of ``model``'s decoder blocks in place, block by block.
 
     ``calibration``: token ids ``[n_samples, seq_len]``. ``device``: where each block runs
     (default: where the model is); activations are kept on CPU between blocks.
+    ``calib_dtype``: run the calibration forwards autocast to this dtype (bfloat16 uses
+    the CPU's AMX/AVX-512 units or the GPU's tensor cores); statistics, quantizers and
+    the stored weights stay float32-exact. Recorded in the checkpoint.
     """
+    if calib_dtype is not None and calib_dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"calib_dtype must be torch.bfloat16 or torch.float16, got {calib_dtype}")
     start = time.perf_counter()
     resolved = pipeline if isinstance(pipeline, ResolvedPipeline) else (
         Pipeline.from_names(pipeline) if isinstance(pipeline, str) else pipeline).validate()
@@ -54,15 +60,26 @@ def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
     model.eval()
     calls = (capture_block_inputs(model, blocks, calibration, batch_size)
              if needs_calibration(resolved) else None)
-    reports = quantize_blocks(blocks, calls, resolved, run_device, progress=progress)
+    reports = quantize_blocks(blocks, calls, resolved, run_device, progress=progress,
+                              calib_dtype=calib_dtype)
     model.train(was_training)
-    setattr(model, QCORE_ATTR, quantization_record(resolved, blocks.path))
+    record = quantization_record(resolved, blocks.path)
+    record["calibration"] = {"samples": int(calibration.shape[0]), "seq_len": int(calibration.shape[1]),
+                             "used": calls is not None,
+                             "dtype": str(calib_dtype or _model_dtype(model)).removeprefix("torch.")}
+    setattr(model, QCORE_ATTR, record)
     return QuantizeResult(model, resolved, reports, time.perf_counter() - start)
 
 
 def quantization_record(resolved: ResolvedPipeline, blocks_path: str) -> dict[str, Any]:
     return {"pipeline": resolved.spec(), "distributions": resolved.distributions,
             "blocks": blocks_path}
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,95 @@
+"""GPTQ on the embedded SmolLM2-135M under the protocol of BENCHMARKS.md, next to the
+llm-compressor reference measured on this machine (the peer toolkit is not installed in
+this workspace; its numbers come from the table in the GPTQ issue).
+
+Each setting runs in its own process: quantize (timed: model load to saved checkpoint),
+perplexity (97 x 512, fp32), peak RSS.
+
+    .venv/bin/python benchmarks/gptq_smollm2.py [--settings NAME ...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, peak_rss_gb, run_child, write_section  # noqa: E402
+
+SETTINGS = {
+    "W4 g64 asym, act-order": (dict(bits=4, group_size=64), {"act_order": True}),
+    "W4 g64 sym, act-order": (dict(bits=4, group_size=64, symmetric=True), {"act_order": True}),
+    "W3 g64 asym, act-order": (dict(bits=3, group_size=64), {"act_order": True}),
+    "W4 g64 asym, static act-order": (dict(bits=4, group_size=64),
+                                      {"act_order": True, "static_groups": True}),
+    "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), {}),
+    "W4 g64 sym, no act-order": (dict(bits=4, group_size=64, symmetric=True), {}),
+    "W3 g64 asym, no act-order": (dict(bits=3, group_size=64), {}),
+}
+#: llm-compressor 0.14.0.1, GPTQModifier defaults (static act-order), this machine.
+PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
+        "W4 g64 sym": ("21.62", "19.19", "209 s", "2.9 GB"),
+        "W3 g64 asym": ("49.22", "28.61", "n/a (1 thread)", "2.0 GB")}
+
+
+def child(setting: str) -> dict:
+    from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
+    from qcore.checkpoint import save
+    from qcore.eval import perplexity
+    from qcore.pipeline import Pipeline
+    from qcore.quantize import quantize
+    from qcore.scheme import Scheme
+
+    scheme, options = SETTINGS[setting]
+    start = time.perf_counter()
+    model, tokenizer = load_model()
+    calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
+    pipeline = Pipeline.from_names("gptq", scheme=Scheme(**scheme), options={"gptq": options})
+    quantize(model, pipeline, calib, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "ck", tokenizer)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_gb()
+    ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
+    return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
+            "ppl": perplexity(model, ids, batch_size=8, progress=False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    rows = []
+    for setting in args.settings:
+        r = run_child(Path(__file__), ["--child", setting])
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", "",
+             f"Machine: {machine()}. Calibration 128 x 512, eval 97 x 512 (fp32), group 64, "
+             "integer zero points or symmetric. Time: model load to saved checkpoint. Peer: "
+             "llm-compressor 0.14.0.1 (GPTQModifier defaults: block 128, dampening 0.01, static "
+             "act-order) measured on this machine earlier (from the GPTQ issue; not installed "
+             "here, so not rerun in the same run).", "",
+             "| setting | qcore ppl | time | peak RSS | RTN ppl | peer ppl | peer time | peer RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = PEER.get(r["setting"].split(",")[0], ("", "", "", ""))
+        lines.append(f"| {r['setting']} | {r['ppl']:.3f} | {r['quantize_s']:.0f} s | "
+                     f"{r['peak_rss_gb']:.2f} GB | {peer[0]} | {peer[1]} | {peer[2]} | {peer[3]} |")
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("gptq", body)
+
+
+if __name__ == "__main__":
+    main()
