@@ -56,3 +56,18 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def merge_results(name: str, rows: list[dict], key: str) -> list[dict]:
+    """Merge freshly measured ``rows`` into ``results/<name>.json`` (by ``key``) and return
+    every stored row, so that re-measuring one setting keeps the others' numbers."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    stored = json.loads(path.read_text()) if path.exists() else []
+    fresh = {r[key] for r in rows}
+    merged = [r for r in stored if r[key] not in fresh] + rows
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged

@@ -101,8 +101,7 @@ def test_bfloat16_calibration_forwards_keep_float32_statistics(qcore_register_pl
         results[dtype] = [h for _, h in SequentialRecordingRTN.seen]
         assert all(h.dtype == torch.float32 for h in results[dtype])
         assert model.qcore_quantization["calibration"] == {
-            "samples": 6, "seq_len": 24, "used": True,
-            "dtype": "bfloat16" if dtype else "float32"}
+            "samples": 6, "seq_len": 24, "dtype": "bfloat16" if dtype else "float32"}
     rels = [float((exact - fast).norm() / exact.norm())
             for exact, fast in zip(results[None], results[torch.bfloat16])]
     assert rels[0] == 0.0  # block 0's q/k/v read the embeddings through a float32 norm

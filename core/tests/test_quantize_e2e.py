@@ -155,8 +155,12 @@ def test_weight_only_rtn_needs_no_calibration_pass(make_tiny_model, monkeypatch,
 
     monkeypatch.setattr("qcore.quantize.capture_block_inputs", forbidden)
     model = make_tiny_model("llama")
-    result = quantize(model, "rtn", calib_ids, progress=False)
+    result = quantize(model, "rtn", None, progress=False)
     assert result.n_layers == 14
+    assert model.qcore_quantization["calibration"] is None
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(make_tiny_model("llama"), Pipeline.from_names(
+            "rtn", scheme=Scheme(bits=8, act_bits=8, act_dynamic=False)), None, progress=False)
 
 
 def test_quantizing_twice_is_refused(make_tiny_model, calib_ids):

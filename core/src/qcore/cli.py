@@ -192,18 +192,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from qcore.checkpoint import save
     from qcore.quantize import quantize
 
+    from qcore.calibration import needs_calibration
+
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    if calib_text is None:
+    uses_data = needs_calibration(resolved)
+    if calib_text is None and uses_data:
         calib_text = embedded_corpus("calibration")
-    calibration = calibration_windows(tokenizer, calib_text, args.samples, args.seq_len)
+    # a calibration file given for a data-free pipeline is still checked, never ignored silently
+    calibration = (calibration_windows(tokenizer, calib_text, args.samples, args.seq_len)
+                   if calib_text is not None else None)
     eval_ids = _eval_windows(args, tokenizer, args.corpus, args.eval_windows) if args.eval else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if eval_ids is not None:
         _report_ppl("before", model, eval_ids, args.batch_size)
-    print(f"qcore: quantizing with {pipeline.short_form()} ({pipeline.scheme.label()}), "
-          f"{calibration.shape[0]} x {calibration.shape[1]} calibration tokens", file=sys.stderr)
+    data = (f"{calibration.shape[0]} x {calibration.shape[1]} calibration tokens" if uses_data
+            else "weight-only: no calibration data needed")
+    print(f"qcore: quantizing with {pipeline.short_form()} ({pipeline.scheme.label()}), {data}",
+          file=sys.stderr)
     calib_dtype = None if args.calib_dtype == "float32" else getattr(torch, args.calib_dtype)
     result = quantize(model, resolved, calibration, batch_size=args.batch_size, device=device,
                       calib_dtype=calib_dtype)

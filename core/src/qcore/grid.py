@@ -42,7 +42,13 @@ def max_code(bits: int) -> int:
 
 
 def _scale_floor(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).tiny) if dtype.is_floating_point else 1e-12
+    """The smallest positive scale ``dtype`` can store. For float16 that is a subnormal
+    (2**-24): groups of tiny weights keep a scale near their own, not the smallest normal
+    number (6.1e-5), which would flatten every group whose max |w| is below ~5e-4."""
+    if not dtype.is_floating_point:
+        return 1e-12
+    info = torch.finfo(dtype)
+    return float(getattr(info, "smallest_subnormal", None) or info.tiny * info.eps)
 
 
 def grid_from_range(

@@ -31,12 +31,13 @@ class QuantizeResult:
 
 
 def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
-             calibration: torch.Tensor, *, batch_size: int = 8,
+             calibration: torch.Tensor | None, *, batch_size: int = 8,
              device: torch.device | str | None = None, progress: bool = True,
              calib_dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize every linear of ``model``'s decoder blocks in place, block by block.
 
-    ``calibration``: token ids ``[n_samples, seq_len]``. ``device``: where each block runs
+    ``calibration``: token ids ``[n_samples, seq_len]`` (may be None when no step of the
+    pipeline needs calibration data, e.g. weight-only round-to-nearest). ``device``: where each block runs
     (default: where the model is); activations are kept on CPU between blocks.
     ``calib_dtype``: run the calibration forwards autocast to this dtype (bfloat16 uses
     the CPU's AMX/AVX-512 units or the GPU's tensor cores); statistics, quantizers and
@@ -50,7 +51,11 @@ def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
     if hasattr(model, QCORE_ATTR):
         raise ConfigError("this model is already quantized by qcore; load the original "
                           "floating-point model to quantize it again")
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
+    uses_data = needs_calibration(resolved)
+    if calibration is None and uses_data:
+        raise ConfigError(f"pipeline {resolved.pipeline.short_form()!r} needs calibration data: "
+                          "pass token ids [n_samples, seq_len]")
+    if calibration is not None and (calibration.dim() != 2 or calibration.shape[0] < 1):
         raise ConfigError(f"calibration ids must be [n_samples, seq_len], got {tuple(calibration.shape)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -58,15 +63,14 @@ def quantize(model: nn.Module, pipeline: Pipeline | ResolvedPipeline | str,
     run_device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    calls = (capture_block_inputs(model, blocks, calibration, batch_size)
-             if needs_calibration(resolved) else None)
+    calls = capture_block_inputs(model, blocks, calibration, batch_size) if uses_data else None
     reports = quantize_blocks(blocks, calls, resolved, run_device, progress=progress,
                               calib_dtype=calib_dtype)
     model.train(was_training)
     record = quantization_record(resolved, blocks.path)
-    record["calibration"] = {"samples": int(calibration.shape[0]), "seq_len": int(calibration.shape[1]),
-                             "used": calls is not None,
-                             "dtype": str(calib_dtype or _model_dtype(model)).removeprefix("torch.")}
+    record["calibration"] = None if not uses_data else {
+        "samples": int(calibration.shape[0]), "seq_len": int(calibration.shape[1]),  # type: ignore[union-attr]
+        "dtype": str(calib_dtype or _model_dtype(model)).removeprefix("torch.")}
     setattr(model, QCORE_ATTR, record)
     return QuantizeResult(model, resolved, reports, time.perf_counter() - start)
 
