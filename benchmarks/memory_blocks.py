@@ -42,6 +42,8 @@ def child(label: str, blocks: int) -> dict:
     from qcore.scheme import Scheme
 
     model, tokenizer = load_model()
+    for p in model.parameters():  # page in lazily loaded weights before measuring memory
+        p.data.sum()
     model.model.layers = model.model.layers[:blocks]
     model.config.num_hidden_layers = blocks
     calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--pipelines", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.blocks)))
@@ -67,7 +70,7 @@ def main() -> None:
     available = get_registry().names("quantizer")
     rows = []
     for label, (name, _) in PIPELINES.items():
-        if name not in available:
+        if name not in available or label not in args.pipelines:
             continue
         for blocks in (8, 30):
             r = run_child(Path(__file__), ["--child", label, "--blocks", str(blocks)])

@@ -106,3 +106,55 @@ def test_bfloat16_calibration_forwards_keep_float32_statistics(qcore_register_pl
             for exact, fast in zip(results[None], results[torch.bfloat16])]
     assert rels[0] == 0.0  # block 0's q/k/v read the embeddings through a float32 norm
     assert all(0 < r < 0.05 for r in rels[1:]), rels  # bf16 activations: close, not equal
+
+
+def _output_observer_classes():
+    """An observer whose statistic depends on each linear's outputs, and quantizers
+    (plain and sequential) that record the statistic's size per weight."""
+    from qcore.interfaces import Observer
+
+    class OutputAbsMaxObserver(Observer):
+        name = "output-absmax"
+        needs_outputs = True
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            self.absmax = None
+
+        def update(self, inputs, outputs):
+            m = outputs.abs().amax(0)
+            self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+
+        def compute(self):
+            return self.absmax
+
+    class NeedsOutputs(RTNQuantizer):
+        name = "needs-outputs"
+        needs = frozenset({"output-absmax"})
+        seen: ClassVar[list[tuple[int, int]]] = []
+
+        def needs_for(self, scheme):
+            return self.needs
+
+        def quantize_group(self, weights, stats, scheme):
+            for w in weights:
+                type(self).seen.append((w.shape[0], stats["output-absmax"].shape[0]))
+            return super().quantize_group(weights, stats, scheme)
+
+    class SequentialNeedsOutputs(NeedsOutputs):
+        name = "sequential-needs-outputs"
+        sequential = True
+
+    return OutputAbsMaxObserver, NeedsOutputs, SequentialNeedsOutputs
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_output_statistics_are_per_linear(qcore_register_plugin, make_tiny_model, calib_ids, sequential):
+    observer, plain, seq = _output_observer_classes()
+    quantizer = seq if sequential else plain
+    qcore_register_plugin(make_plugin("outputs", observers=[observer], quantizers=[quantizer]))
+    quantizer.seen.clear()
+    model = make_tiny_model("llama", layers=1)
+    quantize(model, Pipeline.from_names(quantizer.name), calib_ids, batch_size=3, progress=False)
+    # q, k, v, o, gate, up, down: each quantized alone with its own output statistic
+    assert quantizer.seen == [(64, 64), (32, 32), (32, 32), (64, 64), (96, 96), (96, 96), (64, 64)]

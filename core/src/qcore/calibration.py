@@ -301,22 +301,27 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
         transform.apply(ctx)
 
     needs = {n: resolved.observers[n] for n in resolved.needs_of(quantizer)}
-    if quantizer.sequential and not any(cls.needs_outputs for cls in needs.values()):
+    per_linear = any(cls.needs_outputs for cls in needs.values())  # stats differ per linear
+    if quantizer.sequential and not per_linear:
         qweights, next_calls = _quantize_in_forward(block, calls, structure, resolved, needs, device)
     else:
         qweights = {}
-        if quantizer.sequential:  # observers need outputs: one observation pass per group
-            for group in structure.groups:
+        units = ([(n,) for g in structure.groups for n in g.names] if per_linear
+                 else [g.names for g in structure.groups])
+        if quantizer.sequential:  # observers need outputs: one observation pass per linear
+            for names in units:
+                group = LinearGroup(names, structure.group_of(names[0]).in_features)
                 stats = observe(block, calls, structure, [group], needs, device)
-                for name, qw in zip(group.names, _quantize_group(
-                        group.names, structure.linears, stats[group.names[0]], resolved)):
-                    set_weight_matrix(structure.linears[name], quantizer.dequantize(qw))
+                for name, qw in zip(names, _quantize_group(names, structure.linears,
+                                                           stats[names[0]], resolved)):
+                    linear = structure.linears[name]
+                    set_weight_matrix(linear, quantizer.dequantize(qw).to(weight_matrix(linear).dtype))
                     qweights[name] = qw
         else:
             stats = observe(block, calls, structure, structure.groups, needs, device)
-            for group in structure.groups:
-                qweights.update(zip(group.names, _quantize_group(
-                    group.names, structure.linears, stats[group.names[0]], resolved)))
+            for names in units:
+                qweights.update(zip(names, _quantize_group(names, structure.linears,
+                                                           stats[names[0]], resolved)))
         next_calls = []
     for name, qweight in qweights.items():
         report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,

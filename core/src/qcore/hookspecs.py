@@ -15,10 +15,11 @@ How the methods behind qcore map onto this contract
 
 - Round-to-nearest (built-in): quantizer ``rtn`` produces format ``"int"``; packer ``int``
   writes layout ``"int-packed"``; the torch kernel provider computes ``linear`` on it.
-- GPTQ: observer ``hessian`` (2·XᵀX running mean); quantizer ``gptq`` with
-  ``needs = {"hessian"}`` and ``sequential = True`` (true-sequential: each linear sees the
-  inputs produced by already-quantized earlier linears); act-order is the ``"int"``
-  format's ``g_idx``.
+- GPTQ: the core's built-in observer ``hessian`` (2·XᵀX running mean, shared with VPTQ
+  and SpQR); quantizer ``gptq`` with ``needs = {"hessian"}`` and ``sequential = True``
+  (true-sequential: each input group sees the inputs produced by the already-quantized
+  earlier groups); ``quantize_group`` solves q/k/v at once since they share a Hessian;
+  act-order is the ``"int"`` format's ``g_idx``.
 - AWQ: observer of mean activation magnitude; transform ``awq`` scales each input-sharing
   group (``ctx.structure.groups``) and folds ``1/s`` into the group's scale source (the
   preceding norm or linear found by the core), searching α with ``ctx.quantizer`` so that
