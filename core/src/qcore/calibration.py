@@ -417,7 +417,30 @@ def _quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
             report, calls = quantize_block(index, block, calls, resolved, device, structures)
             reports.append(report)
         block.to(home)
+        _release_block_memory(block)
     return reports
+
+
+def _release_block_memory(block: nn.Module) -> None:
+    """After a block is done: drop the kernels' prepared weights (unpacked codes, made by
+    the calibration forwards; inference prepares them again on first use) and hand freed
+    heap pages back to the OS, so the resident memory of a long run tracks one block
+    instead of creeping up with heap fragmentation."""
+    for module in block.modules():
+        if isinstance(module, QuantLinear):
+            module._providers.clear()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            pass
 
 
 def _device_of(module: nn.Module) -> torch.device:
