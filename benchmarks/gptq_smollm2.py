@@ -18,17 +18,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_rss_gb, run_child, write_section  # noqa: E402
+from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
 
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), {"act_order": True}),
+    "W4 g64 asym, act-order, bf16 calibration": (dict(bits=4, group_size=64), {"act_order": True}),
     "W4 g64 sym, act-order": (dict(bits=4, group_size=64, symmetric=True), {"act_order": True}),
     "W3 g64 asym, act-order": (dict(bits=3, group_size=64), {"act_order": True}),
     "W4 g64 asym, static act-order": (dict(bits=4, group_size=64),
                                       {"act_order": True, "static_groups": True}),
-    "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), {}),
-    "W4 g64 sym, no act-order": (dict(bits=4, group_size=64, symmetric=True), {}),
-    "W3 g64 asym, no act-order": (dict(bits=3, group_size=64), {}),
+    "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), {"act_order": False}),
+    "W4 g64 sym, no act-order": (dict(bits=4, group_size=64, symmetric=True), {"act_order": False}),
+    "W3 g64 asym, no act-order": (dict(bits=3, group_size=64), {"act_order": False}),
 }
 #: llm-compressor 0.14.0.1, GPTQModifier defaults (static act-order), this machine.
 PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
@@ -37,6 +38,8 @@ PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
 
 
 def child(setting: str) -> dict:
+    import torch
+
     from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
     from qcore.checkpoint import save
     from qcore.eval import perplexity
@@ -49,7 +52,8 @@ def child(setting: str) -> dict:
     model, tokenizer = load_model()
     calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
     pipeline = Pipeline.from_names("gptq", scheme=Scheme(**scheme), options={"gptq": options})
-    quantize(model, pipeline, calib, progress=False)
+    calib_dtype = torch.bfloat16 if "bf16 calibration" in setting else None
+    quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         save(model, Path(tmp) / "ck", tokenizer)
     seconds = time.perf_counter() - start
@@ -73,6 +77,8 @@ def main() -> None:
         r = run_child(Path(__file__), ["--child", setting])
         print(json.dumps(r), flush=True)
         rows.append(r)
+    stored = {r["setting"]: r for r in merge_results("gptq_smollm2", rows, "setting")}
+    rows = [stored[s] for s in SETTINGS if s in stored]
     lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", "",
              f"Machine: {machine()}. Calibration 128 x 512, eval 97 x 512 (fp32), group 64, "
              "integer zero points or symmetric. Time: model load to saved checkpoint. Peer: "

@@ -32,8 +32,10 @@ class GPTQQuantizer(Quantizer):
         block_size: int = 128
         #: added to the Hessian's diagonal, relative to its mean diagonal
         dampening: float = 0.01
-        #: quantize columns by decreasing Hessian diagonal (stores ``g_idx``)
-        act_order: bool = False
+        #: quantize columns by decreasing Hessian diagonal (stores ``g_idx`` unless
+        #: static_groups). On by default: on SmolLM2 it is what makes GPTQ beat RTN
+        #: (see BENCHMARKS.md), and the peer toolkits default to it too.
+        act_order: bool = True
         #: group parameters from the whole weight before any update (with act_order: no
         #: ``g_idx`` needed, groups stay contiguous)
         static_groups: bool = False
