@@ -122,9 +122,10 @@ def main() -> None:
         m = f"{r['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in r else ""
         lines.append(f"| {r['setting']} | {r['ppl']:.3f} | {REFERENCE.get(r['setting'], '')} | {t} | {m} |")
     if memory:
-        lines += ["", "Weight-only RTN reads no calibration data: its peak memory does not depend on "
-                  "the number of blocks either (W4 g64 asym, the model cut to its first N blocks, no "
-                  "eval). The calibration path is measured in the memory section below.", "",
+        lines += ["", "Weight-only RTN reads no calibration data (W4 g64 asym, the model cut to its "
+                  "first N blocks, no eval): the peak grows only by what saving copies (the "
+                  "checkpoint's tensors are serialized in memory once). The calibration path is "
+                  "measured in the memory section below.", "",
                   "| blocks | RSS after load | peak RSS during quantize + save | difference |",
                   "|---|---|---|---|"]
     for r in memory:
