@@ -39,7 +39,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 loader = spec.loader
                 original = loader.exec_module
 
-                def exec_module(module: Any) -> None:
+                def exec_module(module: Any, original: Any = original) -> None:
                     original(module)
                     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
                     _register()

@@ -313,7 +313,7 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
                 group = LinearGroup(names, structure.group_of(names[0]).in_features)
                 stats = observe(block, calls, structure, [group], needs, device)
                 for name, qw in zip(names, _quantize_group(names, structure.linears,
-                                                           stats[names[0]], resolved)):
+                                                           stats[names[0]], resolved), strict=True):
                     linear = structure.linears[name]
                     set_weight_matrix(linear, quantizer.dequantize(qw).to(weight_matrix(linear).dtype))
                     qweights[name] = qw
@@ -321,7 +321,7 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
             stats = observe(block, calls, structure, structure.groups, needs, device)
             for names in units:
                 qweights.update(zip(names, _quantize_group(names, structure.linears,
-                                                           stats[names[0]], resolved)))
+                                                           stats[names[0]], resolved), strict=True))
         next_calls = []
     for name, qweight in qweights.items():
         report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,
@@ -348,7 +348,7 @@ def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: Bl
                 instance.update(x2, None)
                 stats[obs] = instance.compute()
             for name, qw in zip(group.names, _quantize_group(group.names, structure.linears,
-                                                              stats, resolved)):
+                                                              stats, resolved), strict=True):
                 qweights[name] = qw
                 linear = structure.linears[name]
                 set_weight_matrix(linear, quantizer.dequantize(qw).to(weight_matrix(linear).dtype))

@@ -220,7 +220,7 @@ class ResolvedPipeline:
     def spec(self) -> dict[str, Any]:
         """The pipeline spec with every option filled in (defaults included)."""
         spec = self.pipeline.to_spec()
-        for step, instance in zip(spec["transforms"], self.transforms):
+        for step, instance in zip(spec["transforms"], self.transforms, strict=True):
             step["options"] = config_to_dict(instance.config)
         spec["quantizer"]["options"] = config_to_dict(self.quantizer.config)
         spec["observers"] = [{"name": name, "options": config_to_dict(factory.config)}
