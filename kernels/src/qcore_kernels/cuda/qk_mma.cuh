@@ -1,0 +1,82 @@
+// Warp-level tile products on shared memory, the only tensor-core code of the kernels.
+//
+// WarpTile<In, Acc, FM, FN> holds a warp's FM x FN grid of 16x16 accumulator tiles.
+// mma(a, lda, b, ldb) adds one k-step of 16: A rows at a + r * lda (row-major), B stored
+// n-major (column n at b + n * ldb, i.e. wmma's col_major). store(i, j, dst) writes tile
+// (i, j) row-major with stride 16 to dst. On the GPU these are wmma fragments
+// (mma.sync); in the CPU harness (QK_CPU_HARNESS) the same contract is computed in SIMT
+// code, so that the loading, dequantization, tiling and epilogue code around it runs
+// unchanged on the CPU. Pointers passed to mma/store must be 32-byte aligned and ld a
+// multiple of 16 bytes (wmma's rules), in both builds.
+#pragma once
+#include "qk_common.cuh"
+#ifndef QK_CPU_HARNESS
+#include <mma.h>
+#endif
+
+namespace qk {
+
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ int widen(signed char v) { return static_cast<int>(v); }
+
+template <typename In, typename Acc, int FM, int FN>
+struct WarpTile {
+#ifndef QK_CPU_HARNESS
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, Acc> acc[FM][FN];
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+            for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], Acc(0));
+    }
+
+    __device__ __forceinline__ void mma(const In* a, int lda, const In* b, int ldb) {
+        using namespace nvcuda;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, In, wmma::row_major> fa[FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, In, wmma::col_major> fb[FN];
+#pragma unroll
+        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * lda, lda);
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], b + j * 16 * ldb, ldb);
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+
+    __device__ __forceinline__ void store(int i, int j, Acc* dst) {
+        nvcuda::wmma::store_matrix_sync(dst, acc[i][j], 16, nvcuda::wmma::mem_row_major);
+    }
+#else
+    // Lane l owns elements l*8 .. l*8+7 of each row-major 16x16 tile.
+    Acc acc[FM][FN][8];
+
+    __device__ void zero() {
+        for (int i = 0; i < FM; ++i)
+            for (int j = 0; j < FN; ++j)
+                for (int e = 0; e < 8; ++e) acc[i][j][e] = Acc(0);
+    }
+
+    __device__ void mma(const In* a, int lda, const In* b, int ldb) {
+        const int lane = threadIdx.x % WARP;
+        for (int i = 0; i < FM; ++i)
+            for (int j = 0; j < FN; ++j)
+                for (int e = 0; e < 8; ++e) {
+                    const int r = (lane * 8 + e) / 16, c = (lane * 8 + e) % 16;
+                    Acc sum = acc[i][j][e];
+                    for (int kk = 0; kk < 16; ++kk)
+                        sum += Acc(widen(a[(i * 16 + r) * lda + kk])) * Acc(widen(b[(j * 16 + c) * ldb + kk]));
+                    acc[i][j][e] = sum;
+                }
+    }
+
+    __device__ void store(int i, int j, Acc* dst) {
+        const int lane = threadIdx.x % WARP;
+        for (int e = 0; e < 8; ++e) dst[lane * 8 + e] = acc[i][j][e];
+    }
+#endif
+};
+
+}  // namespace qk

@@ -1,0 +1,3 @@
+// CPU harness stand-in for <cuda_fp16.h>: everything it provides is in qk_cpu_shim.h.
+#pragma once
+#include "../qk_cpu_shim.h"

@@ -1,0 +1,147 @@
+"""Compiling and launching the CUDA sources with CuPy, on torch's tensors and stream.
+
+CuPy is imported lazily, on the first launch. Each source is compiled once per process and
+device (``cupy.RawModule`` with every template instance of the catalogue as a name
+expression); CuPy also caches the binary on disk, keyed by the source text, which is why
+local headers are expanded into the text first (a changed header changes the key).
+Torch tensors are passed zero-copy as raw device pointers; kernels launch on torch's
+current CUDA stream, so they order correctly with torch's own work.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qcore_kernels.sources import COMMON_OPTIONS, CUDA_DIR, KernelSource, source
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel source did not compile (the message holds NVRTC's log)."""
+
+
+def expand_includes(src: KernelSource) -> str:
+    """The source text with its local ``#include "..."`` headers inlined once each, with
+    ``#line`` directives so that compiler messages still name the original file and line."""
+    seen: set[str] = set()
+
+    def expand(name: str) -> list[str]:
+        out = [f'#line 1 "{name}"']
+        for lineno, line in enumerate((CUDA_DIR / name).read_text().splitlines(), start=1):
+            m = _INCLUDE.match(line)
+            if m and (CUDA_DIR / m.group(1)).is_file():
+                if m.group(1) not in seen:
+                    seen.add(m.group(1))
+                    out += expand(m.group(1))
+                    out.append(f'#line {lineno + 1} "{name}"')
+                else:
+                    out.append("")
+            elif line.strip() == "#pragma once":
+                out.append("")
+            else:
+                out.append(line)
+        return out
+
+    return "\n".join(expand(src.file)) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_unavailable_reason() -> str | None:
+    """Why the CuPy kernels cannot run here, or None. Cheap after the first call."""
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001 - ImportError or a broken CUDA install
+        return (f"CuPy cannot be imported ({type(exc).__name__}: {exc}); "
+                "install it with `pip install qcore-kernels[cuda]`")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no driver
+        return f"CuPy finds no CUDA driver or device ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return "CuPy finds no CUDA device"
+    return None
+
+
+def _as_arg(value: Any) -> Any:
+    import torch
+
+    if value is None:
+        return np.uint64(0)
+    if isinstance(value, torch.Tensor):
+        if not value.is_cuda:
+            raise ValueError(f"a kernel argument is on {value.device}, not on a CUDA device")
+        return np.uint64(value.data_ptr())
+    if isinstance(value, bool):
+        return np.int32(int(value))
+    if isinstance(value, int):
+        return np.int32(value)
+    if isinstance(value, float):
+        return np.float32(value)
+    return value
+
+
+class CupyLauncher:
+    """Launches catalogue kernels on torch CUDA tensors: ``launcher(file, instance, grid,
+    block, args)``. Arguments: tensors (device pointers), None (null), numpy scalars, and
+    Python ints/floats (as int32/float32)."""
+
+    def __init__(self) -> None:
+        self._modules: dict[tuple[str, int], Any] = {}
+        self._functions: dict[tuple[str, str, int], Any] = {}
+        self._streams: dict[int, Any] = {}
+
+    def module(self, file: str, device_index: int) -> Any:
+        key = (file, device_index)
+        mod = self._modules.get(key)
+        if mod is None:
+            import cupy
+
+            from qcore_kernels.nvrtc import include_dirs
+
+            src = source(file)
+            options = tuple(COMMON_OPTIONS) + tuple(f"-I{d}" for d in include_dirs())
+            with cupy.cuda.Device(device_index):
+                mod = cupy.RawModule(code=expand_includes(src), options=options,
+                                     name_expressions=list(src.instances))
+                try:
+                    mod.compile()
+                except Exception as exc:  # cupy's CompileException carries the log
+                    raise KernelCompileError(f"compiling {file} for device {device_index} failed: {exc}") from exc
+            self._modules[key] = mod
+        return mod
+
+    def function(self, file: str, instance: str, device_index: int) -> Any:
+        key = (file, instance, device_index)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self.module(file, device_index).get_function(instance)
+            self._functions[key] = fn
+        return fn
+
+    def __call__(self, file: str, instance: str, grid: Sequence[int], block: Sequence[int],
+                 args: Sequence[Any]) -> None:
+        import cupy
+        import torch
+
+        device_index = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
+        if device_index is None:
+            device_index = torch.cuda.current_device()
+        fn = self.function(file, instance, device_index)
+        handle = torch.cuda.current_stream(device_index).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = cupy.cuda.ExternalStream(handle, device_index)
+            self._streams[handle] = stream
+        with cupy.cuda.Device(device_index), stream:
+            fn(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args))
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_launcher() -> CupyLauncher:
+    return CupyLauncher()

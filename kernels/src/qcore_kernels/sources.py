@@ -1,0 +1,71 @@
+"""The catalogue of CUDA sources and the template instances each one is compiled for.
+
+Every consumer reads this list: the runtime (CuPy ``RawModule`` with ``name_expressions``),
+the NVRTC compile check (every instance, every architecture) and the CPU harness (the
+sources whose kernels are SIMT code). A new kernel is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+
+#: Architectures every instance must compile to (cubin) in the compile check.
+ARCHS: tuple[str, ...] = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+#: Options shared by every compile (runtime and compile check).
+COMMON_OPTIONS: tuple[str, ...] = ("-std=c++17",)  # no fast math: results match the torch reference
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    #: File name under ``qcore_kernels/cuda``.
+    file: str
+    #: Template instances (NVRTC name expressions), e.g. ``"qk_wq_gemv<4, __half, 1>"``.
+    instances: tuple[str, ...]
+    #: Instances (a subset of ``instances``) whose tensor-core code (``mma.h``/inline PTX)
+    #: has no CPU substitute, so the CPU harness cannot run them. The qcore kernels keep
+    #: their tensor-core code in ``qk_mma.cuh``'s ``WarpTile``, which the harness build
+    #: (``QK_CPU_HARNESS``) replaces by SIMT code: their tiled GEMMs run in the harness
+    #: except the wmma calls themselves, which only the GPU tests check.
+    tensor_core_instances: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return CUDA_DIR / self.file
+
+    def read(self) -> str:
+        return self.path.read_text()
+
+
+def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    simt, tc = [], []
+    for bits in (4, 8):
+        for t in ("__half", "__nv_bfloat16"):
+            for m_tile in (1, 4, 8, 16):
+                simt.append(f"qk_wq_gemv<{bits}, {t}, {m_tile}>")
+            simt.append(f"qk_wq_dequant<{bits}, {t}>")
+            tc.append(f"qk_wq_gemm<{bits}, {t}>")
+    return tuple(simt), tuple(tc)
+
+
+_WQ_SIMT, _WQ_TC = _wq_instances()
+
+SOURCES: tuple[KernelSource, ...] = (
+    KernelSource("qk_wq.cu", _WQ_SIMT + _WQ_TC),
+    KernelSource(
+        "qk_w8a8.cu",
+        tuple(f"qk_quantize_rows<{t}>" for t in ("__half", "__nv_bfloat16"))
+        + tuple(f"qk_w8a8_gemv<{t}, {m}>" for t in ("__half", "__nv_bfloat16") for m in (1, 4, 8, 16))
+        + tuple(f"qk_w8a8_gemm<{t}>" for t in ("__half", "__nv_bfloat16")),
+    ),
+)
+
+
+def source(file: str) -> KernelSource:
+    for s in SOURCES:
+        if s.file == file:
+            return s
+    raise KeyError(f"no CUDA source {file!r} in the catalogue; known: {[s.file for s in SOURCES]}")

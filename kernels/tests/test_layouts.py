@@ -1,0 +1,63 @@
+"""The kernels' own layouts, converted from the core's int-packed layout (CPU, torch only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcore.builtin.torch_kernels import TorchKernels
+from qcore_kernels.layouts import LayoutError, pack_words, to_w8a8, to_wq, unpack_words
+from qcore_kernels.testing import random_int_packed
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_words_round_trip_and_bit_positions(bits):
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 1 << bits, (3, 64), generator=gen).to(torch.uint8)
+    words = pack_words(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (3, 64 * bits // 32)
+    assert torch.equal(unpack_words(words, bits, 64), codes)
+    # code k of a word sits at bits BITS * (k % PACK): check one word by hand
+    per_word = 32 // bits
+    expected = sum(int(codes[0, i]) << (bits * i) for i in range(per_word))
+    assert int(words[0, 0]) & 0xFFFFFFFF == expected
+
+
+@pytest.mark.parametrize("bits,group,symmetric,act_order", [
+    (4, 64, False, False), (4, 32, True, False), (4, 128, False, True), (8, 64, True, True),
+    (4, -1, False, False), (8, 96, False, False),  # 96: groups do not divide 320
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wq_layout_dequantizes_to_the_torch_providers_weight(bits, group, symmetric, act_order, dtype):
+    packed = random_int_packed(48, 320, bits, group, symmetric=symmetric, act_order=act_order, seed=3)
+    ref = TorchKernels().prepare(packed, torch.device("cpu")).dequantize(dtype)
+    w = to_wq(packed, dtype, "cpu")
+    assert (w.perm is not None) == act_order
+    dense = w.dequantize()
+    if w.perm is not None:
+        ref = ref[:, w.perm]
+    assert dense.dtype == dtype
+    assert torch.equal(dense, ref)  # bit-exact: same casts, same products
+
+
+def test_wq_layout_refuses_what_the_kernels_cannot_hold():
+    with pytest.raises(LayoutError, match="in_features 80 not a multiple of 32"):
+        to_wq(random_int_packed(8, 80, 4, 16), torch.float16, "cpu")
+    with pytest.raises(LayoutError, match="group size 48"):
+        to_wq(random_int_packed(8, 96, 4, 48), torch.float16, "cpu")
+    with pytest.raises(LayoutError, match=r"bits 3 not in \[4, 8\]"):
+        to_wq(random_int_packed(8, 64, 3, 32), torch.float16, "cpu")
+
+
+def test_w8a8_layout_holds_signed_codes_and_scales():
+    packed = random_int_packed(16, 64, 8, -1, symmetric=True, act_bits=8, seed=2)
+    w = to_w8a8(packed, "cpu")
+    ref = TorchKernels().prepare(packed, torch.device("cpu")).dequantize(torch.float32)
+    assert w.wq.dtype == torch.int8 and w.input_scale is None
+    assert torch.equal(w.wq.float() * w.wscale[:, None], ref)
+    static = to_w8a8(random_int_packed(16, 64, 8, -1, symmetric=True, act_bits=8, static_scale=True), "cpu")
+    assert static.input_scale is not None and static.input_scale.shape == (1,)
+    with pytest.raises(LayoutError, match="symmetric"):
+        to_w8a8(random_int_packed(16, 64, 8, -1, symmetric=False, act_bits=8), "cpu")
+    with pytest.raises(LayoutError, match="per-channel"):
+        to_w8a8(random_int_packed(16, 64, 8, 32, symmetric=True, act_bits=8), "cpu")
