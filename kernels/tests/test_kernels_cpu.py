@@ -10,26 +10,37 @@ import pytest
 from qcore_kernels.testing import Case, assert_close, run_w8a8_case, run_wq_case
 
 WQ_SHAPES = [  # (path, m, n, k, group, symmetric, act_order)
-    ("gemv", 1, 42, 96, 32, False, False),      # n not a multiple of the 4 warps of a block
-    ("gemv", 5, 40, 320, 128, True, True),      # tile of 8 tokens; last group of 64 columns
-    ("gemv", 13, 36, 160, 64, False, False),    # tile of 16 tokens
-    ("gemm", 33, 42, 160, 64, False, False),    # one partial 128 x 128 tile, k not a multiple of 128
-    ("gemm", 130, 136, 96, -1, True, True),     # 2 x 2 tiles, three of them partial; per channel
+    ("gemv", 1, 42, 96, 32, False, False),  # n not a multiple of the 4 warps of a block
+    ("gemv", 5, 40, 320, 128, True, True),  # tile of 8 tokens; last group of 64 columns
+    ("gemv", 13, 36, 160, 64, False, False),  # tile of 16 tokens
+    ("gemm", 33, 42, 160, 64, False, False),  # one partial 128 x 128 tile, k not a multiple of 128
+    ("gemm", 130, 136, 96, -1, True, True),  # 2 x 2 tiles, three of them partial; per channel
     ("dequant", 20, 42, 320, 128, False, False),
 ]
-W8A8_SHAPES = [("gemv", 1, 42, 96), ("gemv", 6, 40, 160), ("gemm", 33, 42, 160), ("gemm", 130, 136, 96)]
+W8A8_SHAPES = [
+    ("gemv", 1, 42, 96),
+    ("gemv", 6, 40, 160),
+    ("gemm", 33, 42, 160),
+    ("gemm", 130, 136, 96),
+]
 
 
 def _wq_cases() -> list[Case]:
-    return [Case(m, n, k, bits, group, sym, act, dtype, path)
-            for path, m, n, k, group, sym, act in WQ_SHAPES
-            for bits in (4, 8) for dtype in ("float16", "bfloat16")]
+    return [
+        Case(m, n, k, bits, group, sym, act, dtype, path)
+        for path, m, n, k, group, sym, act in WQ_SHAPES
+        for bits in (4, 8)
+        for dtype in ("float16", "bfloat16")
+    ]
 
 
 def _w8a8_cases() -> list[Case]:
-    return [Case(m, n, k, 8, -1, True, False, dtype, path, static=static)
-            for path, m, n, k in W8A8_SHAPES for dtype in ("float16", "bfloat16")
-            for static in (False, True)]
+    return [
+        Case(m, n, k, 8, -1, True, False, dtype, path, static=static)
+        for path, m, n, k in W8A8_SHAPES
+        for dtype in ("float16", "bfloat16")
+        for static in (False, True)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -90,5 +101,5 @@ def test_gemv_token_tiles_agree_with_single_tokens(launch):
     w = to_wq(random_int_packed(12, 64, 4, 32, seed=5), torch.float16, "cpu")
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0)).half()
     together = wq_linear(x, w, None, launch, path="gemv")  # 16-token tile, 7 rows past M
-    alone = torch.cat([wq_linear(x[i:i + 1], w, None, launch, path="gemv") for i in range(9)])
+    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launch, path="gemv") for i in range(9)])
     assert torch.equal(together, alone)

@@ -30,27 +30,40 @@ def launcher():
 
 def _wq_cases() -> list[Case]:
     shapes = [  # (path, m, n, k, group, symmetric, act_order)
-        ("gemv", 1, 1000, 4160, 64, False, False),   # k = 65 * 64: not a multiple of 128
+        ("gemv", 1, 1000, 4160, 64, False, False),  # k = 65 * 64: not a multiple of 128
         ("gemv", 3, 1000, 4096, 128, True, True),
-        ("gemv", 16, 1002, 800, 32, False, False),   # n not a multiple of 4
+        ("gemv", 16, 1002, 800, 32, False, False),  # n not a multiple of 4
         ("gemm", 33, 1000, 4160, 64, False, False),  # odd m, n not a multiple of 128
         ("gemm", 255, 384, 800, 32, True, True),
-        ("gemm", 130, 129, 96, -1, False, False),    # per channel, k smaller than a tile
+        ("gemm", 130, 129, 96, -1, False, False),  # per channel, k smaller than a tile
         ("dequant", 1027, 1000, 4160, 128, False, False),  # last group of 64 columns
-        (None, 2, 512, 1024, 64, False, False),      # auto path
+        (None, 2, 512, 1024, 64, False, False),  # auto path
         (None, 300, 512, 1024, 64, True, False),
     ]
-    return [Case(m, n, k, bits, group, sym, act, dtype, path)
-            for path, m, n, k, group, sym, act in shapes
-            for bits in (4, 8) for dtype in ("float16", "bfloat16")]
+    return [
+        Case(m, n, k, bits, group, sym, act, dtype, path)
+        for path, m, n, k, group, sym, act in shapes
+        for bits in (4, 8)
+        for dtype in ("float16", "bfloat16")
+    ]
 
 
 def _w8a8_cases() -> list[Case]:
-    shapes = [("gemv", 1, 1000, 4112), ("gemv", 5, 1002, 4096), ("gemv", 16, 256, 96),
-              ("gemm", 33, 1000, 4112), ("gemm", 255, 384, 800), ("gemm", 2049, 512, 1024),
-              (None, 7, 512, 1024)]
-    return [Case(m, n, k, 8, -1, True, False, dtype, path, static=static)
-            for path, m, n, k in shapes for dtype in ("float16", "bfloat16") for static in (False, True)]
+    shapes = [
+        ("gemv", 1, 1000, 4112),
+        ("gemv", 5, 1002, 4096),
+        ("gemv", 16, 256, 96),
+        ("gemm", 33, 1000, 4112),
+        ("gemm", 255, 384, 800),
+        ("gemm", 2049, 512, 1024),
+        (None, 7, 512, 1024),
+    ]
+    return [
+        Case(m, n, k, 8, -1, True, False, dtype, path, static=static)
+        for path, m, n, k in shapes
+        for dtype in ("float16", "bfloat16")
+        for static in (False, True)
+    ]
 
 
 @pytest.mark.parametrize("case", _wq_cases(), ids=lambda c: c.id)
@@ -74,7 +87,7 @@ def test_gemv_tiles_agree_with_each_other(launcher):
     w = to_wq(random_int_packed(256, 512, 4, 64, seed=5), torch.float16, "cuda")
     x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)).half().cuda()
     together = wq_linear(x, w, None, launcher, path="gemv")
-    alone = torch.cat([wq_linear(x[i:i + 1], w, None, launcher, path="gemv") for i in range(16)])
+    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launcher, path="gemv") for i in range(16)])
     assert torch.equal(together, alone)
 
 
@@ -99,12 +112,14 @@ def test_kernels_launch_on_torchs_current_stream(launcher):
 
 
 def test_quantized_model_selects_the_cupy_kernels_and_matches_torch(launcher):
-    from qcore.quantize import quantize
     from qcore.qlinear import QuantLinear
+    from qcore.quantize import quantize
     from qcore.testing.models import tiny_causal_lm
 
     model = tiny_causal_lm("llama", hidden=128, intermediate=256, layers=2, seed=0)
-    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0)
+    )
     quantize(model, "rtn", ids, progress=False)
     model = model.half().cuda().eval()
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -122,7 +137,8 @@ def test_quantized_model_selects_the_cupy_kernels_and_matches_torch(launcher):
 
 
 def test_a_shape_outside_the_declaration_runs_on_torch(launcher):
-    """in_features 80 is not a multiple of 32: auto picks the torch provider, never a wrong result."""
+    """in_features 80 is not a multiple of 32: auto picks the torch provider, never a wrong
+    result."""
     from qcore.qlinear import QuantLinear
     from qcore_kernels.testing import random_int_packed
 

@@ -23,13 +23,24 @@ def test_pack_words_round_trip_and_bit_positions(bits):
     assert int(words[0, 0]) & 0xFFFFFFFF == expected
 
 
-@pytest.mark.parametrize("bits,group,symmetric,act_order", [
-    (4, 64, False, False), (4, 32, True, False), (4, 128, False, True), (8, 64, True, True),
-    (4, -1, False, False), (8, 96, False, False),  # 96: groups do not divide 320
-])
+@pytest.mark.parametrize(
+    "bits,group,symmetric,act_order",
+    [
+        (4, 64, False, False),
+        (4, 32, True, False),
+        (4, 128, False, True),
+        (8, 64, True, True),
+        (4, -1, False, False),
+        (8, 96, False, False),  # 96: groups do not divide 320
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wq_layout_dequantizes_to_the_torch_providers_weight(bits, group, symmetric, act_order, dtype):
-    packed = random_int_packed(48, 320, bits, group, symmetric=symmetric, act_order=act_order, seed=3)
+def test_wq_layout_dequantizes_to_the_torch_providers_weight(
+    bits, group, symmetric, act_order, dtype
+):
+    packed = random_int_packed(
+        48, 320, bits, group, symmetric=symmetric, act_order=act_order, seed=3
+    )
     ref = TorchKernels().prepare(packed, torch.device("cpu")).dequantize(dtype)
     w = to_wq(packed, dtype, "cpu")
     assert (w.perm is not None) == act_order
@@ -55,7 +66,9 @@ def test_w8a8_layout_holds_signed_codes_and_scales():
     ref = TorchKernels().prepare(packed, torch.device("cpu")).dequantize(torch.float32)
     assert w.wq.dtype == torch.int8 and w.input_scale is None
     assert torch.equal(w.wq.float() * w.wscale[:, None], ref)
-    static = to_w8a8(random_int_packed(16, 64, 8, -1, symmetric=True, act_bits=8, static_scale=True), "cpu")
+    static = to_w8a8(
+        random_int_packed(16, 64, 8, -1, symmetric=True, act_bits=8, static_scale=True), "cpu"
+    )
     assert static.input_scale is not None and static.input_scale.shape == (1,)
     with pytest.raises(LayoutError, match="symmetric"):
         to_w8a8(random_int_packed(16, 64, 8, -1, symmetric=False, act_bits=8), "cpu")

@@ -13,9 +13,18 @@ from qcore.testing import BaseKernelProviderTests
 from qcore_kernels import hooks
 from qcore_kernels.providers import CupyW8A8Linear, CupyWQLinear
 
-W4 = KernelRequest(op="linear", layout="int-packed", bits=4, group_size=64, symmetric=False,
-                   in_features=4096, out_features=4096, dtype="float16", device="cuda",
-                   compute_capability=(9, 0))
+W4 = KernelRequest(
+    op="linear",
+    layout="int-packed",
+    bits=4,
+    group_size=64,
+    symmetric=False,
+    in_features=4096,
+    out_features=4096,
+    dtype="float16",
+    device="cuda",
+    compute_capability=(9, 0),
+)
 W8A8 = dataclasses.replace(W4, bits=8, group_size=-1, symmetric=True, act_bits=8)
 
 
@@ -33,39 +42,55 @@ def cupy_present(monkeypatch):
     monkeypatch.setattr(runtime, "cupy_unavailable_reason", lambda: None)
 
 
-@pytest.mark.parametrize("request_, provider", [
-    (W4, "cupy-wq"),
-    (dataclasses.replace(W4, bits=8, symmetric=True, dtype="bfloat16", act_order=True), "cupy-wq"),
-    (dataclasses.replace(W4, group_size=-1, in_features=4128), "cupy-wq"),
-    (W8A8, "cupy-w8a8"),
-    (dataclasses.replace(W8A8, act_dynamic=False, in_features=4112), "cupy-w8a8"),
-])
-def test_auto_picks_the_cupy_provider_on_a_supported_gpu(registry, cupy_present, request_, provider):
+@pytest.mark.parametrize(
+    "request_, provider",
+    [
+        (W4, "cupy-wq"),
+        (
+            dataclasses.replace(W4, bits=8, symmetric=True, dtype="bfloat16", act_order=True),
+            "cupy-wq",
+        ),
+        (dataclasses.replace(W4, group_size=-1, in_features=4128), "cupy-wq"),
+        (W8A8, "cupy-w8a8"),
+        (dataclasses.replace(W8A8, act_dynamic=False, in_features=4112), "cupy-w8a8"),
+    ],
+)
+def test_auto_picks_the_cupy_provider_on_a_supported_gpu(
+    registry, cupy_present, request_, provider
+):
     assert select_kernel(registry, request_).name == provider
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"device": "cpu"}, "device cpu"),
-    ({"dtype": "float32"}, "dtype float32"),
-    ({"bits": 3}, "bits 3"),
-    ({"group_size": 48}, "group size 48"),
-    ({"in_features": 4104}, "in_features 4104 not a multiple of 32"),
-    ({"compute_capability": (7, 5)}, "compute capability"),
-    ({"act_bits": 8}, "act_bits=8"),
-])
-def test_requests_outside_the_wq_kernels_fall_back_to_torch_with_the_reason(registry, cupy_present, change, reason):
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"device": "cpu"}, "device cpu"),
+        ({"dtype": "float32"}, "dtype float32"),
+        ({"bits": 3}, "bits 3"),
+        ({"group_size": 48}, "group size 48"),
+        ({"in_features": 4104}, "in_features 4104 not a multiple of 32"),
+        ({"compute_capability": (7, 5)}, "compute capability"),
+        ({"act_bits": 8}, "act_bits=8"),
+    ],
+)
+def test_requests_outside_the_wq_kernels_fall_back_to_torch_with_the_reason(
+    registry, cupy_present, change, reason
+):
     request = dataclasses.replace(W4, **change)
     assert reason in CupyWQLinear.unsupported_reason(request)
     assert select_kernel(registry, request).name == "torch"
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"symmetric": False}, "symmetric"),
-    ({"group_size": 128}, "group size 128 not in [-1]"),
-    ({"act_order": True}, "act-order"),
-    ({"in_features": 4104}, "in_features 4104 not a multiple of 16"),
-    ({"act_bits": None}, "act_bits=None"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"symmetric": False}, "symmetric"),
+        ({"group_size": 128}, "group size 128 not in [-1]"),
+        ({"act_order": True}, "act-order"),
+        ({"in_features": 4104}, "in_features 4104 not a multiple of 16"),
+        ({"act_bits": None}, "act_bits=None"),
+    ],
+)
 def test_requests_outside_the_w8a8_kernels_are_refused(registry, cupy_present, change, reason):
     assert reason in CupyW8A8Linear.unsupported_reason(dataclasses.replace(W8A8, **change))
 
@@ -73,8 +98,9 @@ def test_requests_outside_the_w8a8_kernels_are_refused(registry, cupy_present, c
 def test_without_cupy_or_gpu_auto_uses_torch_and_names_why(registry, monkeypatch):
     import qcore_kernels.runtime as runtime
 
-    monkeypatch.setattr(runtime, "cupy_unavailable_reason",
-                        lambda: "CuPy finds no CUDA driver or device (test)")
+    monkeypatch.setattr(
+        runtime, "cupy_unavailable_reason", lambda: "CuPy finds no CUDA driver or device (test)"
+    )
     ranked = dict((cls.name, reason) for cls, reason in rank_providers(registry, W4))
     assert ranked["cupy-wq"] == "unavailable: CuPy finds no CUDA driver or device (test)"
     assert select_kernel(registry, W4).name == "torch"
@@ -86,7 +112,8 @@ def test_importing_the_hooks_loads_neither_torch_nor_cupy():
     import subprocess
     import sys
 
-    code = "import sys, qcore_kernels.hooks; print(sorted(m for m in ('torch', 'cupy') if m in sys.modules))"
+    code = ("import sys, qcore_kernels.hooks; "
+            "print(sorted(m for m in ('torch', 'cupy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

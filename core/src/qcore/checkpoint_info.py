@@ -95,12 +95,19 @@ def _kernel_on(layer: dict[str, Any], device: str, dtype: str) -> str:
     from qcore.plugins import get_registry
 
     p = layer["params"]
+    cc = None
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            cc = torch.cuda.get_device_capability()
     request = KernelRequest(op=layer["op"], layout=layer["layout"], bits=int(p.get("bits") or 0),
                             group_size=int(p.get("group_size") or -1),
                             symmetric=bool(p.get("symmetric")), in_features=layer["shape"][1],
                             out_features=layer["shape"][0], act_bits=p.get("act_bits"),
                             act_dynamic=bool(p.get("act_dynamic", True)),
-                            act_order="g_idx" in layer["tensors"], dtype=dtype, device=device)
+                            act_order="g_idx" in layer["tensors"], dtype=dtype, device=device,
+                            compute_capability=cc)
     try:
         return select_kernel(get_registry(), request, layer.get("kernel", "auto")).name
     except QcoreError as exc:

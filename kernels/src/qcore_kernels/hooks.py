@@ -4,7 +4,7 @@ Cheap to import: no torch, no CuPy (the providers import them when they run)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from qcore import hookimpl
 from qcore_kernels.providers import PROVIDERS

@@ -23,6 +23,7 @@ from qcore.grid import zero_points
 from qcore.interfaces import PackedWeight
 from qcore_kernels.support import w8a8_unsupported_reason, wq_unsupported_reason
 
+
 class LayoutError(ValueError):
     """A packed weight that the kernels' layouts cannot hold."""
 
@@ -46,7 +47,7 @@ class PreparedWQ:
         """Reference: the dense weight [N, K] in the kernel's column order, in ``dtype``."""
         codes = unpack_words(self.qweight, self.bits, self.in_features)
         gi = torch.arange(self.in_features, device=codes.device) // self.group_size
-        return ((codes.to(self.dtype) - self.zeros[:, gi]) * self.scales[:, gi])
+        return (codes.to(self.dtype) - self.zeros[:, gi]) * self.scales[:, gi]
 
 
 @dataclass
@@ -63,7 +64,8 @@ def wq_group_size(group_size: int, in_features: int) -> int:
 
 
 def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] -> int32 [N, K * bits / 32], ``32 / bits`` codes per word, low bits first."""
+    """uint8 codes [N, K] -> int32 [N, K * bits / 32]: ``32 / bits`` codes per word, low
+    bits first."""
     per_word = 32 // bits
     n, k = codes.shape
     shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
@@ -101,14 +103,21 @@ def to_wq(packed: PackedWeight, dtype: torch.dtype, device: torch.device | str) 
         if not torch.equal(g_idx[perm], expected):
             raise LayoutError(
                 "the qk-wq kernels need act-order groups of exactly group_size columns "
-                "(GPTQ's g_idx); this g_idx has groups of other sizes. Use kernel 'torch'.")
+                "(GPTQ's g_idx); this g_idx has groups of other sizes. Use kernel 'torch'."
+            )
         codes = codes[:, perm]
         if torch.equal(perm, torch.arange(in_f, device=device)):
             perm = None
     return PreparedWQ(
-        qweight=pack_words(codes.contiguous(), bits), scales=scales.to(dtype).contiguous(),
-        zeros=zeros.to(dtype).contiguous(), perm=perm, bits=bits, group_size=group,
-        in_features=in_f, out_features=out_f)
+        qweight=pack_words(codes.contiguous(), bits),
+        scales=scales.to(dtype).contiguous(),
+        zeros=zeros.to(dtype).contiguous(),
+        perm=perm,
+        bits=bits,
+        group_size=group,
+        in_features=in_f,
+        out_features=out_f,
+    )
 
 
 def to_w8a8(packed: PackedWeight, device: torch.device | str) -> PreparedW8A8:
@@ -116,17 +125,28 @@ def to_w8a8(packed: PackedWeight, device: torch.device | str) -> PreparedW8A8:
     qw = IntPacker().unpack(packed)
     p = qw.params
     out_f, in_f = qw.shape
-    reason = w8a8_unsupported_reason(int(p["bits"]), int(p.get("group_size", -1)),  # type: ignore[arg-type]
-                                     bool(p.get("symmetric", False)), p.get("act_bits"),  # type: ignore[arg-type]
-                                     in_f)
+    reason = w8a8_unsupported_reason(
+        int(p["bits"]),
+        int(p.get("group_size", -1)),  # type: ignore[arg-type]
+        bool(p.get("symmetric", False)),
+        p.get("act_bits"),  # type: ignore[arg-type]
+        in_f,
+    )
     t = qw.tensors
     if reason is None and ("zeros" in t or "g_idx" in t):
         reason = "zero points or g_idx present"
     if reason is not None:
         raise LayoutError(f"the qk-w8a8 kernels cannot hold this weight: {reason}")
     wq = (t["codes"].to(device).to(torch.int16) - 128).to(torch.int8).contiguous()
-    input_scale = t.get("input_scale")  # present = static per-tensor scale, as in the torch provider
+    input_scale = t.get(
+        "input_scale"
+    )  # present = static per-tensor scale, as in the torch provider
     return PreparedW8A8(
-        wq=wq, wscale=t["scales"].float().reshape(-1).to(device).contiguous(),
-        input_scale=None if input_scale is None else input_scale.float().reshape(1).to(device).contiguous(),
-        in_features=in_f, out_features=out_f)
+        wq=wq,
+        wscale=t["scales"].float().reshape(-1).to(device).contiguous(),
+        input_scale=None
+        if input_scale is None
+        else input_scale.float().reshape(1).to(device).contiguous(),
+        in_features=in_f,
+        out_features=out_f,
+    )

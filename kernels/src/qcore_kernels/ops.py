@@ -64,8 +64,13 @@ def wq_path(m: int) -> str:
     return "dequant" if m >= DEQUANT_MIN_M else "gemm"
 
 
-def wq_linear(x: torch.Tensor, w: PreparedWQ, bias: torch.Tensor | None, launch: Launch,
-              path: str | None = None) -> torch.Tensor:
+def wq_linear(
+    x: torch.Tensor,
+    w: PreparedWQ,
+    bias: torch.Tensor | None,
+    launch: Launch,
+    path: str | None = None,
+) -> torch.Tensor:
     """``x [M, K] @ W.T + bias`` for a ``qk-wq`` weight; ``x`` in the weight's dtype."""
     if x.dtype != w.dtype:
         raise ValueError(f"activations are {x.dtype} but the weight was prepared for {w.dtype}")
@@ -81,33 +86,62 @@ def wq_linear(x: torch.Tensor, w: PreparedWQ, bias: torch.Tensor | None, launch:
     if path == "dequant":
         dense = torch.empty(n, k, dtype=x.dtype, device=x.device)
         words = w.qweight.numel()
-        launch("qk_wq.cu", f"qk_wq_dequant<{bits}, {t}>", (min(_cdiv(words, 256), 65535), 1, 1), (256, 1, 1),
-               [w.qweight, w.scales, w.zeros, dense, np.int32(n), np.int32(k), np.int32(g)])
+        launch(
+            "qk_wq.cu",
+            f"qk_wq_dequant<{bits}, {t}>",
+            (min(_cdiv(words, 256), 65535), 1, 1),
+            (256, 1, 1),
+            [w.qweight, w.scales, w.zeros, dense, np.int32(n), np.int32(k), np.int32(g)],
+        )
         return F.linear(x, dense, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = [x, w.qweight, w.scales, w.zeros, bias, y, *shape]
     if path == "gemv":
         mt = gemv_tile(m)
-        launch("qk_wq.cu", f"qk_wq_gemv<{bits}, {t}, {mt}>", (_cdiv(n, 4), _cdiv(m, mt), 1), (128, 1, 1), args)
+        launch(
+            "qk_wq.cu",
+            f"qk_wq_gemv<{bits}, {t}, {mt}>",
+            (_cdiv(n, 4), _cdiv(m, mt), 1),
+            (128, 1, 1),
+            args,
+        )
     elif path == "gemm":
-        launch("qk_wq.cu", f"qk_wq_gemm<{bits}, {t}>", (_cdiv(n, 128), _cdiv(m, 128), 1), (256, 1, 1), args)
+        launch(
+            "qk_wq.cu",
+            f"qk_wq_gemm<{bits}, {t}>",
+            (_cdiv(n, 128), _cdiv(m, 128), 1),
+            (256, 1, 1),
+            args,
+        )
     else:
         raise ValueError(f"unknown path {path!r}; one of {WQ_PATHS}")
     return y
 
 
-def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    x: torch.Tensor, input_scale: torch.Tensor | None, launch: Launch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 activations and their float32 scales per row (static: ``input_scale`` for all)."""
     m, k = x.shape
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
     xs = torch.empty(m, dtype=torch.float32, device=x.device)
-    launch("qk_w8a8.cu", f"qk_quantize_rows<{_ctype(x.dtype)}>", (m, 1, 1), (256, 1, 1),
-           [x, xq, xs, input_scale, np.int32(m), np.int32(k)])
+    launch(
+        "qk_w8a8.cu",
+        f"qk_quantize_rows<{_ctype(x.dtype)}>",
+        (m, 1, 1),
+        (256, 1, 1),
+        [x, xq, xs, input_scale, np.int32(m), np.int32(k)],
+    )
     return xq, xs
 
 
-def w8a8_linear(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None, launch: Launch,
-                path: str | None = None) -> torch.Tensor:
+def w8a8_linear(
+    x: torch.Tensor,
+    w: PreparedW8A8,
+    bias: torch.Tensor | None,
+    launch: Launch,
+    path: str | None = None,
+) -> torch.Tensor:
     """``fake_quant(x) @ W.T + bias`` computed in int8 with int32 accumulation."""
     t = _ctype(x.dtype)
     x = _aligned(x)
@@ -120,9 +154,17 @@ def w8a8_linear(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None, lau
     path = path or ("gemv" if m <= GEMV_MAX_M else "gemm")
     if path == "gemv":
         mt = gemv_tile(m)
-        launch("qk_w8a8.cu", f"qk_w8a8_gemv<{t}, {mt}>", (_cdiv(n, 4), _cdiv(m, mt), 1), (128, 1, 1), args)
+        launch(
+            "qk_w8a8.cu",
+            f"qk_w8a8_gemv<{t}, {mt}>",
+            (_cdiv(n, 4), _cdiv(m, mt), 1),
+            (128, 1, 1),
+            args,
+        )
     elif path == "gemm":
-        launch("qk_w8a8.cu", f"qk_w8a8_gemm<{t}>", (_cdiv(n, 128), _cdiv(m, 128), 1), (256, 1, 1), args)
+        launch(
+            "qk_w8a8.cu", f"qk_w8a8_gemm<{t}>", (_cdiv(n, 128), _cdiv(m, 128), 1), (256, 1, 1), args
+        )
     else:
         raise ValueError(f"unknown path {path!r}; one of {W8A8_PATHS}")
     return y

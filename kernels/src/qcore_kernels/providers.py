@@ -45,8 +45,9 @@ class _PerDtype:
         if prepared is None:
             import dataclasses
 
-            prepared = dataclasses.replace(self.base, scales=self.base.scales.to(dtype),
-                                           zeros=self.base.zeros.to(dtype))
+            prepared = dataclasses.replace(
+                self.base, scales=self.base.scales.to(dtype), zeros=self.base.zeros.to(dtype)
+            )
             self._cast[dtype] = prepared
         return prepared
 
@@ -57,14 +58,23 @@ class CupyWQLinear(_CupyProvider):
 
     name = "cupy-wq"
     support = KernelSupport(
-        ops=frozenset({"linear"}), layouts=frozenset({INT_PACKED}), bits=frozenset({4, 8}),
-        act_bits=frozenset({None}), act_order=True, dtypes=_DTYPES, devices=frozenset({"cuda"}),
-        min_compute_capability=(8, 0), in_features_multiple=WQ_IN_MULTIPLE, priority=100)
+        ops=frozenset({"linear"}),
+        layouts=frozenset({INT_PACKED}),
+        bits=frozenset({4, 8}),
+        act_bits=frozenset({None}),
+        act_order=True,
+        dtypes=_DTYPES,
+        devices=frozenset({"cuda"}),
+        min_compute_capability=(8, 0),
+        in_features_multiple=WQ_IN_MULTIPLE,
+        priority=100,
+    )
 
     @classmethod
     def unsupported_reason(cls, request: KernelRequest) -> str | None:
         return super().unsupported_reason(request) or wq_unsupported_reason(
-            request.bits, request.group_size, request.in_features)
+            request.bits, request.group_size, request.in_features
+        )
 
     def prepare(self, packed: PackedWeight, device: torch.device) -> Any:
         import torch
@@ -86,15 +96,29 @@ class CupyW8A8Linear(_CupyProvider):
 
     name = "cupy-w8a8"
     support = KernelSupport(
-        ops=frozenset({"linear"}), layouts=frozenset({INT_PACKED}), bits=frozenset({8}),
-        group_sizes=frozenset({-1}), symmetric=frozenset({True}), act_bits=frozenset({8}),
-        act_order=False, dtypes=_DTYPES, devices=frozenset({"cuda"}),
-        min_compute_capability=(8, 0), in_features_multiple=W8A8_IN_MULTIPLE, priority=100)
+        ops=frozenset({"linear"}),
+        layouts=frozenset({INT_PACKED}),
+        bits=frozenset({8}),
+        group_sizes=frozenset({-1}),
+        symmetric=frozenset({True}),
+        act_bits=frozenset({8}),
+        act_order=False,
+        dtypes=_DTYPES,
+        devices=frozenset({"cuda"}),
+        min_compute_capability=(8, 0),
+        in_features_multiple=W8A8_IN_MULTIPLE,
+        priority=100,
+    )
 
     @classmethod
     def unsupported_reason(cls, request: KernelRequest) -> str | None:
         return super().unsupported_reason(request) or w8a8_unsupported_reason(
-            request.bits, request.group_size, request.symmetric, request.act_bits, request.in_features)
+            request.bits,
+            request.group_size,
+            request.symmetric,
+            request.act_bits,
+            request.in_features,
+        )
 
     def prepare(self, packed: PackedWeight, device: torch.device) -> Any:
         from qcore_kernels.layouts import to_w8a8

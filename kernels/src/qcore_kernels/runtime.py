@@ -57,8 +57,10 @@ def cupy_unavailable_reason() -> str | None:
     try:
         import cupy
     except Exception as exc:  # noqa: BLE001 - ImportError or a broken CUDA install
-        return (f"CuPy cannot be imported ({type(exc).__name__}: {exc}); "
-                "install it with `pip install qcore-kernels[cuda]`")
+        return (
+            f"CuPy cannot be imported ({type(exc).__name__}: {exc}); "
+            "install it with `pip install qcore-kernels[cuda]`"
+        )
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # noqa: BLE001 - no driver
@@ -107,12 +109,15 @@ class CupyLauncher:
             src = source(file)
             options = tuple(COMMON_OPTIONS) + tuple(f"-I{d}" for d in include_dirs())
             with cupy.cuda.Device(device_index):
-                mod = cupy.RawModule(code=expand_includes(src), options=options,
-                                     name_expressions=list(src.instances))
+                mod = cupy.RawModule(
+                    code=expand_includes(src), options=options, name_expressions=list(src.instances)
+                )
                 try:
                     mod.compile()
                 except Exception as exc:  # cupy's CompileException carries the log
-                    raise KernelCompileError(f"compiling {file} for device {device_index} failed: {exc}") from exc
+                    raise KernelCompileError(
+                        f"compiling {file} for device {device_index} failed: {exc}"
+                    ) from exc
             self._modules[key] = mod
         return mod
 
@@ -124,8 +129,14 @@ class CupyLauncher:
             self._functions[key] = fn
         return fn
 
-    def __call__(self, file: str, instance: str, grid: Sequence[int], block: Sequence[int],
-                 args: Sequence[Any]) -> None:
+    def __call__(
+        self,
+        file: str,
+        instance: str,
+        grid: Sequence[int],
+        block: Sequence[int],
+        args: Sequence[Any],
+    ) -> None:
         import cupy
         import torch
 

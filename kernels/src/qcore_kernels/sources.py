@@ -58,7 +58,9 @@ SOURCES: tuple[KernelSource, ...] = (
     KernelSource(
         "qk_w8a8.cu",
         tuple(f"qk_quantize_rows<{t}>" for t in ("__half", "__nv_bfloat16"))
-        + tuple(f"qk_w8a8_gemv<{t}, {m}>" for t in ("__half", "__nv_bfloat16") for m in (1, 4, 8, 16))
+        + tuple(
+            f"qk_w8a8_gemv<{t}, {m}>" for t in ("__half", "__nv_bfloat16") for m in (1, 4, 8, 16)
+        )
         + tuple(f"qk_w8a8_gemm<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),
 )

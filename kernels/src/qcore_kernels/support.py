@@ -18,8 +18,9 @@ def wq_unsupported_reason(bits: int, group_size: int, in_features: int) -> str |
     return None
 
 
-def w8a8_unsupported_reason(bits: int, group_size: int, symmetric: bool, act_bits: int | None,
-                            in_features: int) -> str | None:
+def w8a8_unsupported_reason(
+    bits: int, group_size: int, symmetric: bool, act_bits: int | None, in_features: int
+) -> str | None:
     if bits != 8 or act_bits != 8:
         return f"W{bits}A{act_bits} is not W8A8"
     if group_size != -1:

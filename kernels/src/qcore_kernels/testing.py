@@ -14,13 +14,30 @@ from qcore_kernels.layouts import to_w8a8, to_wq
 from qcore_kernels.ops import Launch, w8a8_linear, wq_linear
 
 
-def random_int_packed(out_features: int, in_features: int, bits: int, group_size: int, *,
-                      symmetric: bool = False, act_order: bool = False, act_bits: int | None = None,
-                      static_scale: bool = False, seed: int = 0) -> PackedWeight:
+def random_int_packed(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    *,
+    symmetric: bool = False,
+    act_order: bool = False,
+    act_bits: int | None = None,
+    static_scale: bool = False,
+    seed: int = 0,
+) -> PackedWeight:
     """An ``int-packed`` weight from :func:`qcore.testing.base.random_int_weight`."""
-    qweight = random_int_weight(out_features, in_features, bits, group_size, symmetric,
-                                act_order=act_order, act_bits=act_bits,
-                                static_input_scale=static_scale, seed=seed)
+    qweight = random_int_weight(
+        out_features,
+        in_features,
+        bits,
+        group_size,
+        symmetric,
+        act_order=act_order,
+        act_bits=act_bits,
+        static_input_scale=static_scale,
+        seed=seed,
+    )
     return IntPacker().pack(qweight)
 
 
@@ -48,16 +65,26 @@ class Case:
 
     @property
     def id(self) -> str:
-        return (f"{self.path or 'auto'}-m{self.m}n{self.n}k{self.k}-w{self.bits}g{self.group}"
-                f"{'s' if self.symmetric else 'a'}{'-act' if self.act_order else ''}"
-                f"{'-static' if self.static else ''}-{self.dtype}")
+        return (
+            f"{self.path or 'auto'}-m{self.m}n{self.n}k{self.k}-w{self.bits}g{self.group}"
+            f"{'s' if self.symmetric else 'a'}{'-act' if self.act_order else ''}"
+            f"{'-static' if self.static else ''}-{self.dtype}"
+        )
 
 
 def _inputs(case: Case, device: Any, act_bits: int | None) -> tuple[Any, Any, Any]:
     gen = torch.Generator().manual_seed(case.m * 7919 + case.n * 31 + case.k)
-    packed = random_int_packed(case.n, case.k, case.bits, case.group, symmetric=case.symmetric,
-                               act_order=case.act_order, act_bits=act_bits, static_scale=case.static,
-                               seed=case.k + case.bits)
+    packed = random_int_packed(
+        case.n,
+        case.k,
+        case.bits,
+        case.group,
+        symmetric=case.symmetric,
+        act_order=case.act_order,
+        act_bits=act_bits,
+        static_scale=case.static,
+        seed=case.k + case.bits,
+    )
     dtype = getattr(torch, case.dtype)
     x = torch.randn(case.m, case.k, generator=gen).to(dtype).to(device)
     bias = (torch.randn(case.n, generator=gen) * 0.1).to(dtype).to(device) if case.bias else None
@@ -71,8 +98,11 @@ def run_wq_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor, 
     packed, x, bias = _inputs(case, device, None)
     w = to_wq(packed, x.dtype, device)
     y = wq_linear(x, w, bias, launch, path=case.path)
-    ref = reference_linear(x.float(), dequantize_int(IntPacker().unpack(packed)).to(device),
-                           None if bias is None else bias.float())
+    ref = reference_linear(
+        x.float(),
+        dequantize_int(IntPacker().unpack(packed)).to(device),
+        None if bias is None else bias.float(),
+    )
     return y, ref
 
 
@@ -85,8 +115,13 @@ def run_w8a8_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor
     y = w8a8_linear(x, w, bias, launch, path=case.path)
     unpacked = IntPacker().unpack(packed)
     scale = unpacked.tensors.get("input_scale")
-    ref = reference_linear(x, dequantize_int(unpacked).to(device), None if bias is None else bias.float(),
-                           act_bits=8, input_scale=None if scale is None else scale.to(device))
+    ref = reference_linear(
+        x,
+        dequantize_int(unpacked).to(device),
+        None if bias is None else bias.float(),
+        act_bits=8,
+        input_scale=None if scale is None else scale.to(device),
+    )
     return y, ref
 
 
@@ -96,5 +131,7 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, case: Case) -> float:
     assert str(y.dtype).removeprefix("torch.") == case.dtype, f"{case.id}: dtype {y.dtype}"
     assert torch.isfinite(y).all(), f"{case.id}: non-finite outputs"
     err = float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    assert err <= TOLERANCE[case.dtype], f"{case.id}: relative error {err:.2e} > {TOLERANCE[case.dtype]:.0e}"
+    assert err <= TOLERANCE[case.dtype], (
+        f"{case.id}: relative error {err:.2e} > {TOLERANCE[case.dtype]:.0e}"
+    )
     return err

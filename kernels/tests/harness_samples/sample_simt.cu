@@ -25,7 +25,7 @@ __global__ void warp_rows(const float* __restrict__ x, float* __restrict__ sums,
                           float* __restrict__ prefix, int rows, int cols) {
     const int row = blockIdx.x * blockDim.y + threadIdx.y, lane = threadIdx.x;
     if (row >= rows) return;  // the whole warp leaves together
-    float s = 0.f, m = -INFINITY;
+    float s = 0.f, m = __int_as_float(0xff800000);  // -inf
     for (int c = lane; c < cols; c += 32) {
         s += x[row * cols + c];
         m = fmaxf(m, x[row * cols + c]);
@@ -132,4 +132,17 @@ __global__ void spin(const volatile int* flag) {
     if (threadIdx.x == 0)
         while (flag[0] == 0) {
         }
+}
+
+// Broken on purpose: half of the warp waits at the block barrier, half in a shuffle.
+__global__ void crossed_barriers(float* out) {
+    float v = threadIdx.x;
+    if (threadIdx.x < 16) __syncthreads();
+    else v = __shfl_xor_sync(FULL, v, 1);
+    out[threadIdx.x] = v;
+}
+
+// Stops the launch when it meets a negative value.
+__global__ void check_positive(const int* x) {
+    if (x[blockIdx.x * blockDim.x + threadIdx.x] < 0) __trap();
 }

@@ -13,6 +13,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 
 #include <atomic>
 #include <bit>
@@ -363,7 +364,9 @@ struct Site {
     const char* op = "";
     const char* file = "";
     unsigned line = 0;
-    bool operator==(const Site&) const = default;
+    bool operator==(const Site& o) const {
+        return line == o.line && std::strcmp(file, o.file) == 0 && std::strcmp(op, o.op) == 0;
+    }
 };
 
 inline std::string format(const char* fmt, ...) {
@@ -377,14 +380,21 @@ inline std::string format(const char* fmt, ...) {
 
 inline std::string describe(Site s) { return format("%s at %s:%u", s.op, s.file, s.line); }
 
+// Barriers: the last thread to arrive bumps the barrier's generation; the others wait for
+// that outside the lock (yields, then std::atomic::wait: a futex), so that the wake-up does
+// not contend for the lock.
+inline void release(std::atomic<unsigned>& generation) {
+    generation.fetch_add(1, std::memory_order_release);
+    generation.notify_all();
+}
+
 struct Warp {
-    std::condition_variable cv;
     unsigned present = 0;     // lanes that exist (a partial last warp has fewer than 32)
     unsigned exited = 0;      // lanes that returned from the kernel in the current block
     unsigned arrived = 0;     // lanes waiting in the current collective
     unsigned mask = 0;        // its mask
     Site site;                // where its first lane called it
-    unsigned generation = 0;  // completed collectives; its parity picks the exchange buffer
+    std::atomic<unsigned> generation{0};  // completed collectives; parity picks the buffer
     uint64_t exchange[2][32] = {};
 };
 
@@ -401,16 +411,16 @@ struct Launch {
     const std::function<void()> kernel;
     const unsigned nthreads;
     std::mutex m;
-    std::condition_variable block_cv, done_cv;
+    std::condition_variable done_cv;
     std::vector<Warp> warps;
     unsigned running;             // threads neither waiting at a barrier nor done with the block
     unsigned exited = 0;          // threads done with the current block
     unsigned sync_arrived = 0;    // threads waiting in __syncthreads
     Site sync_site;
-    unsigned sync_generation = 0, block_generation = 0;
+    std::atomic<unsigned> sync_generation{0}, block_generation{0};
     unsigned long long block_index = 0, progress = 0;
     unsigned finished_threads = 0;
-    bool aborted = false;
+    std::atomic<bool> aborted{false};
     std::string error;
 
     uint3 block_idx(unsigned long long b) const {
@@ -425,10 +435,10 @@ struct Launch {
     // Record the first error and wake every waiting thread (caller holds m).
     void fail(const std::string& message) {
         if (aborted) return;
-        aborted = true;
         error = message;
-        block_cv.notify_all();
-        for (auto& w : warps) w.cv.notify_all();
+        aborted = true;
+        for (auto* g : {&sync_generation, &block_generation}) release(*g);
+        for (auto& w : warps) release(w.generation);
         done_cv.notify_all();
     }
     // Who waits where, for a deadlock message (caller holds m).
@@ -449,6 +459,14 @@ struct Launch {
                         waiting().c_str()));
     }
 };
+
+// Waits until generation moves past old (outside the lock); false when the launch failed.
+inline bool await(const Launch& L, const std::atomic<unsigned>& generation, unsigned old) {
+    // A few yields first: another thread of the block usually completes the barrier soon.
+    for (int i = 0; i < 16 && generation.load(std::memory_order_acquire) == old; ++i) sched_yield();
+    generation.wait(old, std::memory_order_acquire);
+    return !L.aborted.load();
+}
 
 inline thread_local Launch* current = nullptr;
 inline thread_local unsigned current_tid = 0;
@@ -484,16 +502,15 @@ inline void block_barrier(Site site) {
     if (L.sync_arrived++ == 0) L.sync_site = site;
     if (L.sync_arrived == L.nthreads) {
         L.sync_arrived = 0;
-        ++L.sync_generation;
         L.running += L.nthreads - 1;
-        L.block_cv.notify_all();
+        release(L.sync_generation);
         return;
     }
     const unsigned generation = L.sync_generation;
     --L.running;
     L.check_progress(tid);
-    L.block_cv.wait(lock, [&] { return L.sync_generation != generation || L.aborted; });
-    if (L.sync_generation == generation) throw Abort{};
+    lock.unlock();
+    if (!await(L, L.sync_generation, generation)) throw Abort{};
 }
 
 struct Collective {
@@ -531,14 +548,13 @@ inline Collective warp_collective(Site site, unsigned mask, uint64_t value) {
     W.arrived |= bit;
     if (W.arrived == need) {
         W.arrived = 0;
-        ++W.generation;
         L.running += std::popcount(need) - 1;
-        W.cv.notify_all();
+        release(W.generation);
     } else {
         --L.running;
         L.check_progress(tid);
-        W.cv.wait(lock, [&] { return W.generation != generation || L.aborted; });
-        if (W.generation == generation) throw Abort{};
+        lock.unlock();
+        if (!await(L, W.generation, generation)) throw Abort{};
     }
     // The slot is rewritten only two collectives later, after this lane has arrived again.
     return {W.exchange[slot], need};
@@ -553,6 +569,7 @@ inline bool finish_block() {
     Warp& W = L.warps[tid / 32];
     std::unique_lock lock(L.m);
     if (L.aborted) return false;
+    const unsigned generation = L.block_generation;  // before a fail() below bumps it
     ++L.progress;
     ++L.exited;
     W.exited |= bit;
@@ -561,8 +578,7 @@ inline bool finish_block() {
         for (auto& w : L.warps) w.exited = 0;
         L.running = L.nthreads;
         ++L.block_index;
-        ++L.block_generation;
-        L.block_cv.notify_all();
+        release(L.block_generation);
         return true;
     }
     if (L.sync_arrived)
@@ -574,9 +590,8 @@ inline bool finish_block() {
                       W.mask));
     --L.running;
     L.check_progress(tid);
-    const unsigned generation = L.block_generation;
-    L.block_cv.wait(lock, [&] { return L.block_generation != generation || L.aborted; });
-    return L.block_generation != generation;
+    lock.unlock();
+    return await(L, L.block_generation, generation);
 }
 
 inline void fail_here(const std::string& message) {
