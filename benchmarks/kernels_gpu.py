@@ -142,7 +142,9 @@ def run(out: Path) -> dict:
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
                 entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
                 if entry["ok"]:
-                    ms = time_ms(lambda p=path, x=x, w=w4: ops.wq_linear(x, w, None, launch, path=p))
+                    ms = time_ms(
+                        lambda p=path, x=x, w=w4: ops.wq_linear(x, w, None, launch, path=p)
+                    )
                     moved = (
                         w4.qweight.numel() * 4
                         + w4.scales.numel() * 4
@@ -160,7 +162,9 @@ def run(out: Path) -> dict:
                 err = float((y.float() - ref8).abs().max() / ref8.abs().max())
                 entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
                 if entry["ok"]:
-                    ms = time_ms(lambda p=path, x=x, w=w8: ops.w8a8_linear(x, w, None, launch, path=p))
+                    ms = time_ms(
+                        lambda p=path, x=x, w=w8: ops.w8a8_linear(x, w, None, launch, path=p)
+                    )
                     entry.update(ms=ms, speedup=base_ms / ms)
                 row["w8a8"][path] = entry
             rows.append(row)
@@ -214,8 +218,8 @@ def render(result: dict) -> str:
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['fp16_ms'] * 1e3:.0f} µs | "
             f"{_cell(w4.get('auto'), True)} [{w4['auto'].get('path')}] | "
-            f"{_cell(w4.get('gemv'), True)} | {_cell(w4.get('gemm'))} | {_cell(w4.get('dequant'))} | "
-            f"{_cell(w8.get('gemv'))} | {_cell(w8.get('gemm'))} |"
+            f"{_cell(w4.get('gemv'), True)} | {_cell(w4.get('gemm'))} | "
+            f"{_cell(w4.get('dequant'))} | {_cell(w8.get('gemv'))} | {_cell(w8.get('gemm'))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,11 @@ from a shuffle), threads waiting at barriers that cannot complete. A watchdog fa
 in which no thread reaches a barrier or returns for ``timeout`` seconds (an endless loop) and
 cancels the stuck threads.
 
+The qcore kernels keep their tensor-core code in ``qk_mma.cuh``'s ``WarpTile``, which the
+harness build replaces by SIMT code with the same contract: their tiled GEMMs run here (tile
+loads, dequantization, shared-memory layout, epilogue), all but the wmma calls themselves,
+which only the GPU tests (``tests/test_kernels_gpu.py``) check.
+
 What it cannot check: tensor cores (``<mma.h>``/WMMA, ``mma.sync``) and any inline PTX
 (``asm``), async copies (``cp.async``, TMA), dynamic shared memory (``extern __shared__``);
 the memory model and timing (every access is coherent and blocks never run concurrently, so
@@ -71,9 +76,11 @@ CXX_FLAGS: tuple[str, ...] = (
     # CUDA code type-puns through pointers freely; nvcc does not exploit it, so neither may g++.
     "-fno-strict-aliasing",
     # Each library keeps its own symbols (static shared memory, thread-locals).
-    "-fvisibility=hidden", "-fno-gnu-unique",
+    "-fvisibility=hidden",
     "-Wno-unknown-pragmas", "-DQK_CPU_HARNESS",
 )
+#: g++ only: inline and template statics stay local to their library (clang has no such flag).
+GCC_FLAGS: tuple[str, ...] = ("-fno-gnu-unique",)
 #: Result codes of qk_cpu::run.
 _OK, _FAILED, _THREADS_LEFT = 0, 1, 2
 _POINTER, _INTEGER, _FLOATING = 0, 1, 2
@@ -169,10 +176,14 @@ def _translation_unit(cu: Path, instances: Sequence[str]) -> str:
     )
 
 
+def _flags(compiler: str) -> tuple[str, ...]:
+    return CXX_FLAGS if "clang" in _compiler_version(compiler) else CXX_FLAGS + GCC_FLAGS
+
+
 def _library_path(compiler: str, cu: Path, unit: str) -> Path:
     """Where the library for this (compiler, flags, generated unit, headers, source) lives."""
     digest = hashlib.sha256()
-    for part in (compiler, _compiler_version(compiler), *CXX_FLAGS, unit):
+    for part in (compiler, _compiler_version(compiler), *_flags(compiler), unit):
         digest.update(part.encode() + b"\0")
     for header in (*_harness_headers(), cu, *_local_headers(cu)):
         digest.update(header.read_bytes() + b"\0")
@@ -194,7 +205,7 @@ def _build(cu: Path, instances: Sequence[str]) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         unit_path = Path(tmp) / f"{cu.stem}_launchers.cpp"
         unit_path.write_text(unit)
-        command = [compiler, *CXX_FLAGS, "-I", str(INCLUDE_DIR), "-include", str(SHIM),
+        command = [compiler, *_flags(compiler), "-I", str(INCLUDE_DIR), "-include", str(SHIM),
                    "-x", "c++", str(unit_path), "-o", str(Path(tmp) / "lib.so")]
         # LC_ALL=C: plain quotes in the messages, whatever the user's locale.
         done = subprocess.run(command, capture_output=True, text=True,
@@ -346,7 +357,8 @@ class CpuHarness:
         lib = self._lib
         return tuple(
             Parameter(
-                type=re.sub(r".*\[with T = (.*)\]$", r"\1", lib.qk_cpu_param_type(i, p).decode()),
+                type=re.sub(r".*\[(?:with )?T = (.*)\]$", r"\1",  # g++ / clang spellings
+                            lib.qk_cpu_param_type(i, p).decode()),
                 size=lib.qk_cpu_param_size(i, p),
                 kind=lib.qk_cpu_param_kind(i, p),
             )
