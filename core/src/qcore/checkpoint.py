@@ -59,17 +59,22 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without aliases (tied embeddings are stored once)."""
+    """The state dict without tied parameters' aliases (tied embeddings are stored once
+    and tied again on load). Buffers that alias another tensor (e.g. one ``g_idx`` shared
+    by the linears of an input group) are stored as copies of their own."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out = {}
     for key, tensor in model.state_dict().items():
         if tensor is None:
             continue
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and ident in seen:
+        alias = bool(tensor.numel()) and ident in seen
+        if alias and key in parameters:
             continue
         seen.add(ident)
-        out[key] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
+        out[key] = tensor.clone() if alias else tensor.contiguous()
     return out
 
 

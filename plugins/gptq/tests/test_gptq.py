@@ -206,3 +206,21 @@ def test_gptq_pipeline_beats_rtn_on_tiny_models(arch):
         with torch.no_grad():
             errors[name] = float((quantized(held_out).logits - reference).norm())
     assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_act_order_checkpoint_round_trips(tmp_path):
+    """gate/up (and q/k/v) share one Hessian, so GPTQ gives them one g_idx tensor; the
+    checkpoint must store it for each linear (it once kept only the first)."""
+    from qcore.checkpoint import load, save
+    from qcore.quantize import quantize
+    from qcore.testing.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", hidden=64, intermediate=128, layers=2)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, "gptq", ids, progress=False)
+    mlp = model.model.layers[0].mlp
+    assert torch.equal(mlp.gate_proj.g_idx, mlp.up_proj.g_idx)
+    save(model, tmp_path / "ck")
+    loaded = load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -1,0 +1,120 @@
+"""AWQ on the embedded SmolLM2-135M under the protocol of BENCHMARKS.md: ``awq`` (AWQ +
+round-to-nearest), ``awq,awq-clip`` and ``awq,gptq``, next to RTN, GPTQ alone and the
+llm-compressor reference measured on this machine (from the AWQ issue; the peer toolkit is
+not installed in this workspace, and its AWQ needs a patch to run on a CPU-only torch).
+
+Each setting runs in its own process: quantize (timed: model load to saved checkpoint),
+perplexity (97 x 512, fp32), peak RSS.
+
+    .venv/bin/python benchmarks/awq_smollm2.py [--settings NAME ...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
+
+W4A = dict(bits=4, group_size=64)
+W4S = dict(bits=4, group_size=64, symmetric=True)
+W3A = dict(bits=3, group_size=64)
+#: name -> (pipeline, scheme, options); every setting calibrates in bf16 (the GPTQ rows of
+#: BENCHMARKS.md show it costs no accuracy and saves a quarter of the time).
+SETTINGS = {
+    "awq W4 g64 asym": ("awq", W4A, {}),
+    "awq,awq-clip W4 g64 asym": ("awq,awq-clip", W4A, {}),
+    "awq,gptq W4 g64 asym": ("awq,gptq", W4A, {}),
+    "awq W4 g64 sym": ("awq", W4S, {}),
+    "awq,awq-clip W4 g64 sym": ("awq,awq-clip", W4S, {}),
+    "awq,gptq W4 g64 sym": ("awq,gptq", W4S, {}),
+    "awq W3 g64 asym": ("awq", W3A, {}),
+    "awq,awq-clip W3 g64 asym": ("awq,awq-clip", W3A, {}),
+    "awq,gptq W3 g64 asym": ("awq,gptq", W3A, {}),
+}
+#: RTN (BENCHMARKS.md) and llm-compressor 0.14.0.1 on this machine (from the AWQ issue):
+#: RTN ppl, peer AWQ+RTN ppl / time / RSS, peer GPTQ ppl / time.
+PEER = {
+    "W4 g64 asym": ("19.27", "17.75", "1906 s", "5.0 GB", "17.33", "224 s"),
+    "W4 g64 sym": ("21.62", "", "", "", "19.19", "209 s"),
+    "W3 g64 asym": ("49.2", "", "", "", "28.61", ""),
+}
+
+
+def child(setting: str) -> dict:
+    import torch
+
+    from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
+    from qcore.checkpoint import save
+    from qcore.eval import perplexity
+    from qcore.pipeline import Pipeline
+    from qcore.quantize import quantize
+    from qcore.scheme import Scheme
+
+    names, scheme, options = SETTINGS[setting]
+    start = time.perf_counter()
+    model, tokenizer = load_model()
+    calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
+    pipeline = Pipeline.from_names(names, scheme=Scheme(**scheme), options=options)
+    quantize(model, pipeline, calib, progress=False, calib_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "ck", tokenizer)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_gb()
+    ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
+    return {
+        "setting": setting,
+        "quantize_s": seconds,
+        "peak_rss_gb": peak,
+        "ppl": perplexity(model, ids, batch_size=8, progress=False),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    rows = []
+    for setting in args.settings:
+        r = run_child(Path(__file__), ["--child", setting])
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    stored = {r["setting"]: r for r in merge_results("awq_smollm2", rows, "setting")}
+    rows = [stored[s] for s in SETTINGS if s in stored]
+    lines = [
+        "## AWQ on SmolLM2-135M (`benchmarks/awq_smollm2.py`)",
+        "",
+        f"Machine: {machine()}. Calibration 128 x 512 (bf16 autocast), eval 97 x 512 "
+        "(fp32), group 64, integer zero points or symmetric. Time: model load to saved "
+        "checkpoint. Peer: llm-compressor 0.14.0.1 measured on this machine earlier (from "
+        "the AWQ issue; its AWQModifier needs a patch to run on a CPU-only torch, so it "
+        "is not rerun here).",
+        "",
+        "| setting | qcore ppl | time | peak RSS | RTN ppl | peer AWQ ppl | peer AWQ time "
+        "| peer AWQ RSS | peer GPTQ ppl | peer GPTQ time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peer = PEER.get(r["setting"].split(" ", 1)[1], ("",) * 6)
+        lines.append(
+            f"| {r['setting']} | {r['ppl']:.3f} | {r['quantize_s']:.0f} s | "
+            f"{r['peak_rss_gb']:.2f} GB | " + " | ".join(peer) + " |"
+        )
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("awq", body)
+
+
+if __name__ == "__main__":
+    main()
