@@ -273,3 +273,26 @@ def test_without_the_gptq_plugin_awq_gptq_names_the_distribution(
 def test_the_plugin_does_not_import_the_gptq_plugin():
     for path in SRC.glob("*.py"):
         assert "qcore_plugin_gptq" not in path.read_text(), path.name
+
+
+def test_block_objective_scores_candidates_by_the_blocks_output(caplog):
+    """objective="block": α is the one whose quantized group changes the block's output
+    least; the search leaves the unquantized block's function unchanged."""
+    from qcore_plugin_awq.transforms import _BlockScore
+
+    model = _salient_model()
+    ctx = _block_context(model, AWQScales())
+    before = torch.cat(ctx.run_block())
+    group = next(g for g in ctx.structure.groups if g.source is not None)
+    w = torch.cat([ctx.structure.linears[n].weight.detach() for n in group.names])
+    score = _BlockScore(ctx, group.names, samples=3)
+    assert len(score.calls) == 1 and score(w) == 0.0  # the fp weights change nothing
+    assert score(w * 1.01) > 0
+    with caplog.at_level(logging.INFO, logger="qcore"):
+        AWQScales(AWQScales.Config(objective="block", block_samples=3)).apply(ctx)
+    after = torch.cat(ctx.run_block())
+    torch.testing.assert_close(after, before, rtol=2e-5, atol=2e-5 * float(before.abs().max()))
+    import re
+
+    alphas = [float(a) for r in caplog.records for a in re.findall(r"α=([0-9.]+)", r.getMessage())]
+    assert alphas and max(alphas) > 0, alphas

@@ -57,11 +57,16 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def search_alpha(
-    weight: torch.Tensor, x_mean: torch.Tensor, hessian: torch.Tensor, grid: int, quantize
+    weight: torch.Tensor,
+    x_mean: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: int,
+    quantize,
+    score=None,
 ) -> tuple[float, torch.Tensor, list[float]]:
     """The α in ``{0, 1/grid, ..., (grid-1)/grid}`` whose scales minimise the group's output
     error when ``weight · s`` is quantized by ``quantize(weight · s, s)`` (and divided
-    back by ``s``).
+    back by ``s``); ``score(ŵ)``, when given, replaces the output error (e.g. the block's).
     Returns (α, scales, the error of every α)."""
     w = weight.float()
     h = hessian.float()
@@ -71,7 +76,7 @@ def search_alpha(
         alpha = i / grid
         s = awq_scales(x_mean, alpha)
         w_hat = quantize(w * s, s) / s
-        err = float(output_error(w - w_hat, h))
+        err = float(output_error(w - w_hat, h)) if score is None else score(w_hat)
         errors.append(err)
         if err < best[0]:
             best = (err, alpha, s)

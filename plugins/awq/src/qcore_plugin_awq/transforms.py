@@ -38,12 +38,20 @@ class AWQScales(Transform):
         #: group size and symmetry on a round-to-nearest grid; fast) or "quantizer" (the
         #: pipeline's quantizer itself, e.g. GPTQ; one solve per candidate, slow)
         search_with: Literal["rtn", "quantizer"] = "rtn"
+        #: what a candidate is scored by: "group" (the output error of the group's own
+        #: linears over all calibration tokens, through the Hessian: one matrix product
+        #: per candidate) or "block" (the block's output error, running the block with
+        #: the candidate quantized on the first block_samples calibration sequences)
+        objective: Literal["group", "block"] = "group"
+        block_samples: int = 16
 
         def __post_init__(self) -> None:
             if self.grid < 1:
                 raise ValueError(f"grid must be >= 1, got {self.grid}")
             if self.alpha is not None and not 0 <= self.alpha <= 1:
                 raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            if self.block_samples < 1:
+                raise ValueError(f"block_samples must be >= 1, got {self.block_samples}")
 
     def apply(self, ctx: BlockContext) -> None:
         import torch
@@ -75,7 +83,12 @@ class AWQScales(Transform):
             else:
                 hessian = stats["hessian"].to(w.device)
                 quantize = self._quantizer(ctx, weights, hessian, scale_dtype)
-                alpha, s, errors = search_alpha(w, x_mean, hessian, self.config.grid, quantize)
+                score = None
+                if self.config.objective == "block":
+                    score = _BlockScore(ctx, group.names, self.config.block_samples)
+                alpha, s, errors = search_alpha(
+                    w, x_mean, hessian, self.config.grid, quantize, score
+                )
                 ctx.log.debug(
                     "awq: block %d %s: output error %.4g at alpha 0 -> %.4g at %.2f",
                     ctx.index,
@@ -116,6 +129,47 @@ class AWQScales(Transform):
             return torch.cat([ctx.fake_quantize(p, stats) for p in parts])
 
         return with_quantizer
+
+
+class _BlockScore:
+    """Scores candidate weights of one group by the block's output error: the group's
+    linears hold the candidate while the block runs on the first calibration sequences."""
+
+    def __init__(self, ctx: BlockContext, names: tuple[str, ...], samples: int) -> None:
+        import torch
+
+        from qcore.calibration import forward
+
+        self.ctx, self.names = ctx, names
+        self.calls, rows = [], 0
+        for call in ctx.inputs:
+            if rows >= samples:
+                break
+            self.calls.append(call)
+            rows += call[0][0].shape[0] if call[0] else next(iter(call[1].values())).shape[0]
+        with torch.no_grad():
+            self.reference = [forward(ctx.block, a, k, ctx.device) for a, k in self.calls]
+
+    def __call__(self, w_hat: torch.Tensor) -> float:
+        import torch
+
+        from qcore.calibration import forward
+        from qcore.model import set_weight_matrix, weight_matrix
+
+        linears = [self.ctx.structure.linears[n] for n in self.names]
+        originals = [weight_matrix(m).detach().clone() for m in linears]
+        parts = torch.split(w_hat, [o.shape[0] for o in originals])
+        try:
+            for m, part, o in zip(linears, parts, originals, strict=True):
+                set_weight_matrix(m, part.to(o.dtype))
+            with torch.no_grad():
+                return sum(
+                    float((forward(self.ctx.block, a, k, self.ctx.device) - r).pow(2).sum())
+                    for (a, k), r in zip(self.calls, self.reference, strict=True)
+                )
+        finally:
+            for m, o in zip(linears, originals, strict=True):
+                set_weight_matrix(m, o)
 
 
 class AWQClip(Transform):
