@@ -295,10 +295,15 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
 
     ctx = BlockContext(index=index, block=block, structure=structure, inputs=calls, stats={},
                        scheme=scheme, quantizer=quantizer, device=device)
+    current: set[str] | None = None  # statistics in ctx.stats that describe the block now
     for transform in resolved.transforms:
         needs = {n: resolved.observers[n] for n in resolved.needs_of(transform)}
-        ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
+        if current is None or not set(needs) <= current:
+            ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
+            current = set(needs)
         transform.apply(ctx)
+        if not transform.updates_stats:
+            current = None
 
     needs = {n: resolved.observers[n] for n in resolved.needs_of(quantizer)}
     per_linear = any(cls.needs_outputs for cls in needs.values())  # stats differ per linear

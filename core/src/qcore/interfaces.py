@@ -111,6 +111,10 @@ class Transform(Component):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Products later steps may rely on (e.g. ``"rotated"``, ``"lowrank"``).
     provides: ClassVar[frozenset[str]] = frozenset()
+    #: True if :meth:`apply` leaves ``ctx.stats`` describing the edited block (AWQ
+    #: rescales the statistics of the inputs it scales): a following transform that
+    #: needs no other statistics then gets them without another observation pass.
+    updates_stats: ClassVar[bool] = False
 
     def apply(self, ctx: BlockContext) -> None:
         """Edit ``ctx.block`` in place. Must leave the unquantized block's function

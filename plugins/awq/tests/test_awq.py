@@ -296,3 +296,32 @@ def test_block_objective_scores_candidates_by_the_blocks_output(caplog):
 
     alphas = [float(a) for r in caplog.records for a in re.findall(r"α=([0-9.]+)", r.getMessage())]
     assert alphas and max(alphas) > 0, alphas
+
+
+def test_awq_rescales_its_statistics_so_clip_needs_no_second_observation(monkeypatch):
+    """After folding, the statistics AWQ leaves in ctx.stats equal a fresh observation of
+    the edited block, and the core then runs awq-clip without observing again."""
+    import qcore.calibration as calibration
+    from qcore.quantize import quantize
+
+    model = _salient_model()
+    ctx = _block_context(model, AWQScales())
+    AWQScales().apply(ctx)
+    fresh = _block_context(model, AWQScales()).stats
+    for name, stats in ctx.stats.items():
+        for key in ("absmean", "hessian"):
+            scale = float(fresh[name][key].abs().max())
+            torch.testing.assert_close(stats[key], fresh[name][key], rtol=1e-3, atol=1e-5 * scale)
+
+    calls = []
+    original = calibration.observe
+    monkeypatch.setattr(
+        calibration, "observe", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    quantize(
+        _salient_model(),
+        "awq,awq-clip",
+        torch.randint(0, 128, (4, 32), generator=_gen(1)),
+        progress=False,
+    )
+    assert len(calls) == 2 * 2  # per block: AWQ's observation and RTN's (none for awq-clip)

@@ -27,6 +27,9 @@ class AWQScales(Transform):
     name = "awq"
     needs = frozenset({"absmean", "hessian"})
     provides = frozenset({"awq-scaled"})
+    # A group's inputs become x / s: its absmean and Hessian are rescaled to match, so
+    # awq-clip after it needs no second observation pass.
+    updates_stats = True
 
     @dataclass(frozen=True)
     class Config:
@@ -100,6 +103,13 @@ class AWQScales(Transform):
             chosen.append(f"{'/'.join(group.names)} α={alpha:.2f}")
             if alpha > 0:
                 fold_scales_into_source(ctx.block, group, s.to(w.dtype))
+                rescaled = dict(stats)  # the dicts are shared by the group: replace, not edit
+                rescaled["absmean"] = stats["absmean"] / s.to(stats["absmean"].device)
+                if "hessian" in stats:
+                    inv = (1.0 / s).to(stats["hessian"].device)
+                    rescaled["hessian"] = stats["hessian"] * inv[:, None] * inv[None, :]
+                for name in group.names:
+                    ctx.stats[name] = rescaled
         ctx.log.info(
             "awq: block %d in %.1f s: %s",
             ctx.index,
