@@ -4,10 +4,12 @@ setuptools, installed by pip, found through its ``qcore`` entry point.
 The plugin (``qcore-plugin-clipsearch``) is written against the plugin author's guide
 only (docs/plugins.md): an observer of the inputs' mean square and a quantizer that
 shrinks each group's range to minimise the input-weighted error, producing the ``"int"``
-format so the built-in packer and torch kernels serve it. Two more distributions show
-what goes wrong: one raises at import, one reuses the quantizer's name.
+format so the built-in packer and torch kernels serve it. Three more distributions show
+what goes wrong: one raises at import, one reuses the quantizer's name, one misspells a
+hook. None of them stops ``qcore plugins`` from saying what is wrong, and
+``QCORE_PLUGINS`` runs without them.
 
-pip installs all three (no dependencies, no build isolation, no index: nothing is
+pip installs all four (no dependencies, no build isolation, no index: nothing is
 downloaded) into one folder with ``--target``; each check runs in a subprocess with that
 folder on ``PYTHONPATH``, so this interpreter's plugins are untouched.
 """
@@ -211,6 +213,25 @@ def qcore_register_quantizers(register):
     register(CopycatClipSearch)
 '''
 
+TYPO_HOOKS = '''\
+from qcore import hookimpl
+from qcore.builtin.rtn import RTNQuantizer
+
+
+class Typo(RTNQuantizer):
+    """Round-to-nearest under another name, behind a misspelled hook."""
+
+    name = "typo-rtn"
+
+
+@hookimpl
+def qcore_register_quantiser(register):  # British spelling: no such hook
+    register(Typo)
+'''
+
+#: The three broken distributions, by plugin name.
+BROKEN = "broken,copycat,typo"
+
 RUN_PIPELINE = '''\
 import json, sys
 from qcore.plugins import get_plugin_manager
@@ -304,6 +325,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                            {"hooks": BROKEN_HOOKS}),
         write_distribution(root, "qcore-plugin-copycat", "0.1.0", "copycat",
                            {"hooks": COPYCAT_HOOKS}),
+        write_distribution(root, "qcore-plugin-typo", "0.3.0", "typo", {"hooks": TYPO_HOOKS}),
     ]
     target = root / "site-packages"
     result = subprocess.run(
@@ -343,7 +365,7 @@ def test_pip_installed_the_distributions_with_entry_points(site) -> None:
 
 
 def test_pipeline_naming_the_plugin_validates_and_runs(site) -> None:
-    out = python_json(site, RUN_PIPELINE, disable="broken,copycat")
+    out = python_json(site, RUN_PIPELINE, disable=BROKEN)
     assert out["torch_after_loading"] is False  # loading plugins stays cheap
     assert out["quantizer"] == "qcore_plugin_clipsearch.components"
     assert out["config"] == {"name": "clipsearch", "options": {"grid_points": 30, "min_ratio": 0.5}}
@@ -418,3 +440,60 @@ def test_the_plugins_own_conformance_tests_pass(site) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, summary
+
+
+def test_qcore_plugins_says_what_is_wrong_with_each_broken_plugin(site) -> None:
+    # Everything installed loads: this environment's plugins and the four above.
+    listing = run(site, ["-m", "qcore.cli", "plugins"])
+    assert listing.returncode == 1, listing.stderr
+    out = listing.stdout
+    assert "clipsearch  (qcore-plugin-clipsearch 0.2.0)" in out
+    assert "ERROR: plugin 'broken' from qcore-plugin-broken 1.0.0 failed to import" in out
+    assert "two quantizers are named 'clipsearch'" in out and "qcore-plugin-copycat 0.1.0" in out
+    assert "ERROR: plugin 'typo' from qcore-plugin-typo 0.3.0 is invalid" in out
+    assert "qcore_register_quantiser" in out and "qcore_register_quantizers" in out
+    assert listing.stderr == ""
+
+    as_json = run(site, ["-m", "qcore.cli", "plugins", "--json"])
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    failed = {p["name"] for p in report["plugins"] if p["error"] is not None}
+    assert failed == {"broken", "copycat", "typo"}
+    assert len(report["errors"]) == 3
+
+    pins = run(site, ["-m", "qcore.cli", "plugins", "--requirements"])
+    assert pins.returncode == 0
+    assert {"qcore-plugin-broken==1.0.0", "qcore-plugin-typo==0.3.0"} <= set(pins.stdout.split())
+
+
+def test_the_allowlist_or_the_blocklist_runs_without_the_broken_plugins(site) -> None:
+    for kwargs in ({"allow": "clipsearch"}, {"disable": BROKEN}):
+        listing = run(site, ["-m", "qcore.cli", "plugins"], **kwargs)
+        assert listing.returncode == 0, listing.stdout
+        assert "ERROR" not in listing.stdout and "clipsearch  (" in listing.stdout
+    blocked = run(site, ["-m", "qcore.cli", "-p", "broken", "-p", "copycat", "-p", "typo",
+                         "plugins"])
+    assert blocked.returncode == 0, blocked.stdout
+
+
+@pytest.mark.slow
+def test_quantize_names_the_broken_plugins_and_runs_with_the_allowlist(site, tmp_path) -> None:
+    from qcore.testing.models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny-llama")
+    args = ["-m", "qcore.cli", "quantize", str(model), "--pipeline", "clipsearch",
+            "--calib", str(model / "calibration.txt"), "--samples", "4", "--seq-len", "32",
+            "--batch-size", "2", "--device", "cpu", "--bits", "4", "--group-size", "32",
+            "--out", str(tmp_path / "ck")]
+    refused = run(site, args)
+    assert refused.returncode == 2
+    assert "3 plugins failed to load" in refused.stderr
+    for distribution in ("qcore-plugin-broken", "qcore-plugin-copycat", "qcore-plugin-typo"):
+        assert distribution in refused.stderr
+    assert "QCORE_DISABLE_PLUGINS=<plugin>" in refused.stderr
+    assert not (tmp_path / "ck").exists()
+
+    done = run(site, args, allow="clipsearch")
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert config["distributions"]["qcore-plugin-clipsearch"] == "0.2.0"

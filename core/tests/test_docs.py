@@ -157,6 +157,21 @@ def test_toml_blocks_parse_and_the_entry_point_names_the_hooks_module() -> None:
     assert f"# file: src/{target.replace('.', '/')}.py\n" in TEXT
 
 
+#: Sections whose shell commands tests/test_publishing.py runs, as written, in a new
+#: virtual environment (one bash block each).
+SECTIONS_WITH_COMMANDS = ("Start from the template", "Publishing")
+
+
+def test_shell_blocks_are_only_where_a_test_runs_them() -> None:
+    sections = {part.split("\n", 1)[0]: part for part in re.split(r"^## ", TEXT, flags=re.M)[1:]}
+    for title, body in sections.items():
+        shell = [b for lang, b in FENCE.findall(body) if lang in {"bash", "sh", "shell"}]
+        expected = 1 if title in SECTIONS_WITH_COMMANDS else 0
+        assert len(shell) == expected, (
+            f"section {title!r} has {len(shell)} shell blocks; only {SECTIONS_WITH_COMMANDS} "
+            "have one, which tests/test_publishing.py runs")
+
+
 def test_every_python_block_runs_and_the_example_tests_pass(tmp_path: Path) -> None:
     scripts: list[str] = []
     test_files: list[str] = []

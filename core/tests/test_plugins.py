@@ -54,8 +54,9 @@ class FakeSite:
         monkeypatch.syspath_prepend(str(root))
 
     def install(self, distribution: str, version: str, entry_points: dict[str, str],
-                sources: dict[str, str]) -> None:
-        """``sources``: module name -> its code (a package per top-level name)."""
+                sources: dict[str, str], requires: tuple[str, ...] = ()) -> None:
+        """``sources``: module name -> its code (a package per top-level name);
+        ``requires``: its ``Requires-Dist`` lines."""
         for module, source in sources.items():
             parts = module.split(".")
             folder = self.root.joinpath(*parts[:-1])
@@ -69,7 +70,8 @@ class FakeSite:
         info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\n"
-                                       f"Version: {version}\n")
+                                       f"Version: {version}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
         lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
         (info / "entry_points.txt").write_text(f"[qcore]\n{lines}")
 
@@ -404,8 +406,74 @@ def test_plugin_built_for_another_contract_is_refused(qcore_plugin_manager) -> N
     module.QCORE_CONTRACT_VERSION = "2.0"
     qcore_plugin_manager.register_module(module, "future", "qcore-plugin-future", "3.0")
     message = str(qcore_plugin_manager.errors[0])
-    assert "built for qcore contract 2.0" in message and "contract 1.0" in message
+    assert message == (
+        f"plugin 'future' from qcore-plugin-future 3.0 was built for qcore contract 2.0, but "
+        f"qcore {qcore.__version__} implements contract 1.0, which is incompatible: install "
+        "a release of qcore-plugin-future made for contract 1.0, or a qcore that implements "
+        "contract 2.0")
     assert qcore_plugin_manager.registry.find("quantizer", "future") is None
+    # Another minor version of the same contract is compatible.
+    module = make_plugin("minor", quantizers=[type("Minor", (RTNQuantizer,), {"name": "minor"})])
+    module.QCORE_CONTRACT_VERSION = "1.7"
+    qcore_plugin_manager.register_module(module, "minor", "qcore-plugin-minor", "1.0")
+    assert len(qcore_plugin_manager.errors) == 1
+    assert qcore_plugin_manager.registry.find("quantizer", "minor") is not None
+
+
+def test_plugin_requiring_another_qcore_is_refused_before_import(
+        site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "later,fits,extra")
+    # Importing it would fail: the version check must come first and say why.
+    site.install("qcore-plugin-later", "0.5.0", {"later": "fake_later.hooks"},
+                 {"fake_later.hooks": "from qcore import does_not_exist_yet\n"},
+                 requires=("qcore<0.3,>=0.2", "torch>=2.4"))
+    site.quantizer_plugin("fits", "qcore-plugin-fits", "1.0", "fits-q")
+    (site.root / "qcore_plugin_fits-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: qcore-plugin-fits\nVersion: 1.0\n"
+        f"Requires-Dist: qcore<{int(qcore.__version__.split('.')[0]) + 1},>=0.1\n")
+    # A requirement behind an extra is not a requirement of the plugin itself.
+    site.install("qcore-plugin-extra", "1.0", {"extra": "fake_extra.hooks"},
+                 {"fake_extra.hooks": QUANTIZER_SOURCE.format(cls="Q", name="extra-q")},
+                 requires=('qcore>=9; extra == "future"',))
+    manager = get_plugin_manager()
+    assert [str(e) for e in manager.errors] == [
+        f"plugin 'later' from qcore-plugin-later 0.5.0 requires qcore<0.3,>=0.2, but qcore "
+        f"{qcore.__version__} is installed: install a release of qcore-plugin-later made for "
+        f"qcore {qcore.__version__}, or the qcore it was made for "
+        "(pip install 'qcore<0.3,>=0.2')"]
+    assert "fake_later" not in sys.modules
+    assert {"fits-q", "extra-q"} <= set(manager.registry.names("quantizer"))
+    with pytest.raises(PluginLoadError, match="requires qcore<0.3,>=0.2"):
+        get_registry()
+
+
+def test_plugin_calling_sys_exit_at_import_is_reported(site: FakeSite,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_PLUGINS", "quitter")
+    site.install("qcore-plugin-quitter", "0.1", {"quitter": "fake_quitter.hooks"},
+                 {"fake_quitter.hooks": "import sys\nsys.exit('no GPU, giving up')\n"})
+    manager = get_plugin_manager()
+    (error,) = manager.errors
+    assert str(error).startswith("plugin 'quitter' from qcore-plugin-quitter 0.1 failed to "
+                                 "import (entry point quitter = fake_quitter.hooks): SystemExit: "
+                                 "no GPU, giving up")
+    assert "rtn" in manager.registry.names("quantizer")
+
+
+def test_requirements_pin_every_installed_plugin_loaded_or_not(
+        site: FakeSite, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from qcore.cli import main
+
+    site.quantizer_plugin("kept", "qcore-plugin-kept", "1.2.3", "kept-q")
+    site.quantizer_plugin("blocked", "qcore-plugin-blocked", "0.4", "blocked-q")
+    site.install("qcore-plugin-broken", "2.0", {"broken": "fake_broken3.hooks"},
+                 {"fake_broken3.hooks": "raise ImportError('broken on purpose')\n"})
+    monkeypatch.setenv("QCORE_DISABLE_PLUGINS", "blocked")
+    assert main(["plugins", "--requirements"]) == 0
+    pins = capsys.readouterr().out.splitlines()
+    assert [p.split("==")[0] for p in pins] == sorted(p.split("==")[0] for p in pins)
+    assert {f"qcore=={qcore.__version__}", "qcore-plugin-kept==1.2.3",
+            "qcore-plugin-blocked==0.4", "qcore-plugin-broken==2.0"} <= set(pins)
 
 
 def test_several_errors_are_raised_together(qcore_plugin_manager) -> None:

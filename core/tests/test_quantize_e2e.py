@@ -221,3 +221,14 @@ def test_transformers_from_pretrained_loads_a_qcore_checkpoint(make_tiny_model, 
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(got, expected)
+
+
+def test_qcore_quantize_is_callable_after_its_module_was_imported(make_tiny_model, calib_ids):
+    """``import qcore.checkpoint`` imports the ``qcore.quantize`` module, which then shadows
+    the lazily exported function of the same name; calling it must still quantize."""
+    import qcore
+    import qcore.checkpoint  # noqa: F401
+
+    for _ in range(2):
+        result = qcore.quantize(make_tiny_model("llama"), "rtn", calib_ids, progress=False)
+        assert result.n_layers > 0

@@ -1,4 +1,4 @@
-"""The ``qcore`` command: ``plugins``, ``quantize``, ``eval``, ``inspect``.
+"""The ``qcore`` command: ``plugins``, ``new-plugin``, ``quantize``, ``eval``, ``inspect``.
 
 ``qcore plugins`` imports no torch: it must answer quickly on any machine.
 """
@@ -48,8 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--requirements", action="store_true",
-                   help="print pins (name==version) of the installed qcore distributions")
+                   help="print pins (name==version) of qcore and every installed plugin "
+                   "distribution, for a requirements file")
     p.set_defaults(func=cmd_plugins)
+
+    n = sub.add_parser("new-plugin", help="start a new plugin project from qcore's template",
+                       description="Write a plugin project (pyproject.toml with the qcore "
+                       "entry point, a hooks module registering a working example component, "
+                       "a README, tests on qcore.testing) into --dir, by default "
+                       "./qcore-plugin-NAME. Needs no network.")
+    n.add_argument("name", help="the plugin's short name, e.g. 'myquant': the entry point, "
+                   "the component, qcore-plugin-NAME and qcore_plugin_NAME")
+    n.add_argument("--dir", type=Path, default=None,
+                   help="project directory to create (must not exist or be empty)")
+    n.add_argument("--kind", choices=["quantizer", "transform"], default="quantizer",
+                   help="the example component (default: quantizer)")
+    n.set_defaults(func=cmd_new_plugin)
 
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
     q.add_argument("model", nargs="?", help="model directory or hub id (default: embedded SmolLM2)")
@@ -104,21 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from qcore.plugins import get_plugin_manager
+    import qcore
+    from qcore.plugins import get_plugin_manager, installed_distributions
 
-    manager = get_plugin_manager()
-    report = manager.report()
     if args.requirements:
-        seen = {}
-        for p in manager.plugins.values():
-            if p.version != "?" and not p.distribution.startswith("("):
-                seen[p.distribution] = p.version
-        for dist, ver in sorted(seen.items()):
+        # Pins of what is installed, loadable or not: the environment to reproduce.
+        for dist, ver in installed_distributions().items():
             print(f"{dist}=={ver}")
         return 0
+    manager = get_plugin_manager()
+    report = manager.report()
     if args.json:
-        print(json.dumps({"plugins": report, "errors": [str(e) for e in manager.errors]}, indent=2))
+        print(json.dumps({"qcore": {"version": qcore.__version__,
+                                    "contract": qcore.CONTRACT_VERSION},
+                          "plugins": report, "errors": [str(e) for e in manager.errors]},
+                         indent=2))
         return 0
+    print(f"qcore {qcore.__version__} (plugin contract {qcore.CONTRACT_VERSION})")
     for p in manager.plugins.values():
         print(f"{p.name}  ({p.distribution} {p.version})")
         for kind, names in p.components.items():
@@ -129,6 +145,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if not any(p.error == str(err) for p in manager.plugins.values()):
             print(f"ERROR: {err}")
     return 1 if manager.errors else 0
+
+
+# ------------------------------------------------------------------------ new-plugin
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from qcore.plugin_template import PluginNames, create_plugin
+
+    target = create_plugin(args.name, args.dir, args.kind)
+    names = PluginNames.of(args.name, args.kind)
+    print(f"created {target}: {names.distribution}, {args.kind} {args.name!r} "
+          f"({names.package}.{args.kind}.{names.class_name})")
+    print("next:")
+    print(f"    cd {target}")
+    print('    pip install -e ".[test]"')
+    print("    pytest")
+    print(f"    qcore quantize MODEL --pipeline {args.name}")
+    return 0
 
 
 # -------------------------------------------------------------------------- quantize

@@ -33,3 +33,7 @@ class KernelNotFoundError(QcoreError):
 
 class CheckpointError(QcoreError, ValueError):
     """A checkpoint cannot be written or read."""
+
+
+class TemplateError(QcoreError, ValueError):
+    """A new plugin project cannot be made as asked (``qcore new-plugin``)."""

@@ -12,6 +12,11 @@ Environment:
 A plugin that fails is never swallowed: its error (naming the distribution, its version
 and the entry point) is kept in :attr:`PluginManager.errors`; ``qcore plugins`` shows it
 and anything that uses the registry raises it, with the way to run without the plugin.
+
+A plugin made for another qcore is refused with an error naming both versions: before
+import, when its distribution requires a ``qcore`` range the running qcore is outside of;
+after import, when its hooks module declares a ``QCORE_CONTRACT_VERSION`` of another major
+version than :data:`qcore.CONTRACT_VERSION`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
+import qcore
 from qcore import CONTRACT_VERSION, PROJECT_NAME, hookspecs
 from qcore.errors import PluginLoadError, QcoreError
 from qcore.interfaces import Component, KernelProvider, Observer, Packer, Quantizer, Transform
@@ -122,9 +128,17 @@ class PluginManager:
                              f"{other.distribution} and {dist}; uninstall one of them")
             return
         self.plugins[ep.name] = info
+        mismatch = _core_requirement_mismatch(ep)
+        if mismatch is not None:
+            self._fail(info, f"plugin {ep.name!r} from {dist} {version} requires {mismatch}, "
+                             f"but qcore {qcore.__version__} is installed: install a release of "
+                             f"{dist} made for qcore {qcore.__version__}, or the qcore it "
+                             f"was made for (pip install '{mismatch}')")
+            return
         try:
             module = ep.load()
-        except Exception as exc:  # a broken plugin must be reported, whatever it raised
+        # A broken plugin must be reported whatever it raised, even sys.exit() at import.
+        except (Exception, SystemExit) as exc:
             self._fail(info, f"plugin {ep.name!r} from {dist} {version} failed to import "
                              f"(entry point {info.entry_point}): {type(exc).__name__}: {exc}",
                        exc)
@@ -143,9 +157,11 @@ class PluginManager:
         contract = getattr(module, "QCORE_CONTRACT_VERSION", None)
         if contract is not None and str(contract).split(".")[0] != CONTRACT_VERSION.split(".")[0]:
             self._fail(info, f"plugin {info.name!r} from {info.distribution} {info.version} "
-                             f"was built for qcore contract {contract}, but this qcore "
-                             f"(contract {CONTRACT_VERSION}) is incompatible; upgrade the "
-                             f"plugin or install a matching qcore")
+                             f"was built for qcore contract {contract}, but qcore "
+                             f"{qcore.__version__} implements contract {CONTRACT_VERSION}, "
+                             f"which is incompatible: install a release of "
+                             f"{info.distribution} made for contract {CONTRACT_VERSION}, or a "
+                             f"qcore that implements contract {contract}")
             return
         try:
             self.pm.register(module, name=info.name)
@@ -248,12 +264,55 @@ class PluginManager:
         ]
 
 
+def _core_requirement_mismatch(ep: EntryPoint) -> str | None:
+    """The plugin distribution's requirement on ``qcore`` (e.g. ``qcore<0.3,>=0.2``) when
+    the running qcore does not satisfy it; None when it does or when there is none.
+
+    pip enforces the requirement at install time, but ``--no-deps``, ``--target`` folders
+    and a later ``pip install qcore==...`` all get past it: the plugin would then import
+    against a core it was not made for and fail in ways that name neither version."""
+    if ep.dist is None or ep.dist.name == PROJECT_NAME or not ep.dist.requires:
+        return None
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    for line in ep.dist.requires:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(requirement.name) != PROJECT_NAME:
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # qcore needed only with an optional extra
+        if not requirement.specifier.contains(qcore.__version__, prereleases=True):
+            return f"{requirement.name}{requirement.specifier}"
+    return None
+
+
 def _dist_name(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "(unknown distribution)"
 
 
 def _dist_version(ep: EntryPoint) -> str:
     return ep.dist.version if ep.dist is not None else "?"
+
+
+def installed_distributions() -> dict[str, str]:
+    """Name -> version of qcore and of every installed distribution with a ``qcore`` entry
+    point, loaded or not (the allowlist, the blocklist and load errors do not matter):
+    what ``qcore plugins --requirements`` pins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    try:
+        found[PROJECT_NAME] = version(PROJECT_NAME)
+    except PackageNotFoundError:  # qcore run from a source tree without being installed
+        found[PROJECT_NAME] = qcore.__version__
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.dist is not None:
+            found[ep.dist.name] = ep.dist.version
+    return dict(sorted(found.items()))
 
 
 _manager: PluginManager | None = None

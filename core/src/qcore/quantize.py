@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,3 +92,15 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class _CallableModule(types.ModuleType):
+    """``qcore.quantize`` names both this module and :func:`quantize`: Python makes the
+    package attribute this module once it is imported (``qcore.checkpoint`` imports it),
+    so calling the module calls the function and ``qcore.quantize(model, ...)`` always works."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> QuantizeResult:
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -3,10 +3,13 @@ configs (no hub): for plugin authors' tests and qcore's own."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
+    from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "opt", "gpt2")
 
@@ -38,3 +41,40 @@ def tiny_causal_lm(arch: str = "llama", *, layers: int = 2, hidden: int = 64,
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+#: A few hundred words of plain English: enough text to train :func:`tiny_tokenizer` and to
+#: cut a handful of calibration windows of a few dozen tokens.
+TINY_CORPUS = " ".join(
+    f"The {a} {b} of {c} was {d} in the year {1900 + i}."
+    for i, (a, b, c, d) in enumerate(
+        zip(["old", "new", "red", "tall"] * 50, ["river", "city", "house", "road"] * 50,
+            ["stone", "glass", "wood", "iron"] * 50, ["built", "found", "sold", "named"] * 50,
+            strict=True)))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :data:`TINY_CORPUS` (no hub), with fewer
+    than 128 tokens, so it fits :func:`tiny_causal_lm`'s default vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+    tok.train_from_iterator([TINY_CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_tiny_model(directory: str | os.PathLike[str], arch: str = "llama", **options: Any) -> Path:
+    """Write a model directory that ``qcore quantize DIRECTORY`` reads: a
+    :func:`tiny_causal_lm` (``options`` go to it) saved with safetensors, its
+    :func:`tiny_tokenizer`, and :data:`TINY_CORPUS` as ``calibration.txt`` (for
+    ``--calib``). Returns the directory."""
+    path = Path(directory)
+    tiny_causal_lm(arch, **options).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    (path / "calibration.txt").write_text(TINY_CORPUS)
+    return path
