@@ -403,6 +403,16 @@ def test_wheelhouse_installs_a_plugin_in_a_fresh_environment(wheelhouse: Path,
                           cwd=tmp_path).stdout)
     assert info["distributions"] == {"qcore": qcore.__version__, distribution: plugin_version}
 
+    if method == "awq":  # the AWQ issue: alone, it composes with GPTQ only by naming it
+        composed = subprocess.run(
+            ["qcore", "quantize", str(model), "--pipeline", "awq,gptq", "--samples", "4",
+             "--seq-len", "32", "--calib", str(model / "calibration.txt"),
+             "--out", str(tmp_path / "never-written")],
+            env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert composed.returncode != 0
+        assert "qcore-plugin-gptq" in composed.stderr, composed.stderr
+        assert not (tmp_path / "never-written").exists()
+
     # Where the plugin is missing, loading the checkpoint names the distribution to install.
     run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "--quiet", "--yes",
          distribution], env=env, cwd=tmp_path)
