@@ -170,7 +170,9 @@ def _group_input_hook(linear: nn.Module, fn: Callable[[torch.Tensor], None]) -> 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
         with _exact(x.device.type):
-            fn(x.reshape(-1, x.shape[-1]).float())
+            # In the dtype the block made it (bf16 under bf16 calibration): observers
+            # convert what they need, and a bf16 input costs no float32 copy here.
+            fn(x.reshape(-1, x.shape[-1]))
     return linear.register_forward_pre_hook(pre_hook)
 
 
@@ -223,8 +225,8 @@ def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: B
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            y2 = output.detach().reshape(-1, output.shape[-1]).float()
+            x2 = args[0].detach().reshape(-1, args[0].shape[-1])
+            y2 = output.detach().reshape(-1, output.shape[-1])
             with _exact(x2.device.type):
                 for instance in instances[name].values():
                     instance.update(x2, y2 if instance.needs_outputs else None)

@@ -83,8 +83,10 @@ class Observer(Component):
     needs_outputs: ClassVar[bool] = False
 
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
-        """Accumulate one batch. ``inputs`` is ``[tokens, in_features]`` in the block's
-        dtype (float32 during calibration); ``outputs`` is ``[tokens, out_features]``."""
+        """Accumulate one batch. ``inputs`` is ``[tokens, in_features]`` in the dtype the
+        block produced it (float32, or bfloat16 when calibration is autocast to bfloat16:
+        convert with ``.float()`` where float32 is needed); ``outputs`` is
+        ``[tokens, out_features]``, likewise."""
         raise NotImplementedError
 
     def compute(self) -> Any:

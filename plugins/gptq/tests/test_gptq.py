@@ -224,3 +224,21 @@ def test_act_order_checkpoint_round_trips(tmp_path):
     loaded = load(tmp_path / "ck")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_hessian_of_bfloat16_inputs_uses_bf16_products_within_their_rounding():
+    x = torch.randn(10000, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
+    exact = HessianObserver(HessianObserver.Config(bf16_products=False))
+    fast = HessianObserver()
+    for chunk in x.split(3000):  # batches of several CHUNKs and a remainder
+        exact.update(chunk, None)
+        fast.update(chunk, None)
+    h_exact, h_fast = exact.compute(), fast.compute()
+    x32 = x.float()
+    torch.testing.assert_close(h_exact, 2 * x32.T @ x32 / x.shape[0], rtol=1e-4, atol=1e-5)
+    rel = float((h_fast - h_exact).norm() / h_exact.norm())
+    assert 0 < rel < 2e-3  # only the bf16 rounding of each product differs
+    # float32 inputs never take the bf16 path
+    fp = HessianObserver()
+    fp.update(x32, None)
+    torch.testing.assert_close(fp.compute(), 2 * x32.T @ x32 / x.shape[0], rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qcore.interfaces import Observer
@@ -38,6 +39,18 @@ class HessianObserver(Observer):
     """Running mean of 2·XᵀX over calibration tokens (second-order statistic: GPTQ, VPTQ)."""
 
     name = "hessian"
+    #: Tokens per bfloat16 product (see ``Config.bf16_products``).
+    CHUNK = 4096
+
+    @dataclass(frozen=True)
+    class Config:
+        #: Inputs that arrive in bfloat16 (calibration autocast to bf16) are multiplied
+        #: in bfloat16, several times faster on CPUs with AMX or on GPUs: each product of
+        #: CHUNK tokens is accumulated in float32 inside the GEMM, rounded to bfloat16
+        #: (relative error about 2e-3 per chunk) and summed in float32. The inputs are
+        #: already bfloat16 values, so only that rounding differs. float32 inputs always
+        #: take the float32 product.
+        bf16_products: bool = True
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -47,19 +60,23 @@ class HessianObserver(Observer):
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
         import torch
 
-        x = inputs.detach().float()
+        x = inputs.detach()
         n = x.shape[0]
         if n == 0:
             return
         total = self.tokens + n
-        # Scale the old mean and the new batch by their shares of the tokens seen, so the
-        # sum never grows with the number of tokens (stable in float32).
-        x = x * (2.0 / total) ** 0.5
         if self.hessian is None:
             self.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
         else:
             self.hessian.mul_(self.tokens / total)
-        self.hessian.addmm_(x.T, x)
+        # Scale the old mean and the new batch by their shares of the tokens seen, so the
+        # sum never grows with the number of tokens (stable in float32).
+        if x.dtype == torch.bfloat16 and self.config.bf16_products:
+            for chunk in x.split(self.CHUNK):
+                self.hessian.add_((chunk.T @ chunk).float(), alpha=2.0 / total)
+        else:
+            x = x.float() * (2.0 / total) ** 0.5
+            self.hessian.addmm_(x.T, x)
         self.tokens = total
 
     def compute(self) -> torch.Tensor:
