@@ -36,6 +36,8 @@ SETTINGS = {
     "awq W3 g64 asym": ("awq", W3A, {}),
     "awq,awq-clip W3 g64 asym": ("awq,awq-clip", W3A, {}),
     "awq,gptq W3 g64 asym": ("awq,gptq", W3A, {}),
+    "awq,awq-clip,gptq W4 g64 asym": ("awq,awq-clip,gptq", W4A, {}),
+    "awq,awq-clip,gptq W3 g64 asym": ("awq,awq-clip,gptq", W3A, {}),
 }
 #: RTN (BENCHMARKS.md) and llm-compressor 0.14.0.1 on this machine (from the AWQ issue):
 #: RTN ppl, peer AWQ+RTN ppl / time / RSS, peer GPTQ ppl / time.
@@ -98,7 +100,10 @@ def main() -> None:
         "(fp32), group 64, integer zero points or symmetric. Time: model load to saved "
         "checkpoint. Peer: llm-compressor 0.14.0.1 measured on this machine earlier (from "
         "the AWQ issue; its AWQModifier needs a patch to run on a CPU-only torch, so it "
-        "is not rerun here).",
+        "is not rerun here). The `awq` search scores each α by the group's output error "
+        "over all calibration tokens (through the Hessian); `awq-clip` reuses the "
+        "statistics `awq` rescaled, so it adds no observation pass. `awq,gptq`: AWQ's "
+        "scales folded first, then GPTQ (act-order) on the scaled block.",
         "",
         "| setting | qcore ppl | time | peak RSS | RTN ppl | peer AWQ ppl | peer AWQ time "
         "| peer AWQ RSS | peer GPTQ ppl | peer GPTQ time |",

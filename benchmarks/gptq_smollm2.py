@@ -11,6 +11,7 @@ perplexity (97 x 512, fp32), peak RSS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from _common import machine, merge_results, peak_rss_gb, run_child, write_sectio
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), {"act_order": True}),
     "W4 g64 asym, act-order, bf16 calibration": (dict(bits=4, group_size=64), {"act_order": True}),
+    "W4 g64 asym, act-order, bf16 calibration, fp32 Hessian products": (
+        dict(bits=4, group_size=64), {"act_order": True}),
     "W4 g64 sym, act-order": (dict(bits=4, group_size=64, symmetric=True), {"act_order": True}),
     "W4 g64 sym, act-order, bf16 calibration": (dict(bits=4, group_size=64, symmetric=True),
                                                 {"act_order": True}),
@@ -46,7 +49,7 @@ def child(setting: str) -> dict:
     from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
     from qcore.checkpoint import save
     from qcore.eval import perplexity
-    from qcore.pipeline import Pipeline
+    from qcore.pipeline import Pipeline, Step
     from qcore.quantize import quantize
     from qcore.scheme import Scheme
 
@@ -55,6 +58,9 @@ def child(setting: str) -> dict:
     model, tokenizer = load_model()
     calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
     pipeline = Pipeline.from_names("gptq", scheme=Scheme(**scheme), options={"gptq": options})
+    if "fp32 Hessian products" in setting:
+        pipeline = dataclasses.replace(
+            pipeline, observers=(Step("hessian", {"bf16_products": False}),))
     calib_dtype = torch.bfloat16 if "bf16 calibration" in setting else None
     quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
     with tempfile.TemporaryDirectory() as tmp:

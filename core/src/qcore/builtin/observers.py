@@ -71,12 +71,13 @@ class HessianObserver(Observer):
             self.hessian.mul_(self.tokens / total)
         # Scale the old mean and the new batch by their shares of the tokens seen, so the
         # sum never grows with the number of tokens (stable in float32).
-        if x.dtype == torch.bfloat16 and self.config.bf16_products:
-            for chunk in x.split(self.CHUNK):
+        # Chunks bound the float32 copies to CHUNK tokens (not the whole batch).
+        for chunk in x.split(self.CHUNK):
+            if chunk.dtype == torch.bfloat16 and self.config.bf16_products:
                 self.hessian.add_((chunk.T @ chunk).float(), alpha=2.0 / total)
-        else:
-            x = x.float() * (2.0 / total) ** 0.5
-            self.hessian.addmm_(x.T, x)
+            else:
+                chunk = chunk.float() * (2.0 / total) ** 0.5
+                self.hessian.addmm_(chunk.T, chunk)
         self.tokens = total
 
     def compute(self) -> torch.Tensor:
