@@ -79,4 +79,28 @@ struct WarpTile {
 #endif
 };
 
+// Epilogue of a warp's tiles: each 16x16 accumulator tile goes through the warp's staging
+// buffer ``stage`` (256 Acc, row-major), then every in-bounds element (m, n) of the output
+// is handed to ``emit(m, n, value)``. (row0, col0) is the warp's first output element.
+template <typename In, typename Acc, int FM, int FN, typename Emit>
+__device__ __forceinline__ void store_tiles(WarpTile<In, Acc, FM, FN>& tile, Acc* stage, int row0,
+                                            int col0, int M, int N, Emit emit) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) {
+            tile.store(i, j, stage);
+            __syncwarp();
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int idx = lane * 8 + e;
+                const int m = row0 + i * 16 + idx / 16;
+                const int n = col0 + j * 16 + idx % 16;
+                if (m < M && n < N) emit(m, n, stage[idx]);
+            }
+            __syncwarp();
+        }
+}
+
 }  // namespace qk

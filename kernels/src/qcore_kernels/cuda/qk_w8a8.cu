@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(qk_w8::THREADS) qk_w8a8_gemm(
     __shared__ __align__(32) signed char Bs[PANELS][BN * 16];
     __shared__ __align__(32) int Cs[THREADS / 32][16 * 16];
 
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int tid = threadIdx.x, warp = tid / 32;
     const int wm = warp / (BN / WN), wn = warp % (BN / WN);
     const int m_base = blockIdx.y * BM, n_base = blockIdx.x * BN;
 
@@ -127,23 +127,10 @@ __global__ void __launch_bounds__(qk_w8::THREADS) qk_w8a8_gemm(
         __syncthreads();
     }
 
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) {
-            tile.store(i, j, Cs[warp]);
-            __syncwarp();
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int idx = lane * 8 + e;
-                const int m = m_base + wm * WM + i * 16 + idx / 16;
-                const int n = n_base + wn * WN + j * 16 + idx % 16;
-                if (m < M && n < N) {
-                    const float b = bias != nullptr ? qk::to_float(bias[n]) : 0.f;
-                    y[static_cast<size_t>(m) * N + n] =
-                        qk::from_float<T>(static_cast<float>(Cs[warp][idx]) * xscale[m] * wscale[n] + b);
-                }
-            }
-            __syncwarp();
-        }
+    qk::store_tiles(tile, Cs[warp], m_base + wm * WM, n_base + wn * WN, M, N,
+                    [&](int m, int n, int v) {
+        const float b = bias != nullptr ? qk::to_float(bias[n]) : 0.f;
+        y[static_cast<size_t>(m) * N + n] =
+            qk::from_float<T>(static_cast<float>(v) * xscale[m] * wscale[n] + b);
+    });
 }
