@@ -11,6 +11,8 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +73,25 @@ def merge_results(name: str, rows: list[dict], key: str) -> list[dict]:
     merged = [r for r in stored if r[key] not in fresh] + rows
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
+
+
+def quantize_and_evaluate(setting: str, pipeline: object, calib_dtype: object = None) -> dict:
+    """One benchmark setting, under the protocol of BENCHMARKS.md: load the embedded model,
+    quantize with ``pipeline`` on 128 x 512 calibration tokens, save a checkpoint (the time
+    runs from loading to saved), then peak RSS and perplexity on 97 x 512 eval tokens."""
+    from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
+    from qcore.checkpoint import save
+    from qcore.eval import perplexity
+    from qcore.quantize import quantize
+
+    start = time.perf_counter()
+    model, tokenizer = load_model()
+    calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
+    quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "ck", tokenizer)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_gb()
+    ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
+    return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
+            "ppl": perplexity(model, ids, batch_size=8, progress=False)}

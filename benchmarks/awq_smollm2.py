@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    machine,
+    merge_results,
+    quantize_and_evaluate,
+    run_child,
+    write_section,
+)
 
 W4A = dict(bits=4, group_size=64)
 W4S = dict(bits=4, group_size=64, symmetric=True)
@@ -51,30 +55,12 @@ PEER = {
 def child(setting: str) -> dict:
     import torch
 
-    from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
-    from qcore.checkpoint import save
-    from qcore.eval import perplexity
     from qcore.pipeline import Pipeline
-    from qcore.quantize import quantize
     from qcore.scheme import Scheme
 
     names, scheme, options = SETTINGS[setting]
-    start = time.perf_counter()
-    model, tokenizer = load_model()
-    calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
     pipeline = Pipeline.from_names(names, scheme=Scheme(**scheme), options=options)
-    quantize(model, pipeline, calib, progress=False, calib_dtype=torch.bfloat16)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(model, Path(tmp) / "ck", tokenizer)
-    seconds = time.perf_counter() - start
-    peak = peak_rss_gb()
-    ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
-    return {
-        "setting": setting,
-        "quantize_s": seconds,
-        "peak_rss_gb": peak,
-        "ppl": perplexity(model, ids, batch_size=8, progress=False),
-    }
+    return quantize_and_evaluate(setting, pipeline, torch.bfloat16)
 
 
 def main() -> None:

@@ -14,12 +14,10 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
+from _common import machine, merge_results, quantize_and_evaluate, run_child, write_section  # noqa: E402,I001
 
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), {"act_order": True}),
@@ -46,30 +44,16 @@ PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
 def child(setting: str) -> dict:
     import torch
 
-    from qcore.assets import calibration_windows, embedded_corpus, eval_windows, load_model
-    from qcore.checkpoint import save
-    from qcore.eval import perplexity
     from qcore.pipeline import Pipeline, Step
-    from qcore.quantize import quantize
     from qcore.scheme import Scheme
 
     scheme, options = SETTINGS[setting]
-    start = time.perf_counter()
-    model, tokenizer = load_model()
-    calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
     pipeline = Pipeline.from_names("gptq", scheme=Scheme(**scheme), options={"gptq": options})
     if "fp32 Hessian products" in setting:
         pipeline = dataclasses.replace(
             pipeline, observers=(Step("hessian", {"bf16_products": False}),))
     calib_dtype = torch.bfloat16 if "bf16 calibration" in setting else None
-    quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(model, Path(tmp) / "ck", tokenizer)
-    seconds = time.perf_counter() - start
-    peak = peak_rss_gb()
-    ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
-    return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
-            "ppl": perplexity(model, ids, batch_size=8, progress=False)}
+    return quantize_and_evaluate(setting, pipeline, calib_dtype)
 
 
 def main() -> None:
