@@ -95,3 +95,27 @@ def quantize_and_evaluate(setting: str, pipeline: object, calib_dtype: object = 
     ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
     return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
             "ppl": perplexity(model, ids, batch_size=8, progress=False)}
+
+
+def settings_main(script: str, name: str, settings: dict, child) -> tuple[list[dict], bool]:
+    """The command line of a settings benchmark: ``--child SETTING`` measures one setting
+    (in its own process, printing one JSON line); otherwise each of ``--settings`` runs as
+    a child, the results merge into ``results/<name>.json``, and every stored row is
+    returned in ``settings`` order, with whether to write BENCHMARKS.md."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", nargs="*", default=list(settings), choices=list(settings))
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        raise SystemExit(0)
+    rows = []
+    for setting in args.settings:
+        row = run_child(Path(script), ["--child", setting])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    stored = {r["setting"]: r for r in merge_results(name, rows, "setting")}
+    return [stored[s] for s in settings if s in stored], not args.no_write

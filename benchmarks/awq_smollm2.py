@@ -11,17 +11,14 @@ perplexity (97 x 512, fp32), peak RSS.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     machine,
-    merge_results,
     quantize_and_evaluate,
-    run_child,
+    settings_main,
     write_section,
 )
 
@@ -64,21 +61,7 @@ def child(setting: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child)))
-        return
-    rows = []
-    for setting in args.settings:
-        r = run_child(Path(__file__), ["--child", setting])
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-    stored = {r["setting"]: r for r in merge_results("awq_smollm2", rows, "setting")}
-    rows = [stored[s] for s in SETTINGS if s in stored]
+    rows, write = settings_main(__file__, "awq_smollm2", SETTINGS, child)
     lines = [
         "## AWQ on SmolLM2-135M (`benchmarks/awq_smollm2.py`)",
         "",
@@ -103,7 +86,7 @@ def main() -> None:
         )
     body = "\n".join(lines)
     print(body)
-    if not args.no_write:
+    if write:
         write_section("awq", body)
 
 

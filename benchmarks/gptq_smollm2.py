@@ -10,14 +10,12 @@ perplexity (97 x 512, fp32), peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_results, quantize_and_evaluate, run_child, write_section  # noqa: E402,I001
+from _common import machine, quantize_and_evaluate, settings_main, write_section  # noqa: E402,I001
 
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), {"act_order": True}),
@@ -57,21 +55,7 @@ def child(setting: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child)))
-        return
-    rows = []
-    for setting in args.settings:
-        r = run_child(Path(__file__), ["--child", setting])
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-    stored = {r["setting"]: r for r in merge_results("gptq_smollm2", rows, "setting")}
-    rows = [stored[s] for s in SETTINGS if s in stored]
+    rows, write = settings_main(__file__, "gptq_smollm2", SETTINGS, child)
     lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", "",
              f"Machine: {machine()}. Calibration 128 x 512, eval 97 x 512 (fp32), group 64, "
              "integer zero points or symmetric. Time: model load to saved checkpoint. Peer: "
@@ -95,7 +79,7 @@ def main() -> None:
                      f"{r['peak_rss_gb']:.2f} GB | {peer[0]} | {peer[1]} | {peer[2]} | {peer[3]} |")
     body = "\n".join(lines)
     print(body)
-    if not args.no_write:
+    if write:
         write_section("gptq", body)
 
 
