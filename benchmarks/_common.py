@@ -87,14 +87,27 @@ def quantize_and_evaluate(setting: str, pipeline: object, calib_dtype: object = 
     start = time.perf_counter()
     model, tokenizer = load_model()
     calib = calibration_windows(tokenizer, embedded_corpus("calibration"), 128, 512)
-    quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
+    result = quantize(model, pipeline, calib, progress=False, calib_dtype=calib_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         save(model, Path(tmp) / "ck", tokenizer)
     seconds = time.perf_counter() - start
     peak = peak_rss_gb()
     ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
     return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
+            **stored_size(result.blocks),
             "ppl": perplexity(model, ids, batch_size=8, progress=False)}
+
+
+def stored_size(blocks: list) -> dict:
+    """Bits per weight of the quantized linears, every stored bit of their packed tensors
+    counted (codes or indices with padding, scales, zeros, codebooks), as ``qcore
+    inspect`` counts them; and the number of weights they hold."""
+    bits = weights = 0
+    for block in blocks:
+        for packed in block.layers.values():
+            bits += sum(8 * t.numel() * t.element_size() for t in packed.tensors.values())
+            weights += packed.shape[0] * packed.shape[1]
+    return {"bits_per_weight": bits / max(weights, 1), "quantized_weights": weights}
 
 
 def settings_main(script: str, name: str, settings: dict, child) -> tuple[list[dict], bool]:

@@ -27,6 +27,13 @@ SETTINGS = {
                                                 {"act_order": True}),
     "W3 g64 asym, act-order, bf16 calibration": (dict(bits=3, group_size=64), {"act_order": True}),
     "W3 g64 asym, act-order": (dict(bits=3, group_size=64), {"act_order": True}),
+    "W3 g64 asym, act-order, bf16 calibration, range search": (
+        dict(bits=3, group_size=64), {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}),
+    "W4 g64 asym, act-order, bf16 calibration, range search": (
+        dict(bits=4, group_size=64), {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}),
+    "W4 g64 sym, act-order, bf16 calibration, range search": (
+        dict(bits=4, group_size=64, symmetric=True),
+        {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}),
     "W4 g64 asym, static act-order": (dict(bits=4, group_size=64),
                                       {"act_order": True, "static_groups": True}),
     "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), {"act_order": False}),

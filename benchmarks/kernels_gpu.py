@@ -7,10 +7,15 @@ Protocol: tokens M in {1, 16, 128, 2048}; (in, out) in {(4096, 4096), (4096, 143
 (14336, 4096), (8192, 8192)}; fp16 activations; baseline torch.nn.functional.linear in
 fp16 (cuBLAS) in the same process; CUDA events, warm-up first, median of 50 runs; every
 timed kernel checked against the torch reference on the same inputs first. W4A16 is
-group 64 asymmetric (the project's default scheme); every path of it is timed (gemv for
-M <= 16, the fused tiled GEMM, dequantize + cuBLAS) and "auto" is what the provider picks.
+group 64 asymmetric (the project's default scheme); both of its paths are timed at every M
+(the tensor-core kernel with in-register dequantization, and dequantize + cuBLAS) and
+"auto" is what the provider picks; likewise W8A8's (dp4a GEMV for M <= 16, int8 wmma
+tiles, cuBLASLt int8 through torch._int_mm + our epilogue for M > 16).
 Achieved bandwidth counts weight, activation and output bytes once, against a
 device-to-device copy measured in the same run (bytes read + written).
+Codebook (vq) weights (``_lut_bench.py``, a separate table): M in {1, 16} on the same
+shapes, v = 6 and v = 4 with 12-bit indices (2 and 3 bits per weight), LUT GEMV and
+dequantize + cuBLAS, against fp16 F.linear.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def run(out: Path) -> dict:
     choose_timing(
         [lambda: F.linear(xp, xp[:256])]
         + [
-            lambda p=p: ops.wq_linear(xp[:1] if p == "gemv" else xp, probe, None, launch, path=p)
+            lambda p=p: ops.wq_linear(xp, probe, None, launch, path=p)
             for p in ops.WQ_PATHS
         ]
         + [
@@ -135,9 +140,9 @@ def run(out: Path) -> dict:
             base_ms = time_ms(lambda x=x, w=w_dense: F.linear(x, w))
             ref = F.linear(x.float(), w_dense.float())
             row = {"in": in_f, "out": out_f, "m": m, "fp16_ms": base_ms, "w4": {}, "w8a8": {}}
-            paths = (["gemv"] if m <= ops.GEMV_MAX_M else []) + ["gemm", "dequant"]
             auto = ops.wq_path(m)
-            for path in paths:
+            # the mma path re-reads the weight per 32 tokens: past 128 its time says nothing
+            for path in [p for p in ops.WQ_PATHS if p != "mma" or m <= 128]:
                 y = ops.wq_linear(x, w4, None, launch, path=path)
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
                 entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
@@ -157,7 +162,8 @@ def run(out: Path) -> dict:
                 row["w4"][path] = entry
             row["w4"]["auto"] = dict(row["w4"][auto], path=auto)
             ref8 = F.linear(fake_quantize_activations(x, 8).float(), w8_dense.float())
-            for path in (["gemv"] if m <= ops.GEMV_MAX_M else []) + ["gemm"]:
+            w8_paths = ["gemv", "gemm"] if m <= ops.GEMV_MAX_M else ["gemm", "intmm"]
+            for path in w8_paths:
                 y = ops.w8a8_linear(x, w8, None, launch, path=path)
                 err = float((y.float() - ref8).abs().max() / ref8.abs().max())
                 entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
@@ -167,8 +173,13 @@ def run(out: Path) -> dict:
                     )
                     entry.update(ms=ms, speedup=base_ms / ms)
                 row["w8a8"][path] = entry
+            auto8 = ops.w8a8_path(m, out_f)
+            row["w8a8"]["auto"] = dict(row["w8a8"][auto8], path=auto8)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    from _lut_bench import run_lut
+
+    lut_rows = run_lut(launch, bw, time_ms)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": f"torch {torch.__version__}, cupy {cupy.__version__}, CUDA runtime "
@@ -177,6 +188,7 @@ def run(out: Path) -> dict:
         "copy_bandwidth_GBps": bw / 1e9,
         "timing": dict(TIMING),
         "rows": rows,
+        "lut": lut_rows,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -209,19 +221,22 @@ def render(result: dict) -> str:
         f"{_timing(result)}; "
         "speed-up over fp16 `F.linear` in parentheses; bw = fraction of the copy bandwidth.",
         "",
-        "| in × out | M | fp16 F.linear | W4A16 auto | W4 gemv | W4 tiled GEMM "
-        "| W4 dequant+cuBLAS | W8A8 gemv | W8A8 GEMM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| in × out | M | fp16 F.linear | W4A16 auto | W4 mma | W4 dequant+cuBLAS "
+        "| W8A8 auto | W8A8 gemv | W8A8 GEMM | W8A8 _int_mm+epilogue |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         w4, w8 = r["w4"], r["w8a8"]
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['fp16_ms'] * 1e3:.0f} µs | "
             f"{_cell(w4.get('auto'), True)} [{w4['auto'].get('path')}] | "
-            f"{_cell(w4.get('gemv'), True)} | {_cell(w4.get('gemm'))} | "
-            f"{_cell(w4.get('dequant'))} | {_cell(w8.get('gemv'))} | {_cell(w8.get('gemm'))} |"
+            f"{_cell(w4.get('mma'), True)} | {_cell(w4.get('dequant'))} | "
+            f"{_cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
+            f"{_cell(w8.get('gemv'))} | {_cell(w8.get('gemm'))} | {_cell(w8.get('intmm'))} |"
         )
-    return "\n".join(lines) + "\n"
+    from _lut_bench import render_lut
+
+    return "\n".join(lines) + "\n" + render_lut(result)
 
 
 def record(path: Path) -> None:

@@ -14,6 +14,8 @@ from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
+from qcore.builtin.torch_lut_kernels import TorchLUTKernels
+from qcore.builtin.vq_packer import VQPacker
 from qcore.interfaces import KernelRequest, Transform
 from qcore.scheme import Scheme
 from qcore.testing import (
@@ -62,6 +64,32 @@ class TestTorchKernels(BaseKernelProviderTests):
         assert {r.act_bits for r in kernel_requests} == {None, 4, 8}
         assert any(r.act_order for r in kernel_requests)
         assert any(r.in_features % r.group_size for r in kernel_requests if r.group_size > 0)
+
+
+class TestTorchLUTKernels(BaseKernelProviderTests):
+    @pytest.fixture
+    def provider(self) -> TorchLUTKernels:
+        return TorchLUTKernels()
+
+    def test_requests_cover_the_declaration(self, kernel_requests: list[KernelRequest]) -> None:
+        assert {r.op for r in kernel_requests} == {"lut_linear"}
+        assert {r.layout for r in kernel_requests} == {"vq-packed"}
+        assert {r.dtype for r in kernel_requests} == {"float32", "float16", "bfloat16"}
+        assert len(kernel_requests) >= 8  # every structure of the default vq weights
+
+    def test_kit_catches_a_kernel_that_ignores_the_offset(
+            self, kernel_requests, make_quantized_weight, dequantize) -> None:
+        class NoOffset(TorchLUTKernels):
+            name = "no-offset"
+
+            def prepare(self, packed, device):
+                prepared = super().prepare(packed, device)
+                prepared.offset = None
+                return prepared
+
+        with pytest.raises(AssertionError, match="exceeds"):
+            self.test_op_matches_reference(NoOffset(), [VQPacker()], kernel_requests[:4],
+                                           make_quantized_weight, dequantize)
 
 
 class TestMinMaxObserver(BaseObserverTests):

@@ -62,7 +62,7 @@ def test_plugins_json_lists_builtins_quickly_without_torch():
     builtin = next(p for p in report["plugins"] if p["name"] == "builtin")
     assert builtin["distribution"] == "qcore"
     assert builtin["components"] == {"observer": ["minmax", "hessian"], "quantizer": ["rtn"],
-                                     "packer": ["int"], "kernel": ["torch"]}
+                                     "packer": ["int", "vq"], "kernel": ["torch", "torch-lut"]}
 
 
 def test_plugins_requirements_prints_pins(capsys):

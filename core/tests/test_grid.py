@@ -173,8 +173,8 @@ def test_bitpack_3bit_codes_straddle_words() -> None:
 
 
 def test_bitpack_errors_say_what_was_wrong() -> None:
-    with pytest.raises(ValueError, match="1 to 8 bits"):
-        pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="1 to 16 bits"):
+        pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 17)
     with pytest.raises(ValueError, match="code is 8, which does not fit in 3 bits"):
         pack_codes(torch.tensor([[8]], dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="does not hold 40"):

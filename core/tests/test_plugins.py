@@ -102,7 +102,8 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
 
 
 #: Components the built-in plugin registers (it may register more).
-BUILTINS = [("observer", "minmax"), ("quantizer", "rtn"), ("packer", "int"), ("kernel", "torch")]
+BUILTINS = [("observer", "minmax"), ("quantizer", "rtn"), ("packer", "int"), ("packer", "vq"),
+            ("kernel", "torch"), ("kernel", "torch-lut")]
 
 
 def loaded(manager: PluginManager) -> set[str]:

@@ -1,7 +1,8 @@
 """The kernels' unchanged CUDA sources run on the CPU (qcore_kernels.harness) against the
 torch reference: every path, both dtypes, shapes that are and are not multiples of the
-tiles. The tiled GEMMs run with qk_mma.cuh's SIMT stand-in for the wmma calls; the GPU
-tests (test_kernels_gpu.py) cover those."""
+tiles. The tensor-core products run as qk_mma.cuh's SIMT stand-ins (mma_16816 gathers its
+operands with warp shuffles; WarpTile computes wmma's contract); the GPU tests
+(test_kernels_gpu.py) cover the tensor cores themselves."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 from qcore_kernels.testing import Case, assert_close, run_w8a8_case, run_wq_case
 
 WQ_SHAPES = [  # (path, m, n, k, group, symmetric, act_order)
-    ("gemv", 1, 42, 96, 32, False, False),  # n not a multiple of the 4 warps of a block
-    ("gemv", 5, 40, 320, 128, True, True),  # tile of 8 tokens; last group of 64 columns
-    ("gemv", 13, 36, 160, 64, False, False),  # tile of 16 tokens
-    ("gemm", 33, 42, 160, 64, False, False),  # one partial 128 x 128 tile, k not a multiple of 128
-    ("gemm", 130, 136, 96, -1, True, True),  # 2 x 2 tiles, three of them partial; per channel
+    ("mma", 1, 42, 96, 32, False, False),  # n not a multiple of 16; k less than a 4-bit chunk
+    ("mma", 5, 40, 320, 128, True, True),  # last chunk partial; last group of 64 columns
+    ("mma", 13, 36, 160, 64, False, False),
+    ("mma", 33, 42, 160, 64, False, False),  # two blocks along M, 31 rows past M
+    ("mma", 20, 136, 96, -1, True, True),  # 2 token tiles; per channel
+    ("mma", 70, 20, 64, 32, False, True),  # three blocks along M
     ("dequant", 20, 42, 320, 128, False, False),
 ]
 W8A8_SHAPES = [
@@ -22,6 +24,16 @@ W8A8_SHAPES = [
     ("gemv", 6, 40, 160),
     ("gemm", 33, 42, 160),
     ("gemm", 130, 136, 96),
+    ("intmm", 33, 40, 160),  # torch._int_mm's products, qk_w8a8_scale's epilogue
+    ("intmm", 130, 136, 96),
+]
+
+
+MMA_TILINGS = [  # (m, n, k, group, (m16 tiles, n8 tiles, warps, K splits)) of the mma path
+    (3, 40, 1056, 64, (1, 2, 8, 2)),  # K split over 2 blocks of 8 warps; a partial last chunk
+    (16, 70, 640, 128, (1, 4, 8, 1)),  # 32 channels per block; more warps than chunks at 4 bits
+    (20, 36, 1024, 32, (2, 2, 4, 3)),  # 3 uneven K ranges
+    (30, 20, 640, -1, (2, 4, 4, 2)),  # 2 token tiles, per-channel scales
 ]
 
 
@@ -31,6 +43,10 @@ def _wq_cases() -> list[Case]:
         for path, m, n, k, group, sym, act in WQ_SHAPES
         for bits in (4, 8)
         for dtype in ("float16", "bfloat16")
+    ] + [
+        Case(m, n, k, bits, group, False, False, "float16", "mma", mma=tiling)
+        for m, n, k, group, tiling in MMA_TILINGS
+        for bits in (4, 8)
     ]
 
 
@@ -91,7 +107,7 @@ def test_activation_quantization_equals_the_cores_fake_quantization(launch):
     assert int(xq.abs().max()) == 127
 
 
-def test_gemv_token_tiles_agree_with_single_tokens(launch):
+def test_token_tiles_agree_with_single_tokens(launch):
     import torch
 
     from qcore_kernels.layouts import to_wq
@@ -100,6 +116,6 @@ def test_gemv_token_tiles_agree_with_single_tokens(launch):
 
     w = to_wq(random_int_packed(12, 64, 4, 32, seed=5), torch.float16, "cpu")
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0)).half()
-    together = wq_linear(x, w, None, launch, path="gemv")  # 16-token tile, 7 rows past M
-    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launch, path="gemv") for i in range(9)])
+    together = wq_linear(x, w, None, launch, path="mma")  # 16-token tile, 7 rows past M
+    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launch, path="mma") for i in range(9)])
     assert torch.equal(together, alone)

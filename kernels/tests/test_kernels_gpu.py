@@ -30,12 +30,14 @@ def launcher():
 
 def _wq_cases() -> list[Case]:
     shapes = [  # (path, m, n, k, group, symmetric, act_order)
-        ("gemv", 1, 1000, 4160, 64, False, False),  # k = 65 * 64: not a multiple of 128
-        ("gemv", 3, 1000, 4096, 128, True, True),
-        ("gemv", 16, 1002, 800, 32, False, False),  # n not a multiple of 4
-        ("gemm", 33, 1000, 4160, 64, False, False),  # odd m, n not a multiple of 128
-        ("gemm", 255, 384, 800, 32, True, True),
-        ("gemm", 130, 129, 96, -1, False, False),  # per channel, k smaller than a tile
+        ("mma", 1, 1000, 4160, 64, False, False),  # k = 65 * 64: not a multiple of 128
+        ("mma", 3, 1000, 4096, 128, True, True),
+        ("mma", 16, 1002, 800, 32, False, False),  # n not a multiple of 16
+        ("mma", 33, 1000, 4160, 64, False, False),  # two blocks along M, odd m
+        ("mma", 255, 384, 800, 32, True, True),  # 4 blocks along M
+        ("mma", 20, 129, 96, -1, False, False),  # per channel, k smaller than a chunk
+        ("mma", 1, 14336, 4096, 64, False, False),  # 32 channels per block
+        ("mma", 2, 4096, 14336, 64, False, False),  # K split over blocks (gridDim.z)
         ("dequant", 1027, 1000, 4160, 128, False, False),  # last group of 64 columns
         (None, 2, 512, 1024, 64, False, False),  # auto path
         (None, 300, 512, 1024, 64, True, False),
@@ -56,7 +58,10 @@ def _w8a8_cases() -> list[Case]:
         ("gemm", 33, 1000, 4112),
         ("gemm", 255, 384, 800),
         ("gemm", 2049, 512, 1024),
+        ("intmm", 33, 1000, 4112),
+        ("intmm", 2049, 512, 1024),
         (None, 7, 512, 1024),
+        (None, 300, 512, 1024),
     ]
     return [
         Case(m, n, k, 8, -1, True, False, dtype, path, static=static)
@@ -78,16 +83,16 @@ def test_w8a8_kernels_match_the_reference(case, launcher):
     assert_close(y, ref, case)
 
 
-def test_gemv_tiles_agree_with_each_other(launcher):
-    """Every token of a 16-token GEMV equals the same token computed alone (M = 1)."""
+def test_token_tiles_agree_with_each_other(launcher):
+    """Every token of a 16-token tile equals the same token computed alone (M = 1)."""
     from qcore_kernels.layouts import to_wq
     from qcore_kernels.ops import wq_linear
     from qcore_kernels.testing import random_int_packed
 
     w = to_wq(random_int_packed(256, 512, 4, 64, seed=5), torch.float16, "cuda")
     x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)).half().cuda()
-    together = wq_linear(x, w, None, launcher, path="gemv")
-    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launcher, path="gemv") for i in range(16)])
+    together = wq_linear(x, w, None, launcher, path="mma")
+    alone = torch.cat([wq_linear(x[i : i + 1], w, None, launcher, path="mma") for i in range(16)])
     assert torch.equal(together, alone)
 
 

@@ -6,21 +6,34 @@ import pytest
 import torch
 
 from qcore.builtin.torch_kernels import TorchKernels
-from qcore_kernels.layouts import LayoutError, pack_words, to_w8a8, to_wq, unpack_words
+from qcore_kernels.layouts import (
+    LayoutError,
+    chunk_columns,
+    pack_wq_codes,
+    to_w8a8,
+    to_wq,
+    unpack_wq_codes,
+)
 from qcore_kernels.testing import random_int_packed
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_pack_words_round_trip_and_bit_positions(bits):
+@pytest.mark.parametrize("bits,k", [(4, 320), (8, 96), (4, 256)])
+def test_wq_codes_round_trip_and_bit_positions(bits, k):
     gen = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 1 << bits, (3, 64), generator=gen).to(torch.uint8)
-    words = pack_words(codes, bits)
-    assert words.dtype == torch.int32 and words.shape == (3, 64 * bits // 32)
-    assert torch.equal(unpack_words(words, bits, 64), codes)
-    # code k of a word sits at bits BITS * (k % PACK): check one word by hand
-    per_word = 32 // bits
-    expected = sum(int(codes[0, i]) << (bits * i) for i in range(per_word))
-    assert int(words[0, 0]) & 0xFFFFFFFF == expected
+    codes = torch.randint(0, 1 << bits, (3, k), generator=gen).to(torch.uint8)
+    words = pack_wq_codes(codes, bits)
+    chunk = chunk_columns(bits)
+    assert words.dtype == torch.int32 and words.shape == (3, -(-k // chunk) * 16)
+    assert torch.equal(unpack_wq_codes(words, bits, k), codes)
+    # By hand, from qk_wq.cu's contract: word i of a row holds columns i * vals ..; value e
+    # (bits * e) is column 2e of the word for e < vals / 2, else column 2(e - vals/2) + 1.
+    vals = 32 // bits
+    for i in (0, 3, words.shape[1] - 1):
+        word = int(words[1, i]) & 0xFFFFFFFF
+        for e in range(vals):
+            col = i * vals + (2 * e if e < vals // 2 else 2 * (e - vals // 2) + 1)
+            expected = int(codes[1, col]) if col < k else 0
+            assert (word >> (bits * e)) & ((1 << bits) - 1) == expected
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def test_the_expanded_text_compiles_without_the_kernel_include_dir():
         expand_includes(src),
         src.file,
         "sm_90",
-        [i for i in src.instances if "gemv<4, __half" in i],
+        [i for i in src.instances if "mma<4, __half, 1, 2" in i],
         COMMON_OPTIONS,
     )
     assert result.cubin[:4] == b"\x7fELF"
@@ -45,6 +45,6 @@ def test_errors_in_an_inlined_header_name_the_header_and_its_line(tmp_path, monk
     (tmp_path / "qk_mma.cuh").write_text((CUDA_DIR / "qk_mma.cuh").read_text())
     (tmp_path / "qk_wq.cu").write_text((CUDA_DIR / "qk_wq.cu").read_text())
     monkeypatch.setattr(runtime, "CUDA_DIR", tmp_path)
-    src = KernelSource("qk_wq.cu", ("qk_wq_gemv<4, __half, 1>",))
+    src = KernelSource("qk_wq.cu", ("qk_wq_mma<4, __half, 1, 2, 4>",))
     with pytest.raises(CompileError, match=rf"qk_common\.cuh\({line + 1}\): error"):
         compile_cubin(expand_includes(src), src.file, "sm_80", src.instances, COMMON_OPTIONS)

@@ -50,13 +50,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
 
     layers = {}
     quant_bytes = quant_weights = 0
+    by_format: dict[str, list[int]] = {}  # format label -> [stored bytes, weights]
     for name, layer in qconfig["layers"].items():
         out_f, in_f = layer["shape"]
         stored = sum(nbytes(f"{name}.{k}") for k in layer["tensors"] if f"{name}.{k}" in tensors)
-        p = layer["params"]
-        fmt = (f"{layer['layout']} W{p.get('bits')}" + (f"A{p['act_bits']}" if p.get("act_bits") else "")
-               + (" per-channel" if p.get("group_size") == -1 else f" g{p.get('group_size')}")
-               + (" sym" if p.get("symmetric") else " asym") + (" act-order" if "g_idx" in layer["tensors"] else ""))
+        fmt = _format_label(layer)
         layers[name] = {"shape": [out_f, in_f], "format": fmt, "bytes": stored,
                         "bits_per_weight": 8 * stored / (out_f * in_f),
                         "kernel": layer.get("kernel", "auto"),
@@ -64,6 +62,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
                         "kernel_cuda": _kernel_on(layer, "cuda", "float16")}
         quant_bytes += stored
         quant_weights += out_f * in_f
+        group = by_format.setdefault(fmt, [0, 0])
+        group[0] += stored
+        group[1] += out_f * in_f
     total_params = sum(_numel(meta["shape"]) for meta in tensors.values()
                        if meta["dtype"] in {"F32", "F16", "BF16", "F64"})
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -80,11 +81,26 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "distributions": qconfig.get("distributions", {}),
         "n_quantized": len(layers),
         "formats": dict(Counter(layer["format"] for layer in layers.values())),
+        "formats_bits_per_weight": {fmt: 8 * stored / n for fmt, (stored, n) in by_format.items()},
         "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1),
         "size_bytes": size,
         "fp16_bytes": fp16_bytes,
         "layers": layers,
     }
+
+
+def _format_label(layer: dict[str, Any]) -> str:
+    """``int-packed W4 g128 asym``, or for codebook layers ``vq-packed W2 v6 i12 +res i8``."""
+    p = layer["params"]
+    if "vector_size" in p:
+        from qcore.codebook import describe_vq
+
+        return f"{layer['layout']} W{p.get('bits')} {describe_vq(p)}"
+    return (f"{layer['layout']} W{p.get('bits')}"
+            + (f"A{p['act_bits']}" if p.get("act_bits") else "")
+            + (" per-channel" if p.get("group_size") == -1 else f" g{p.get('group_size')}")
+            + (" sym" if p.get("symmetric") else " asym")
+            + (" act-order" if "g_idx" in layer["tensors"] else ""))
 
 
 def _kernel_on(layer: dict[str, Any], device: str, dtype: str) -> str:

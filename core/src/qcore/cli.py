@@ -324,9 +324,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"pipeline     {info['pipeline_short']}  ({info['scheme']})")
     print("made with    " + ", ".join(f"{d} {v}" for d, v in info["distributions"].items()))
     print(f"layers       {info['n_quantized']} quantized: " + ", ".join(
-        f"{n} x {fmt}" for fmt, n in info["formats"].items()))
-    print(f"bits/weight  {info['bits_per_weight']:.3f} over quantized layers (codes, scales, "
-          "zeros, indices all counted)")
+        f"{n} x {fmt} ({info['formats_bits_per_weight'][fmt]:.3f} bits/weight)"
+        for fmt, n in info["formats"].items()))
+    print(f"bits/weight  {info['bits_per_weight']:.3f} over quantized layers (every stored bit "
+          "counted: codes, scales, zeros, indices, codebooks, padding)")
     print(f"size         {info['size_bytes'] / 1e6:.1f} MB on disk vs {info['fp16_bytes'] / 1e6:.1f} MB "
           f"in fp16 ({info['size_bytes'] / info['fp16_bytes']:.2%})")
     if args.layers:

@@ -25,10 +25,10 @@ How the methods behind qcore map onto this contract
   preceding norm or linear found by the core), searching α with ``ctx.quantizer`` so that
   ``awq,gptq`` searches with the quantizer that will run; transform ``awq-clip`` for the
   clipping search.
-- VPTQ: quantizer ``vptq`` (``needs = {"hessian"}``) produces its own codebook format
-  (indices, codebooks, residual and outlier parts) and overrides ``dequantize``; its packer
-  writes a codebook layout with ``op = "lut_linear"``; kernel providers implement
-  ``lut_linear``.
+- VPTQ: quantizer ``vptq`` (``needs = {"hessian"}``) produces the core's codebook format
+  ``"vq"`` (indices, codebooks, residual and outlier parts; :mod:`qcore.codebook`); the
+  built-in packer ``vq`` writes layout ``"vq-packed"`` with ``op = "lut_linear"``, which
+  the built-in ``torch-lut`` provider and faster kernel providers implement.
 - Activation quantization (W8A8, static or dynamic): the scheme's ``act_bits`` and
   ``act_dynamic``; a quantizer lists the act bit-widths it supports in
   ``supported_act_bits``; static scales come from an observer (the built-in ``minmax``)

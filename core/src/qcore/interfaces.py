@@ -145,6 +145,11 @@ class QuantizedWeight:
     ``group_size``, ``symmetric``, ``act_bits``, ``act_dynamic``. The dense weight is
     ``(codes - zero) * scale`` with each column's group from ``g_idx``
     (``column // group_size`` without it).
+
+    The ``"vq"`` format (vector quantization with codebooks, e.g. VPTQ): ``indices`` into
+    a float16 ``codebook`` per vector of ``vector_size`` input columns, optional residual
+    stage, outlier columns, per-channel ``scale`` and ``offset``; see
+    :mod:`qcore.codebook` and ``docs/codebook-format.md``.
     """
 
     format: str
@@ -192,14 +197,19 @@ class Quantizer(Component):
 
     def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
         """The dense float32 weight that ``qweight`` stands for. The default serves the
-        ``"int"`` format; a quantizer producing another format overrides it."""
-        from qcore.grid import dequantize_int
+        core's formats, ``"int"`` and ``"vq"`` (:func:`qcore.codebook.dequantize_vq`); a
+        quantizer producing another format overrides it."""
+        if qweight.format == "int":
+            from qcore.grid import dequantize_int
 
-        if qweight.format != "int":
-            raise NotImplementedError(
-                f"quantizer {self.name!r} produces format {qweight.format!r} and must "
-                "override dequantize()")
-        return dequantize_int(qweight)
+            return dequantize_int(qweight)
+        if qweight.format == "vq":
+            from qcore.codebook import dequantize_vq
+
+            return dequantize_vq(qweight)
+        raise NotImplementedError(
+            f"quantizer {self.name!r} produces format {qweight.format!r} and must "
+            "override dequantize()")
 
 
 # ----------------------------------------------------------------------------- packers

@@ -97,12 +97,18 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         p = self.params
         bits = p.get("bits")
+        kernel = self.provider_name or f"{self.kernel} (not yet run)"
+        if "vector_size" in p:
+            from qcore.codebook import describe_vq
+
+            extras = ", low-rank" if self.lowrank_down is not None else ""
+            return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                    f"layout={self.layout}, W{bits} {describe_vq(p)}{extras}, kernel={kernel}")
         act = f"A{p['act_bits']}" if p.get("act_bits") else ""
         group = p.get("group_size")
         group_label = "per-channel" if group == -1 else f"g{group}"
         sym = "sym" if p.get("symmetric") else "asym"
         extras = ", act-order" if "g_idx" in self.tensor_names else ""
         extras += ", low-rank" if self.lowrank_down is not None else ""
-        kernel = self.provider_name or f"{self.kernel} (not yet run)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={self.layout}, W{bits}{act} {group_label} {sym}{extras}, kernel={kernel}")

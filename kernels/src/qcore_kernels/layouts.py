@@ -3,11 +3,12 @@
 Pure torch, on any device: the providers run it once per layer in ``prepare``; tests run
 it on the CPU. Both layouts are documented at the top of their CUDA sources.
 
-``qk-wq`` (W4A16/W8A16, ``qk_wq.cu``): codes repacked so that each 32-bit word holds
-``32 / bits`` consecutive codes of one row (the int packer's stream format straddles
-words at 3 bits and interleaves bit planes per 32 codes); scales and zero points in the
-activation dtype. Act-order weights (``g_idx``) are permuted so that groups are
-contiguous; the permutation is applied to the activations at run time.
+``qk-wq`` (W4A16/W8A16, ``qk_wq.cu``): ``32 / bits`` codes per 32-bit word along each
+row, even columns first inside a word (one shift and mask unpacks a pair of adjacent
+weights), rows padded to whole chunks of 16 words; scales and zero points in the
+activation dtype.
+Act-order weights (``g_idx``) are permuted so that groups are contiguous; the
+permutation is applied to the activations at run time.
 
 ``qk-w8a8`` (``qk_w8a8.cu``): signed int8 codes (code - 128) and float32 per-channel scales.
 """
@@ -30,7 +31,7 @@ class LayoutError(ValueError):
 
 @dataclass
 class PreparedWQ:
-    qweight: torch.Tensor  # int32 [N, K * bits / 32]
+    qweight: torch.Tensor  # int32 [N, chunks * 16]: pack_wq_codes
     scales: torch.Tensor  # dtype [N, n_groups]
     zeros: torch.Tensor  # dtype [N, n_groups]
     perm: torch.Tensor | None  # int64 [K]: x[:, perm] feeds the kernel (act-order)
@@ -45,7 +46,7 @@ class PreparedWQ:
 
     def dequantize(self) -> torch.Tensor:
         """Reference: the dense weight [N, K] in the kernel's column order, in ``dtype``."""
-        codes = unpack_words(self.qweight, self.bits, self.in_features)
+        codes = unpack_wq_codes(self.qweight, self.bits, self.in_features)
         gi = torch.arange(self.in_features, device=codes.device) // self.group_size
         return (codes.to(self.dtype) - self.zeros[:, gi]) * self.scales[:, gi]
 
@@ -63,22 +64,43 @@ def wq_group_size(group_size: int, in_features: int) -> int:
     return in_features if group_size == -1 else group_size
 
 
-def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] -> int32 [N, K * bits / 32]: ``32 / bits`` codes per word, low
-    bits first."""
-    per_word = 32 // bits
+def chunk_columns(bits: int) -> int:
+    """Columns per chunk of a ``qk-wq`` row: 16 words of ``32 / bits`` codes."""
+    return 16 * 32 // bits
+
+
+def _word_order(bits: int) -> torch.Tensor:
+    """int64 [32 / bits]: the column (within its word) of value ``e``: even columns first,
+    so that one shift and mask in ``qk_wq.cu`` yields a pair of adjacent columns."""
+    vals = 32 // bits
+    half = vals // 2
+    return torch.tensor([2 * e if e < half else 2 * (e - half) + 1 for e in range(vals)])
+
+
+def pack_wq_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> int32 [N, ceil(K / chunk) * 16] in the ``qk-wq`` layout,
+    columns past K padded with code 0."""
     n, k = codes.shape
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-    words = (codes.view(n, k // per_word, per_word).to(torch.int64) << shifts).sum(-1)
+    vals = 32 // bits
+    chunk = chunk_columns(bits)
+    width = -(-k // chunk) * chunk
+    padded = torch.zeros(n, width, dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes.to(torch.int64)
+    values = padded.view(n, width // vals, vals)[:, :, _word_order(bits).to(codes.device)]
+    shifts = torch.arange(vals, device=codes.device, dtype=torch.int64) * bits
+    words = (values << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_words`: uint8 [N, in_features]."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
-    codes = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(words.shape[0], -1)[:, :in_features].to(torch.uint8)
+def unpack_wq_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_wq_codes`: uint8 [N, in_features]."""
+    n = words.shape[0]
+    vals = 32 // bits
+    shifts = torch.arange(vals, device=words.device, dtype=torch.int64) * bits
+    values = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    codes = torch.empty_like(values)
+    codes[:, :, _word_order(bits).to(words.device)] = values
+    return codes.view(n, -1)[:, :in_features].to(torch.uint8)
 
 
 def to_wq(packed: PackedWeight, dtype: torch.dtype, device: torch.device | str) -> PreparedWQ:
@@ -109,7 +131,7 @@ def to_wq(packed: PackedWeight, dtype: torch.dtype, device: torch.device | str) 
         if torch.equal(perm, torch.arange(in_f, device=device)):
             perm = None
     return PreparedWQ(
-        qweight=pack_words(codes.contiguous(), bits),
+        qweight=pack_wq_codes(codes.contiguous(), bits),
         scales=scales.to(dtype).contiguous(),
         zeros=zeros.to(dtype).contiguous(),
         perm=perm,
@@ -150,3 +172,7 @@ def to_w8a8(packed: PackedWeight, device: torch.device | str) -> PreparedW8A8:
         in_features=in_f,
         out_features=out_f,
     )
+
+
+# Codebook (vq) weights: the qk-lut layout lives in qcore_kernels.lut_layout.
+from qcore_kernels.lut_layout import PreparedLUT, to_lut  # noqa: E402,F401

@@ -300,7 +300,7 @@ def compile_cubin(
 ) -> CompileResult:
     """Compile ``source_text`` (program ``name``, e.g. ``qk_wq.cu``) to a cubin for ``arch``.
 
-    Every instance (a name expression such as ``qk_wq_gemv<4, __half, 1>``) is instantiated
+    Every instance (a name expression such as ``qk_wq_mma<4, __half, 1, 2, 4>``) is instantiated
     and lowered. Options: ``--gpu-architecture=<arch>``, ``COMMON_OPTIONS``, ptxas' verbose
     report, ``options`` and ``-I`` for each of ``include_dirs()``. Raises ``CompileError``.
     """

@@ -6,11 +6,16 @@ CPU in the test harness (:mod:`qcore_kernels.harness`).
 
 Paths of the weight-only linear, by the number of tokens ``M``:
 
-* ``gemv`` (M <= ``GEMV_MAX_M``): one warp per output channel, up to 16 tokens per block;
-  reads the packed weight once per 16 tokens: the decode path.
-* ``gemm``: tiled tensor-core GEMM with dequantization fused into the tile loads.
+* ``mma`` (M < ``DEQUANT_MIN_M``, default 33): tensor-core products (mma.sync m16n8k16)
+  on weights dequantized in registers; the warps of a block split K and share 16 or 32
+  output channels, tokens in tiles of 16 or 32 (:func:`mma_config`). It reads the packed
+  weight once: the decode path, and small batches.
 * ``dequant`` (M >= ``DEQUANT_MIN_M``): dequantize the weight to a temporary dense matrix
   and use torch's GEMM (cuBLAS); at large M the GEMM's cost dwarfs the dequantization.
+
+Paths of the W8A8 linear: ``gemv`` (M <= 16, dp4a), ``intmm`` (cuBLASLt's int8 GEMM through
+``torch._int_mm``, then ``qk_w8a8_scale``'s epilogue; M > 16 and N a multiple of 8) and
+``gemm`` (int8 wmma tiles; the other shapes).
 
 ``DEQUANT_MIN_M`` is set from the ``QCORE_KERNELS_DEQUANT_MIN_M`` environment variable
 (default 1024); ``path=`` forces a path (benchmarks and tests compare them).
@@ -18,7 +23,9 @@ Paths of the weight-only linear, by the number of tokens ``M``:
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,15 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from qcore_kernels.layouts import PreparedW8A8, PreparedWQ
+from qcore_kernels.sources import MMA_TILINGS
 
 Launch = Callable[[str, str, Sequence[int], Sequence[int], Sequence[Any]], None]
 
 CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 GEMV_TILES = (1, 4, 8, 16)
 GEMV_MAX_M = 16
-DEQUANT_MIN_M = int(os.environ.get("QCORE_KERNELS_DEQUANT_MIN_M", "1024"))
-WQ_PATHS = ("gemv", "gemm", "dequant")
-W8A8_PATHS = ("gemv", "gemm")
+DEQUANT_MIN_M = int(os.environ.get("QCORE_KERNELS_DEQUANT_MIN_M", "33"))
+WQ_PATHS = ("mma", "dequant")
+W8A8_PATHS = ("gemv", "gemm", "intmm")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -59,9 +67,68 @@ def gemv_tile(m: int) -> int:
 
 
 def wq_path(m: int) -> str:
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    return "dequant" if m >= DEQUANT_MIN_M else "gemm"
+    return "dequant" if m >= DEQUANT_MIN_M else "mma"
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: Warps per multiprocessor that the ``mma`` path aims to keep busy: K is split over the
+#: grid (``gridDim.z``) only where the tiles' blocks bring fewer (long K, few channels).
+#: benchmarks/kernels_gpu_tune.py measured 16 best on an H200; splitting further costs more
+#: in partial sums than it gains in loads in flight.
+MMA_WARPS_PER_SM = int(os.environ.get("QCORE_KERNELS_MMA_WARPS_PER_SM", "16"))
+#: Weights (n * k) from which a block takes 32 output channels instead of 16.
+MMA_WIDE_FROM = 1 << 25
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    m_tiles: int  # m16 tiles per block
+    n_tiles: int  # n8 tiles per block
+    warps: int  # warps per block
+    splits: int  # blocks along K (gridDim.z)
+
+
+def mma_config(
+    m: int, n: int, k: int, bits: int, device: torch.device, warps_per_sm: int | None = None,
+    warps: int | None = None, n_tiles: int | None = None,
+) -> MmaConfig:
+    """The ``mma`` path's tiling for an ``m x k`` by ``k x n`` product: one token tile of 16
+    (8 warps) up to 16 tokens, else two (4 warps); 32 channels per block for large weights,
+    else 16; K split until ``warps_per_sm`` warps per multiprocessor are busy, each warp
+    keeping at least one chunk of 16 words per row. Explicit ``warps``/``n_tiles`` (tuning)
+    fall back to the nearest compiled tiling."""
+    mt = 1 if m <= 16 else 2
+    nt = n_tiles or (4 if n * k >= MMA_WIDE_FROM else 2)
+    kw = warps or (8 if mt == 1 else 4)
+    if (mt, nt, kw) not in MMA_TILINGS:
+        kw = 8 if mt == 1 else 4
+    tiles = _cdiv(n, 8 * nt) * _cdiv(m, 16 * mt)
+    chunks = _cdiv(k, 16 * 32 // bits)
+    want = (warps_per_sm or MMA_WARPS_PER_SM) * _multiprocessors(device)
+    splits = max(1, min(round(want / (tiles * kw)), chunks // kw))
+    return MmaConfig(mt, nt, kw, splits)
+
+
+_TICKETS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed counters for the split-K blocks, one per output tile; each launch leaves them
+    zero again. One buffer per device and stream, so that concurrent launches on other
+    streams never share a counter."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = buf
+    return buf
 
 
 def wq_linear(
@@ -70,8 +137,10 @@ def wq_linear(
     bias: torch.Tensor | None,
     launch: Launch,
     path: str | None = None,
+    config: MmaConfig | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T + bias`` for a ``qk-wq`` weight; ``x`` in the weight's dtype."""
+    """``x [M, K] @ W.T + bias`` for a ``qk-wq`` weight; ``x`` in the weight's dtype.
+    ``config`` overrides the ``mma`` path's tiling (benchmarks compare them)."""
     if x.dtype != w.dtype:
         raise ValueError(f"activations are {x.dtype} but the weight was prepared for {w.dtype}")
     t = _ctype(x.dtype)
@@ -82,39 +151,33 @@ def wq_linear(
     n, bits, g = w.out_features, w.bits, w.group_size
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     path = path or wq_path(m)
-    shape = [np.int32(m), np.int32(n), np.int32(k), np.int32(g)]
     if path == "dequant":
         dense = torch.empty(n, k, dtype=x.dtype, device=x.device)
-        words = w.qweight.numel()
+        lane_chunks = w.qweight.numel() // 4
         launch(
             "qk_wq.cu",
             f"qk_wq_dequant<{bits}, {t}>",
-            (min(_cdiv(words, 256), 65535), 1, 1),
+            (min(_cdiv(lane_chunks, 256), 65535), 1, 1),
             (256, 1, 1),
             [w.qweight, w.scales, w.zeros, dense, np.int32(n), np.int32(k), np.int32(g)],
         )
         return F.linear(x, dense, bias)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    args = [x, w.qweight, w.scales, w.zeros, bias, y, *shape]
-    if path == "gemv":
-        mt = gemv_tile(m)
-        launch(
-            "qk_wq.cu",
-            f"qk_wq_gemv<{bits}, {t}, {mt}>",
-            (_cdiv(n, 4), _cdiv(m, mt), 1),
-            (128, 1, 1),
-            args,
-        )
-    elif path == "gemm":
-        launch(
-            "qk_wq.cu",
-            f"qk_wq_gemm<{bits}, {t}>",
-            (_cdiv(n, 128), _cdiv(m, 128), 1),
-            (256, 1, 1),
-            args,
-        )
-    else:
+    if path != "mma":
         raise ValueError(f"unknown path {path!r}; one of {WQ_PATHS}")
+    cfg = config or mma_config(m, n, k, bits, x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (_cdiv(n, 8 * cfg.n_tiles), _cdiv(m, 16 * cfg.m_tiles), cfg.splits)
+    partial = tickets = None
+    if cfg.splits > 1:
+        partial = torch.empty(cfg.splits, m, n, dtype=torch.float32, device=x.device)
+        tickets = _tickets(x.device, grid[0] * grid[1])
+    launch(
+        "qk_wq.cu",
+        f"qk_wq_mma<{bits}, {t}, {cfg.m_tiles}, {cfg.n_tiles}, {cfg.warps}>",
+        grid,
+        (32 * cfg.warps, 1, 1),
+        [x, w.qweight, w.scales, w.zeros, bias, y, partial, tickets, *map(np.int32, (m, n, k, g))],
+    )
     return y
 
 
@@ -151,8 +214,19 @@ def w8a8_linear(
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = [xq, xs, w.wq, w.wscale, bias, y, np.int32(m), np.int32(n), np.int32(k)]
-    path = path or ("gemv" if m <= GEMV_MAX_M else "gemm")
-    if path == "gemv":
+    path = path or w8a8_path(m, n)
+    if path == "intmm":
+        if not intmm_applies(m, n):
+            raise ValueError(f"path 'intmm' needs M > 16 and N a multiple of 8; got {m} x {n}")
+        acc = torch._int_mm(xq, w.wq.t())
+        launch(
+            "qk_w8a8.cu",
+            f"qk_w8a8_scale<{t}>",
+            (min(_cdiv(m * n // 2, 256), 65535), 1, 1),
+            (256, 1, 1),
+            [acc, xs, w.wscale, bias, y, np.int32(m), np.int32(n)],
+        )
+    elif path == "gemv":
         mt = gemv_tile(m)
         launch(
             "qk_w8a8.cu",
@@ -168,3 +242,18 @@ def w8a8_linear(
     else:
         raise ValueError(f"unknown path {path!r}; one of {W8A8_PATHS}")
     return y
+
+
+def intmm_applies(m: int, n: int) -> bool:
+    """torch._int_mm (cuBLASLt int8) takes more than 16 rows and N a multiple of 8."""
+    return m > GEMV_MAX_M and n % 8 == 0
+
+
+def w8a8_path(m: int, n: int) -> str:
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "intmm" if intmm_applies(m, n) else "gemm"
+
+
+# Codebook (vq) linears: host side in qcore_kernels.lut_ops.
+from qcore_kernels.lut_ops import LUT_PATHS, lut_linear, lut_path  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """The CuPy kernel providers: what they support, as data, and how they run.
 
-Both read the core's ``int-packed`` layout (what checkpoints store) and convert it once per
-layer in ``prepare`` to their own layout (:mod:`qcore_kernels.layouts`). They run on CUDA
+They read the core's ``int-packed`` layout (``vq-packed`` for the codebook provider:
+what checkpoints store) and convert it once per layer in ``prepare`` to their own layout
+(:mod:`qcore_kernels.layouts`, :mod:`qcore_kernels.lut_layout`). They run on CUDA
 tensors of compute capability 8.0 or higher, in float16 or bfloat16, and outrank the
 torch provider; ``kernel auto`` falls back to torch wherever they do not apply.
 """
@@ -15,6 +16,7 @@ from qcore.interfaces import KernelProvider, KernelRequest, KernelSupport, Packe
 from qcore_kernels.support import (
     W8A8_IN_MULTIPLE,
     WQ_IN_MULTIPLE,
+    lut_unsupported_reason,
     w8a8_unsupported_reason,
     wq_unsupported_reason,
 )
@@ -132,4 +134,39 @@ class CupyW8A8Linear(_CupyProvider):
         return w8a8_linear(x, prepared, bias, cupy_launcher())
 
 
-PROVIDERS = (CupyWQLinear, CupyW8A8Linear)
+class CupyLUTLinear(_CupyProvider):
+    """Codebook (vq) weights, op ``lut_linear``: every vector size, index width (1-16
+    bits), residual stage, outlier columns, per-channel scale and offset. Up to 16 tokens,
+    vector sizes 4, 6 and 8 whose codebooks fit in shared memory run the LUT GEMV (indices
+    decoded inside the kernel); larger M, other vector sizes and codebooks too large for
+    shared memory decode the weight to fp16/bf16 and use cuBLAS (``qcore_kernels.lut_ops``).
+    A request does not carry the vector size or codebook size, so that choice is made per
+    weight at run time, never a wrong result."""
+
+    name = "cupy-lut"
+    support = KernelSupport(
+        ops=frozenset({"lut_linear"}),
+        layouts=frozenset({"vq-packed"}),
+        dtypes=_DTYPES,
+        devices=frozenset({"cuda"}),
+        min_compute_capability=(8, 0),
+        priority=100,
+    )
+
+    @classmethod
+    def unsupported_reason(cls, request: KernelRequest) -> str | None:
+        return super().unsupported_reason(request) or lut_unsupported_reason(request.bits)
+
+    def prepare(self, packed: PackedWeight, device: torch.device) -> Any:
+        from qcore_kernels.lut_layout import to_lut
+
+        return to_lut(packed, device)
+
+    def lut_linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        from qcore_kernels.lut_ops import lut_linear
+        from qcore_kernels.runtime import cupy_launcher
+
+        return lut_linear(x, prepared, bias, cupy_launcher())
+
+
+PROVIDERS = (CupyWQLinear, CupyW8A8Linear, CupyLUTLinear)

@@ -90,13 +90,15 @@ def _as_arg(value: Any) -> Any:
 
 class CupyLauncher:
     """Launches catalogue kernels on torch CUDA tensors: ``launcher(file, instance, grid,
-    block, args)``. Arguments: tensors (device pointers), None (null), numpy scalars, and
+    block, args, shared_mem=0)`` (``shared_mem``: dynamic shared memory, bytes).
+    Arguments: tensors (device pointers), None (null), numpy scalars, and
     Python ints/floats (as int32/float32)."""
 
     def __init__(self) -> None:
         self._modules: dict[tuple[str, int], Any] = {}
         self._functions: dict[tuple[str, str, int], Any] = {}
         self._streams: dict[int, Any] = {}
+        self._dynamic_smem: dict[int, int] = {}  # id(function) -> opted-in bytes
 
     def module(self, file: str, device_index: int) -> Any:
         key = (file, device_index)
@@ -136,6 +138,7 @@ class CupyLauncher:
         grid: Sequence[int],
         block: Sequence[int],
         args: Sequence[Any],
+        shared_mem: int = 0,
     ) -> None:
         import cupy
         import torch
@@ -150,7 +153,11 @@ class CupyLauncher:
             stream = cupy.cuda.ExternalStream(handle, device_index)
             self._streams[handle] = stream
         with cupy.cuda.Device(device_index), stream:
-            fn(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args))
+            if shared_mem > 48 * 1024 and shared_mem > self._dynamic_smem.get(id(fn), 0):
+                # Dynamic shared memory beyond 48 KB is opt-in, per kernel and device.
+                fn.max_dynamic_shared_size_bytes = shared_mem
+                self._dynamic_smem[id(fn)] = shared_mem
+            fn(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args), shared_mem=shared_mem)
 
 
 @functools.lru_cache(maxsize=1)

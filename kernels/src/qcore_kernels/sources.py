@@ -23,7 +23,7 @@ COMMON_OPTIONS: tuple[str, ...] = ("-std=c++17",)  # no fast math: results match
 class KernelSource:
     #: File name under ``qcore_kernels/cuda``.
     file: str
-    #: Template instances (NVRTC name expressions), e.g. ``"qk_wq_gemv<4, __half, 1>"``.
+    #: Template instances (NVRTC name expressions), e.g. ``"qk_wq_mma<4, __half, 1, 2, 4>"``.
     instances: tuple[str, ...]
     #: Instances (a subset of ``instances``) whose tensor-core code (``mma.h``/inline PTX)
     #: has no CPU substitute, so the CPU harness cannot run them. The qcore kernels keep
@@ -40,20 +40,27 @@ class KernelSource:
         return self.path.read_text()
 
 
+#: (m16 tiles, n8 tiles, warps) of the qk_wq_mma instances (qcore_kernels.ops.mma_config
+#: picks among them; the sweep of benchmarks/kernels_gpu_tune.py chose them): 8 warps per
+#: block for up to 16 tokens, 4 for up to 32 (past 32 tokens, dequantize + cuBLAS wins).
+MMA_TILINGS: tuple[tuple[int, int, int], ...] = ((1, 2, 8), (1, 4, 8), (2, 2, 4), (2, 4, 4))
+
+
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
     simt, tc = [], []
     for bits in (4, 8):
         for t in ("__half", "__nv_bfloat16"):
-            for m_tile in (1, 4, 8, 16):
-                simt.append(f"qk_wq_gemv<{bits}, {t}, {m_tile}>")
+            for m_tiles, n_tiles, warps in MMA_TILINGS:
+                tc.append(f"qk_wq_mma<{bits}, {t}, {m_tiles}, {n_tiles}, {warps}>")
             simt.append(f"qk_wq_dequant<{bits}, {t}>")
-            tc.append(f"qk_wq_gemm<{bits}, {t}>")
     return tuple(simt), tuple(tc)
 
 
 _WQ_SIMT, _WQ_TC = _wq_instances()
 
 SOURCES: tuple[KernelSource, ...] = (
+    # qk_wq_mma's tensor-core product is qk::mma_16816, which the harness computes in SIMT
+    # code: every qk_wq instance runs in the harness.
     KernelSource("qk_wq.cu", _WQ_SIMT + _WQ_TC),
     KernelSource(
         "qk_w8a8.cu",
@@ -61,7 +68,19 @@ SOURCES: tuple[KernelSource, ...] = (
         + tuple(
             f"qk_w8a8_gemv<{t}, {m}>" for t in ("__half", "__nv_bfloat16") for m in (1, 4, 8, 16)
         )
-        + tuple(f"qk_w8a8_gemm<{t}>" for t in ("__half", "__nv_bfloat16")),
+        + tuple(f"qk_w8a8_gemm<{t}>" for t in ("__half", "__nv_bfloat16"))
+        + tuple(f"qk_w8a8_scale<{t}>" for t in ("__half", "__nv_bfloat16")),
+    ),
+    # Codebook (vq) linears: GEMV per (dtype, vector size, token tile), dequantize per dtype.
+    KernelSource(
+        "qk_lut.cu",
+        tuple(
+            f"qk_lut_gemv<{t}, {v}, {m}>"
+            for t in ("__half", "__nv_bfloat16")
+            for v in (4, 6, 8)  # support.LUT_VECTOR_SIZES
+            for m in (1, 4, 8, 16)  # lut_ops.LUT_TILES
+        )
+        + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),
 )
 

@@ -30,3 +30,55 @@ def w8a8_unsupported_reason(
     if in_features % W8A8_IN_MULTIPLE:
         return f"in_features {in_features} not a multiple of {W8A8_IN_MULTIPLE}"
     return None
+
+
+#: Vector sizes of the ``qk-lut`` GEMV instances (others take the dequantize path).
+LUT_VECTOR_SIZES = (4, 6, 8)
+#: Index words per warp step of the ``qk-lut`` GEMV (``qk_lut.cu``: STEP_CHUNKS chunks of
+#: 32 indices), for its shared-memory size.
+LUT_STEP_CHUNKS = 8
+
+
+def lut_unsupported_reason(bits: int) -> str | None:
+    """What a ``lut_linear`` request can say that the ``qk-lut`` kernels refuse: its
+    nominal bits per weight (``bits``) above 16, which no vq weight of 16-bit indices
+    reaches. Vector and codebook sizes are not in the request: the kernels take any
+    (codebooks too large for shared memory use the dequantize path)."""
+    if not 0 <= bits <= 16:
+        return f"bits {bits}: a vq weight stores at most 16 bits per weight"
+    return None
+
+
+def lut_stage_words(bits: int) -> int:
+    """Staging words per warp for one index stream (``qk_lut::stage_words``)."""
+    return LUT_STEP_CHUNKS * bits + 4 if bits else 0
+
+
+def lut_gemv_smem(
+    vector_size: int, stages: list[tuple[int, int]], warps: int, rows_per_warp: int = 1
+) -> int:
+    """Dynamic shared memory (bytes) of one ``qk_lut_gemv`` block, activations aside: each
+    stage's codebook (``(rows, index_bits)``, 2 bytes per value, 16-byte aligned) and the
+    warps' staging buffers (one per stage and channel a warp computes at once)."""
+    tables = sum(-(-rows * vector_size // 8) * 16 for rows, _ in stages)
+    staging = rows_per_warp * 4 * sum(lut_stage_words(bits) for _, bits in stages)
+    return tables + warps * staging
+
+
+def lut_gemv_unsupported_reason(
+    vector_size: int,
+    stages: list[tuple[int, int]],
+    warps: int,
+    smem_limit: int,
+    rows_per_warp: int = 1,
+) -> str | None:
+    """Why the ``qk-lut`` GEMV cannot take a part of a vq weight (its layers then use
+    dequantize + cuBLAS at every M), or None."""
+    if vector_size not in LUT_VECTOR_SIZES:
+        return f"vector size {vector_size} not in {list(LUT_VECTOR_SIZES)}"
+    smem = lut_gemv_smem(vector_size, stages, warps, rows_per_warp)
+    if smem > smem_limit:
+        rows = " + ".join(f"{r} x {vector_size}" for r, _ in stages)
+        return (f"the codebooks ({rows} fp16 values) need {smem} bytes of shared memory per "
+                f"block, more than the device's {smem_limit}")
+    return None

@@ -11,7 +11,7 @@ from qcore.builtin.int_packer import IntPacker
 from qcore.interfaces import PackedWeight
 from qcore.testing.base import random_int_weight, reference_linear
 from qcore_kernels.layouts import to_w8a8, to_wq
-from qcore_kernels.ops import Launch, w8a8_linear, wq_linear
+from qcore_kernels.ops import Launch, MmaConfig, w8a8_linear, wq_linear
 
 
 def random_int_packed(
@@ -62,11 +62,14 @@ class Case:
     path: str | None = None
     bias: bool = True
     static: bool = False  # W8A8: static per-tensor activation scale
+    #: the ``mma`` path's tiling (m16 tiles, n8 tiles, warps, K splits); None: ops' choice
+    mma: tuple[int, int, int, int] | None = None
 
     @property
     def id(self) -> str:
+        tiling = "" if self.mma is None else "-t" + "x".join(map(str, self.mma))
         return (
-            f"{self.path or 'auto'}-m{self.m}n{self.n}k{self.k}-w{self.bits}g{self.group}"
+            f"{self.path or 'auto'}{tiling}-m{self.m}n{self.n}k{self.k}-w{self.bits}g{self.group}"
             f"{'s' if self.symmetric else 'a'}{'-act' if self.act_order else ''}"
             f"{'-static' if self.static else ''}-{self.dtype}"
         )
@@ -97,7 +100,8 @@ def run_wq_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor, 
 
     packed, x, bias = _inputs(case, device, None)
     w = to_wq(packed, x.dtype, device)
-    y = wq_linear(x, w, bias, launch, path=case.path)
+    config = None if case.mma is None else MmaConfig(*case.mma)
+    y = wq_linear(x, w, bias, launch, path=case.path, config=config)
     ref = reference_linear(
         x.float(),
         dequantize_int(IntPacker().unpack(packed)).to(device),
@@ -135,3 +139,77 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, case: Case) -> float:
         f"{case.id}: relative error {err:.2e} > {TOLERANCE[case.dtype]:.0e}"
     )
     return err
+
+
+# ------------------------------------------------------------------ codebook (vq) kernels
+
+
+@dataclass(frozen=True)
+class LUTCase:
+    """One codebook-kernel run (``qk_lut.cu``): shapes, vq structure, dtype, forced path."""
+
+    m: int
+    n: int
+    k: int
+    v: int = 6
+    bits: int = 12  # main index bits
+    rows: int | None = 256  # main codebook rows (None: 2**bits)
+    res_bits: int = 0
+    outliers: int = 0  # outlier columns (with 8-bit indices)
+    scale: bool = False
+    offset: bool = False
+    dtype: str = "float16"
+    path: str | None = None
+    bias: bool = True
+
+    @property
+    def id(self) -> str:
+        extra = "".join([
+            f"-res{self.res_bits}" if self.res_bits else "",
+            f"-out{self.outliers}" if self.outliers else "",
+            "-scale" if self.scale else "", "-offset" if self.offset else "",
+            "" if self.bias else "-nobias",
+        ])
+        rows = "" if self.rows is None else f"r{self.rows}"
+        return (f"{self.path or 'auto'}-m{self.m}n{self.n}k{self.k}-v{self.v}i{self.bits}{rows}"
+                f"{extra}-{self.dtype}")
+
+
+def random_vq(case: LUTCase, seed: int = 0) -> Any:
+    """The logical ``"vq"`` weight of ``case`` (:func:`qcore.testing.base.random_vq_weight`)."""
+    from qcore.testing.base import random_vq_weight
+
+    return random_vq_weight(
+        case.n,
+        case.k,
+        case.v,
+        case.bits,
+        res_index_bits=case.res_bits,
+        n_outliers=case.outliers,
+        outlier_index_bits=8 if case.outliers else 0,
+        scale=case.scale,
+        offset=case.offset,
+        max_codebook_rows=case.rows,
+        seed=seed + case.k + case.v,
+    )
+
+
+def run_lut_case(case: LUTCase, launch: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``qk-lut`` kernels' output (through the ``vq`` packer) and the float32 reference
+    (``qcore.codebook.dequantize_vq`` + ``F.linear``)."""
+    from qcore.builtin.vq_packer import VQPacker
+    from qcore.codebook import dequantize_vq
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import lut_linear
+
+    qweight = random_vq(case)
+    w = to_lut(VQPacker().pack(qweight), device)
+    gen = torch.Generator().manual_seed(case.m * 7919 + case.n * 31 + case.k)
+    dtype = getattr(torch, case.dtype)
+    x = torch.randn(case.m, case.k, generator=gen).to(dtype).to(device)
+    bias = (torch.randn(case.n, generator=gen) * 0.1).to(dtype).to(device) if case.bias else None
+    y = lut_linear(x, w, bias, launch, path=case.path)
+    ref = reference_linear(
+        x.float(), dequantize_vq(qweight).to(device), None if bias is None else bias.float()
+    )
+    return y, ref

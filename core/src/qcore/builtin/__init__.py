@@ -1,3 +1,3 @@
 """qcore's built-in components, registered through the ``qcore`` entry point like any
-other plugin: the ``minmax`` observer, the ``rtn`` quantizer, the ``int`` packer and the
-``torch`` kernel provider."""
+other plugin: the ``minmax`` and ``hessian`` observers, the ``rtn`` quantizer, the ``int``
+and ``vq`` packers and the ``torch`` and ``torch-lut`` kernel providers."""

@@ -9,6 +9,8 @@ from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
+from qcore.builtin.torch_lut_kernels import TorchLUTKernels
+from qcore.builtin.vq_packer import VQPacker
 
 QCORE_CONTRACT_VERSION = "1.0"
 
@@ -27,8 +29,10 @@ def qcore_register_quantizers(register: Callable[[type], None]) -> None:
 @hookimpl
 def qcore_register_packers(register: Callable[[type], None]) -> None:
     register(IntPacker)
+    register(VQPacker)
 
 
 @hookimpl
 def qcore_register_kernels(register: Callable[[type], None]) -> None:
     register(TorchKernels)
+    register(TorchLUTKernels)

@@ -27,6 +27,8 @@ class IntPacker(Packer):
         if qweight.format != "int":
             raise ValueError(f"the int packer reads format 'int', got {qweight.format!r}")
         bits = int(qweight.params["bits"])  # type: ignore[arg-type]
+        if bits not in self.supported_bits:
+            raise ValueError(f"bits={bits}: the int packer stores 1 to 8 bits per code")
         t = qweight.tensors
         tensors = {"qweight": pack_codes(t["codes"], bits), "scales": t["scales"]}
         for key in ("zeros", "g_idx", "input_scale"):

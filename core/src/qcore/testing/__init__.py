@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         BaseQuantizerTests,
         BaseTransformTests,
         random_int_weight,
+        random_vq_weight,
         reference_linear,
     )
 
@@ -41,6 +42,7 @@ _FROM_BASE = {
     "BaseQuantizerTests",
     "BaseTransformTests",
     "random_int_weight",
+    "random_vq_weight",
     "reference_linear",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "isolated_plugin_manager",
     "make_plugin",
     "random_int_weight",
+    "random_vq_weight",
     "reference_linear",
 ]
 

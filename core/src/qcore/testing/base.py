@@ -48,6 +48,7 @@ __all__ = [
     "BaseQuantizerTests",
     "BaseTransformTests",
     "random_int_weight",
+    "random_vq_weight",
     "reference_linear",
 ]
 
@@ -114,6 +115,95 @@ def random_int_weight(
                               "act_dynamic": not static_input_scale}
     return QuantizedWeight(format="int", shape=(out_features, in_features), tensors=tensors,
                            params=params)
+
+
+def random_vq_weight(
+    out_features: int,
+    in_features: int,
+    vector_size: int,
+    index_bits: int,
+    *,
+    res_index_bits: int = 0,
+    n_outliers: int = 0,
+    outlier_index_bits: int = 0,
+    scale: bool = False,
+    offset: bool = False,
+    max_codebook_rows: int | None = 256,
+    bits: int | None = None,
+    seed: int = 0,
+) -> QuantizedWeight:
+    """A random (seeded) weight in the ``"vq"`` format (``docs/codebook-format.md``):
+    Gaussian float16 codebooks of ``min(2**index_bits, max_codebook_rows)`` rows (fewer
+    rows than the index width allows, as the format permits; ``None``: all), uniform
+    indices, a smaller residual codebook when ``res_index_bits``, ``n_outliers`` random
+    outlier columns when ``outlier_index_bits``, and a per-channel ``scale`` and
+    ``offset`` when asked. ``bits`` (the nominal bits per weight) defaults to
+    ``round(index_bits / vector_size)``, at least 1."""
+    from qcore.codebook import n_vectors
+
+    g = _generator(seed)
+
+    def stage(n_vec: int, width_bits: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = 1 << width_bits
+        if max_codebook_rows is not None:
+            rows = min(rows, max_codebook_rows)
+        codebook = (torch.randn(rows, vector_size, generator=g) * spread).to(torch.float16)
+        indices = torch.randint(0, rows, (out_features, n_vec), generator=g, dtype=torch.int32)
+        return indices, codebook
+
+    n_main = in_features - (n_outliers if outlier_index_bits else 0)
+    tensors: dict[str, torch.Tensor] = {}
+    tensors["indices"], tensors["codebook"] = stage(n_vectors(n_main, vector_size), index_bits,
+                                                    0.05)
+    if res_index_bits:
+        tensors["res_indices"], tensors["res_codebook"] = stage(
+            n_vectors(n_main, vector_size), res_index_bits, 0.01)
+    if outlier_index_bits:
+        cols = torch.randperm(in_features, generator=g)[:n_outliers].sort().values
+        tensors["outlier_cols"] = cols.to(torch.int32)
+        tensors["outlier_indices"], tensors["outlier_codebook"] = stage(
+            n_vectors(n_outliers, vector_size), outlier_index_bits, 0.2)
+    if scale or offset:
+        tensors["scale"] = (torch.rand(out_features, generator=g) + 0.5).to(torch.float16)
+    if offset:
+        tensors["offset"] = (torch.randn(out_features, generator=g) * 0.01).to(torch.float16)
+    params: dict[str, Any] = {
+        "bits": bits if bits is not None else max(1, round(index_bits / vector_size)),
+        "vector_size": vector_size, "index_bits": index_bits, "res_index_bits": res_index_bits,
+        "outlier_index_bits": outlier_index_bits,
+        "n_outliers": n_outliers if outlier_index_bits else 0}
+    return QuantizedWeight(format="vq", shape=(out_features, in_features), tensors=tensors,
+                           params=params)
+
+
+def _vq_weights_for_tests(out_features: int, in_features: int, seed: int,
+                          bits: int | None = None) -> QuantizedWeight:
+    """One of four vq structures, by ``seed``: plain, residual, outliers with a scale,
+    everything (the vector size does not divide ``in_features`` in the last three)."""
+    variant = seed % 4
+    vector_size = (4, 6, 5, 3)[variant]
+    index_bits = (8, 12, 10, 16)[variant]
+    n_outliers = max(1, in_features // 10) if variant >= 2 else 0
+    return random_vq_weight(
+        out_features, in_features, vector_size, index_bits,
+        res_index_bits=(0, 9, 0, 4)[variant], n_outliers=n_outliers,
+        outlier_index_bits=8 if n_outliers else 0, scale=variant >= 2, offset=variant == 3,
+        bits=bits, seed=seed)
+
+
+def _dense_of(qweight: QuantizedWeight, fixture: str) -> torch.Tensor:
+    """The dense float32 weight of a weight in a core format (``"int"``, ``"vq"``)."""
+    if qweight.format == "int":
+        from qcore.grid import dequantize_int
+
+        return dequantize_int(qweight)
+    if qweight.format == "vq":
+        from qcore.codebook import dequantize_vq
+
+        return dequantize_vq(qweight)
+    _must_override(fixture, f"a function QuantizedWeight -> dense float32 weight for format "
+                            f"{qweight.format!r}")
+    raise AssertionError  # unreachable
 
 
 def reference_linear(
@@ -422,6 +512,23 @@ class BaseQuantizerTests(_ComponentChecks):
                                        rtol=0, atol=0,
                                        msg=lambda m, s=scheme: f"{s.label()}: {m}")
 
+    def test_vq_dequantize_follows_the_format(self, quantizer: Quantizer,
+                                              weight: torch.Tensor, stats: Mapping[str, Any],
+                                              schemes: Sequence[Scheme]) -> None:
+        if quantizer.produces != "vq":
+            pytest.skip(f"produces {quantizer.produces!r}, not 'vq'")
+        from qcore.codebook import dequantize_vq, validate_vq
+
+        for scheme in schemes:
+            qweight = self.quantize(quantizer, weight, stats, scheme)
+            validate_vq(qweight)  # raises with what is wrong
+            assert qweight.params.get("bits") == scheme.bits, (
+                f"{scheme.label()}: params['bits'] = {qweight.params.get('bits')!r}, "
+                f"expected the scheme's nominal {scheme.bits}")
+            torch.testing.assert_close(quantizer.dequantize(qweight), dequantize_vq(qweight),
+                                       rtol=0, atol=0,
+                                       msg=lambda m, s=scheme: f"{s.label()}: {m}")
+
     def test_deterministic(self, quantizer: Quantizer, weight: torch.Tensor,
                            stats: Mapping[str, Any], schemes: Sequence[Scheme]) -> None:
         # Different global RNG states: a method that draws random numbers must seed its own
@@ -538,7 +645,9 @@ class BasePackerTests(_ComponentChecks):
     Fixtures to define: ``packer`` (an instance). For a packer of the ``"int"`` format,
     ``quantized_weights`` defaults to random weights for every supported bit-width up to
     8, a dividing and a non-dividing group size, per channel, symmetric, act-order and
-    a static input scale; for any other format override it.
+    a static input scale; for the ``"vq"`` format to :func:`random_vq_weight` weights
+    with index widths from 1 to 16 bits, residual and outlier stages, partial last
+    vectors, scale and offset; for any other format override it.
     """
 
     kind = "packer"
@@ -554,6 +663,12 @@ class BasePackerTests(_ComponentChecks):
 
     @pytest.fixture
     def quantized_weights(self, packer: Packer) -> list[QuantizedWeight]:
+        if packer.format == "vq":
+            out = [_vq_weights_for_tests(7, 50, seed) for seed in range(4)]
+            out += [random_vq_weight(3, 40, 2, b, res_index_bits=b % 3, max_codebook_rows=None,
+                                     seed=10 + b)
+                    for b in (1, 2, 3, 5, 7, 9, 11, 13, 14, 15, 16)]
+            return out
         if packer.format != "int":
             _must_override("quantized_weights",
                            f"a list of QuantizedWeight of format {packer.format!r}")
@@ -654,8 +769,11 @@ class BaseKernelProviderTests(_ComponentChecks):
     ``packers`` (instances writing the layouts you declare; default: the installed
     built-ins' packers of those layouts), ``kernel_requests`` (default: built from your
     ``support`` declaration, on the devices present), ``make_quantized_weight`` (request,
-    seed -> QuantizedWeight; default for the ``"int"`` format) and ``dequantize``
-    (QuantizedWeight -> dense float32; default for ``"int"``).
+    seed -> QuantizedWeight; default for the ``"int"`` and ``"vq"`` formats: for
+    ``"vq"``, ``request.bits`` is only the nominal width and the seed picks one of four
+    structures: plain, residual, outliers with a scale, all of them with an offset) and
+    ``dequantize`` (QuantizedWeight -> dense float32; default for ``"int"`` and
+    ``"vq"``).
 
     Each request the provider declares support for is run through ``prepare`` and the
     op, and compared with :func:`reference_linear` to :attr:`tolerance` for its dtype.
@@ -687,6 +805,9 @@ class BaseKernelProviderTests(_ComponentChecks):
     @pytest.fixture
     def make_quantized_weight(self) -> Callable[[KernelRequest, Packer, int], QuantizedWeight]:
         def make(request: KernelRequest, packer: Packer, seed: int) -> QuantizedWeight:
+            if packer.format == "vq":
+                return _vq_weights_for_tests(request.out_features, request.in_features, seed,
+                                             bits=request.bits)
             if packer.format != "int":
                 _must_override("make_quantized_weight",
                                f"a function (request, packer, seed) -> QuantizedWeight of "
@@ -700,12 +821,7 @@ class BaseKernelProviderTests(_ComponentChecks):
     @pytest.fixture
     def dequantize(self) -> Callable[[QuantizedWeight], torch.Tensor]:
         def dense(qweight: QuantizedWeight) -> torch.Tensor:
-            from qcore.grid import dequantize_int
-
-            if qweight.format != "int":
-                _must_override("dequantize", f"a function QuantizedWeight -> dense float32 "
-                                             f"weight for format {qweight.format!r}")
-            return dequantize_int(qweight)
+            return _dense_of(qweight, "dequantize")
         return dense
 
     @pytest.fixture

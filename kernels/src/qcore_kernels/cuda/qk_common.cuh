@@ -48,4 +48,50 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, float* out) {
     for (int i = 0; i < 8; ++i) out[i] = to_float(v[i]);
 }
 
+// Word i (0..3) of a 16-byte load; i is a compile-time constant after unrolling.
+__device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The bits of a 32-bit value as another 32-bit type, and back (a union: CUDA and GCC both
+// define this type pun).
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast32(From v) {
+    static_assert(sizeof(To) == 4 && sizeof(From) == 4, "32-bit types only");
+    union { From from; To to; } u;
+    u.from = v;
+    return u.to;
+}
+template <typename T2> __device__ __forceinline__ T2 bits_as(unsigned v) { return bit_cast32<T2>(v); }
+template <typename T2> __device__ __forceinline__ unsigned as_bits(T2 v) { return bit_cast32<unsigned>(v); }
+
+// Two T in one 32-bit register (low half first), and the exact "magic number" conversion of
+// small integers: the bits MAGIC_BITS | v in each half read as MAGIC_VALUE + v, exactly
+// for v < 2^10 in fp16 (1024 + v) and v < 2^7 in bf16 (128 + v).
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+    using type = __half2;
+    static constexpr bool IS_HALF = true;
+    static constexpr unsigned MAGIC_BITS = 0x64006400u;
+    static constexpr float MAGIC_VALUE = 1024.f;
+    static __device__ __forceinline__ type splat(__half v) { return __half2half2(v); }
+    static __device__ __forceinline__ type make(__half lo, __half hi) { return __halves2half2(lo, hi); }
+    static __device__ __forceinline__ __half low(type v) { return __low2half(v); }
+    static __device__ __forceinline__ __half high(type v) { return __high2half(v); }
+    static __device__ __forceinline__ type sub(type a, type b) { return __hsub2(a, b); }
+    static __device__ __forceinline__ type mul(type a, type b) { return __hmul2(a, b); }
+};
+template <> struct Pair<__nv_bfloat16> {
+    using type = __nv_bfloat162;
+    static constexpr bool IS_HALF = false;
+    static constexpr unsigned MAGIC_BITS = 0x43004300u;
+    static constexpr float MAGIC_VALUE = 128.f;
+    static __device__ __forceinline__ type splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
+    static __device__ __forceinline__ type make(__nv_bfloat16 lo, __nv_bfloat16 hi) { return __halves2bfloat162(lo, hi); }
+    static __device__ __forceinline__ __nv_bfloat16 low(type v) { return __low2bfloat16(v); }
+    static __device__ __forceinline__ __nv_bfloat16 high(type v) { return __high2bfloat16(v); }
+    static __device__ __forceinline__ type sub(type a, type b) { return __hsub2(a, b); }
+    static __device__ __forceinline__ type mul(type a, type b) { return __hmul2(a, b); }
+};
+
 }  // namespace qk

@@ -103,4 +103,54 @@ __device__ __forceinline__ void store_tiles(WarpTile<In, Acc, FM, FN>& tile, Acc
         }
 }
 
+// One m16n8k16 tensor-core product, c += a * b, on fragments in registers (PTX
+// mma.sync.aligned.m16n8k16.row.col with fp32 accumulation). With g = lane / 4 and
+// q = lane % 4: a[0] = A[g][2q..2q+1], a[1] = A[g+8][2q..2q+1], a[2] = A[g][2q+8..2q+9],
+// a[3] = A[g+8][2q+8..2q+9]; b[0] = B[2q..2q+1][g], b[1] = B[2q+8..2q+9][g];
+// c[e] = C[g + 8 * (e / 2)][2q + e % 2]. Pairs are two T in a 32-bit register, low first.
+// The CPU harness computes the same contract in SIMT code, gathering the operands with
+// warp shuffles.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifndef QK_CPU_HARNESS
+    if constexpr (Pair<T>::IS_HALF) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#else
+    using T2 = typename Pair<T>::type;
+    const int lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
+    float arow[2][16], bcol[2][16];  // A rows g and g + 8; B columns 2q and 2q + 1
+    for (int src = 0; src < 4; ++src) {
+        for (int r = 0; r < 4; ++r) {  // A row g's (g+8's) owners are lanes 4g .. 4g+3
+            const T2 v = bits_as<T2>(__shfl_sync(FULL_MASK, a[r], g * 4 + src));
+            const int col = 2 * src + 8 * (r / 2);
+            arow[r % 2][col] = float(v.x);
+            arow[r % 2][col + 1] = float(v.y);
+        }
+        for (int r = 0; r < 2; ++r)
+            for (int cc = 0; cc < 2; ++cc) {  // B column n's owners are lanes 4n .. 4n+3
+                const T2 v = bits_as<T2>(__shfl_sync(FULL_MASK, b[r], (2 * q + cc) * 4 + src));
+                const int k = 2 * src + 8 * r;
+                bcol[cc][k] = float(v.x);
+                bcol[cc][k + 1] = float(v.y);
+            }
+    }
+    for (int e = 0; e < 4; ++e) {
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) sum += arow[e / 2][k] * bcol[e % 2][k];
+        c[e] += sum;
+    }
+#endif
+}
+
 }  // namespace qk

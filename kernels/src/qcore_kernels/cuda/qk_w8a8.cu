@@ -20,7 +20,7 @@ constexpr int WM = 64, WN = 32, FM = WM / 16, FN = WN / 16;
 }  // namespace qk_w8
 
 // One block of 256 threads per row: absmax (dynamic) or the given static scale, then
-// q = clamp(rint(x / scale), -127, 127).
+// q = clamp(rint(x / scale), -127, 127). Eight values per 16-byte load (K % 16 == 0).
 template <typename T>
 __global__ void __launch_bounds__(256) qk_quantize_rows(
     const T* __restrict__ x, signed char* __restrict__ xq, float* __restrict__ xscale,
@@ -34,7 +34,12 @@ __global__ void __launch_bounds__(256) qk_quantize_rows(
         scale = *static_scale;
     } else {
         float amax = 0.f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(qk::to_float(xr[k])));
+        for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) {
+            float v[8];
+            qk::load8(xr + k, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+        }
         amax = qk::warp_max(amax);
         if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = amax;
         __syncthreads();
@@ -45,9 +50,14 @@ __global__ void __launch_bounds__(256) qk_quantize_rows(
     }
     if (threadIdx.x == 0) xscale[m] = scale;
     signed char* qr = xq + static_cast<size_t>(m) * K;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const float q = fminf(fmaxf(rintf(qk::to_float(xr[k]) / scale), -127.f), 127.f);
-        qr[k] = static_cast<signed char>(static_cast<int>(q));
+    for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) {
+        float v[8];
+        qk::load8(xr + k, v);
+        __align__(8) signed char q8[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            q8[i] = static_cast<signed char>(static_cast<int>(fminf(fmaxf(rintf(v[i] / scale), -127.f), 127.f)));
+        *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(q8);
     }
 }
 
@@ -133,4 +143,25 @@ __global__ void __launch_bounds__(qk_w8::THREADS) qk_w8a8_gemm(
         y[static_cast<size_t>(m) * N + n] =
             qk::from_float<T>(static_cast<float>(v) * xscale[m] * wscale[n] + b);
     });
+}
+
+// Epilogue of an int8 GEMM computed elsewhere (cuBLASLt through torch._int_mm): the same
+// scaling as qk_w8a8_gemm's, from the int32 products acc [M, N]. Each thread takes two
+// adjacent outputs of a row (N is even on this path); grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(256) qk_w8a8_scale(
+    const int* __restrict__ acc, const float* __restrict__ xscale, const float* __restrict__ wscale,
+    const T* __restrict__ bias, T* __restrict__ y, int M, int N) {
+    const long long pairs = static_cast<long long>(M) * N / 2;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    for (long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs; p += stride) {
+        const int m = static_cast<int>(2 * p / N), n = static_cast<int>(2 * p % N);
+        const int2 v = reinterpret_cast<const int2*>(acc)[p];
+        const float xs = xscale[m];
+        const float b0 = bias != nullptr ? qk::to_float(bias[n]) : 0.f;
+        const float b1 = bias != nullptr ? qk::to_float(bias[n + 1]) : 0.f;
+        const auto out = qk::Pair<T>::make(qk::from_float<T>(static_cast<float>(v.x) * xs * wscale[n] + b0),
+                                           qk::from_float<T>(static_cast<float>(v.y) * xs * wscale[n + 1] + b1));
+        reinterpret_cast<typename qk::Pair<T>::type*>(y)[p] = out;
+    }
 }

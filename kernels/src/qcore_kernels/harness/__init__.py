@@ -22,10 +22,11 @@ from a shuffle), threads waiting at barriers that cannot complete. A watchdog fa
 in which no thread reaches a barrier or returns for ``timeout`` seconds (an endless loop) and
 cancels the stuck threads.
 
-The qcore kernels keep their tensor-core code in ``qk_mma.cuh``'s ``WarpTile``, which the
-harness build replaces by SIMT code with the same contract: their tiled GEMMs run here (tile
-loads, dequantization, shared-memory layout, epilogue), all but the wmma calls themselves,
-which only the GPU tests (``tests/test_kernels_gpu.py``) check.
+The qcore kernels keep their tensor-core code in ``qk_mma.cuh`` (``WarpTile``, wmma; and
+``mma_16816``, PTX ``mma.sync``), which the harness build replaces by SIMT code with the
+same contract: their kernels run here (loads, dequantization, shared-memory layout,
+fragment layout, split-K reduction, epilogue), all but the tensor-core instructions
+themselves, which only the GPU tests (``tests/test_kernels_gpu.py``) check.
 
 What it cannot check: tensor cores (``<mma.h>``/WMMA, ``mma.sync``) and any inline PTX
 (``asm``), async copies (``cp.async``, TMA), dynamic shared memory (``extern __shared__``);

@@ -218,6 +218,15 @@ inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) { return h.x; }
 inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) { return h.y; }
 inline float __low2float(__nv_bfloat162 h) { return float(h.x); }
 inline float __high2float(__nv_bfloat162 h) { return float(h.y); }
+// Paired arithmetic: each half rounds once (a product of two 16-bit floats is exact in float).
+inline __half2 __hsub2(__half2 a, __half2 b) { return {__half(float(a.x) - float(b.x)), __half(float(a.y) - float(b.y))}; }
+inline __half2 __hmul2(__half2 a, __half2 b) { return {__half(float(a.x) * float(b.x)), __half(float(a.y) * float(b.y))}; }
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+    return {__nv_bfloat16(float(a.x) - float(b.x)), __nv_bfloat16(float(a.y) - float(b.y))};
+}
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
+    return {__nv_bfloat16(float(a.x) * float(b.x)), __nv_bfloat16(float(a.y) * float(b.y))};
+}
 
 // ------------------------------------------------------------------------------------------
 // Math and bit intrinsics (fmaxf, fminf, fabsf, rintf, roundf, sqrtf, expf: <math.h>)
@@ -314,6 +323,8 @@ inline unsigned __dp4a(uchar4 a, uchar4 b, unsigned c) {
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 
 // ------------------------------------------------------------------------------------------
 // Atomics (std::atomic_ref on the plain object; each returns the old value)

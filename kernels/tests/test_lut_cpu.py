@@ -1,0 +1,211 @@
+"""The codebook kernels (qk_lut.cu) on the CPU (qcore_kernels.harness) against the torch
+reference (qcore.codebook.dequantize_vq + F.linear), and the qk-lut layout, bit-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcore.builtin.vq_packer import VQPacker
+from qcore.codebook import dequantize_vq
+from qcore_kernels.lut_layout import to_lut, unpack_stream
+from qcore_kernels.testing import LUTCase, assert_close, random_vq, run_lut_case
+
+F16, BF16 = "float16", "bfloat16"
+
+GEMV_CASES = [
+    # v = 6, 12-bit indices: k a multiple of v, then a partial last vector (100 = 16 * 6 + 4)
+    LUTCase(1, 37, 96, 6, 12, dtype=F16),
+    LUTCase(1, 37, 100, 6, 12, dtype=BF16),
+    LUTCase(3, 29, 130, 4, 8, res_bits=6, dtype=F16),  # residual; 130 = 32 * 4 + 2; 2 ch/warp
+    LUTCase(3, 29, 130, 4, 8, res_bits=6, dtype=BF16),
+    # 16-bit indices (a 300-row codebook), odd k (203 = 25 * 8 + 3), scale and offset; 16
+    # tokens: 3 channels per warp, 22 = 7 * 3 + 1
+    LUTCase(16, 22, 203, 8, 16, rows=300, scale=True, offset=True, dtype=BF16),
+    LUTCase(16, 22, 203, 8, 16, rows=300, scale=True, offset=True, dtype=F16),
+    LUTCase(5, 40, 160, 6, 10, outliers=13, scale=True, dtype=F16),  # outliers; tile of 8
+    # every stage at once, a full 4096-row codebook, two warp steps per channel
+    LUTCase(9, 35, 1100, 4, 12, rows=None, res_bits=9, outliers=31, scale=True, offset=True,
+            dtype=F16, bias=False),
+    LUTCase(2, 19, 3000, 6, 13, rows=None, dtype=BF16),  # 8192 x 6 codebook (96 KB)
+    LUTCase(1, 64, 512, 8, 8, rows=None, dtype=F16),
+]
+DEQUANT_CASES = [
+    LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
+            dtype=F16, path="dequant"),
+    LUTCase(17, 21, 203, 8, 16, rows=300, dtype=BF16, path="dequant"),
+    LUTCase(2, 19, 50, 5, 10, outliers=6, scale=True, dtype=F16),  # v = 5: auto -> dequant
+    LUTCase(1, 19, 50, 3, 16, rows=100, res_bits=4, dtype=BF16),  # v = 3: auto -> dequant
+]
+
+
+@pytest.fixture(scope="module")
+def launch():
+    from qcore_kernels.harness import CpuHarness, harness_unavailable_reason
+    from qcore_kernels.lut_ops import CPU_SMEM
+    from qcore_kernels.sources import source
+
+    reason = harness_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    harness = CpuHarness("qk_lut.cu", instances=source("qk_lut.cu").instances)
+
+    def run(file, instance, grid, block, args, shared_mem=0):
+        assert file == "qk_lut.cu"
+        assert shared_mem <= CPU_SMEM, f"{instance} asks for {shared_mem} bytes of shared memory"
+        harness.launch(instance, grid, block, args)
+
+    return run
+
+
+@pytest.mark.parametrize("case", GEMV_CASES + DEQUANT_CASES, ids=lambda c: c.id)
+def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
+    from qcore_kernels.lut_ops import lut_path
+
+    y, ref = run_lut_case(case, launch, "cpu")
+    assert_close(y, ref, case)
+    if case.path is None and case.v in (4, 6, 8):
+        assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == "gemv"
+
+
+def test_gemv_token_tiles_agree_with_single_tokens(launch):
+    from qcore_kernels.lut_ops import lut_linear
+
+    w = to_lut(random_vq(LUTCase(9, 12, 70, 6, 9, res_bits=5, outliers=5, scale=True,
+                                 offset=True)), "cpu")
+    x = torch.randn(9, 70, generator=torch.Generator().manual_seed(0)).half()
+    together = lut_linear(x, w, None, launch, path="gemv")  # 16-token tile, 7 rows past M
+    alone = torch.cat([lut_linear(x[i : i + 1], w, None, launch, path="gemv") for i in range(9)])
+    assert torch.equal(together, alone)
+
+
+def test_dequantize_kernel_equals_the_reference_decode(launch):
+    from qcore_kernels.lut_ops import dequantize
+
+    case = LUTCase(1, 23, 77, 6, 11, res_bits=7, outliers=9, scale=True, offset=True)
+    qweight = random_vq(case)
+    w = to_lut(VQPacker().pack(qweight), "cpu")
+    dense = dequantize(w, torch.float16, launch)
+    ref = dequantize_vq(qweight)
+    # one rounding to fp16 of (codebook + residual) * scale + offset computed in float
+    torch.testing.assert_close(dense.float(), ref, rtol=2**-10, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- the layout
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 12, 13, 16])
+def test_stream_decoder_matches_the_bitpack(bits):
+    from qcore.bitpack import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 1 << bits, (5, 77), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes.to(torch.int32), bits)
+    assert torch.equal(unpack_stream(packed, bits, 77), codes)
+    assert torch.equal(unpack_codes(packed, bits, 77, torch.int64), codes)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        LUTCase(1, 9, 100, 6, 12),
+        LUTCase(1, 9, 203, 8, 16, rows=300, scale=True, offset=True),
+        LUTCase(1, 9, 130, 4, 8, res_bits=6, outliers=17, scale=True),
+        LUTCase(1, 9, 50, 5, 10, res_bits=3, outliers=6, scale=True, offset=True),
+    ],
+    ids=lambda c: c.id,
+)
+def test_layout_is_bit_exact(case):
+    qweight = random_vq(case)
+    packed = VQPacker().pack(qweight)
+    from_packed, from_logical = to_lut(packed, "cpu"), to_lut(qweight, "cpu")
+    for a, b in zip(from_packed.parts, from_logical.parts, strict=True):
+        assert torch.equal(a.stage.codes, b.stage.codes) and a.stage.codes.dtype == torch.int32
+        assert a.stage.codes.shape[1] == -(-a.n_vec(case.v) // 32) * a.stage.bits
+    # the prepared layout decodes to exactly the format's dense weight
+    assert torch.equal(from_packed.dequantize(), dequantize_vq(qweight))
+    main = qweight.tensors["indices"]
+    assert torch.equal(from_packed.main.stage.indices(main.shape[1]), main.long())
+
+
+def test_other_layouts_are_refused():
+    from qcore_kernels.layouts import LayoutError
+    from qcore_kernels.testing import random_int_packed
+
+    with pytest.raises(LayoutError, match="vq-packed"):
+        to_lut(random_int_packed(8, 64, 4, 32), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_gemv_reads_x_from_global_memory_when_it_does_not_fit(launch, monkeypatch, dtype):
+    """A 32 KB shared-memory device: the codebook fits, 16 rows of 2000 activations do not,
+    so the GEMV reads x through L1 (the path large M x K takes on a GPU)."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    sizes = []
+    monkeypatch.setattr(lut_ops, "_device_limits", lambda device: (1, 32768, 32768))
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        sizes.append((args[3], shared_mem))  # (x_shared, bytes)
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    case = LUTCase(16, 21, 2000, 6, 12, res_bits=7, scale=True, dtype=dtype)
+    y, ref = run_lut_case(case, spy, "cpu")
+    assert_close(y, ref, case)
+    assert [int(s) for s, _ in sizes] == [0] and sizes[0][1] <= 32768
+    case1 = LUTCase(1, 21, 2000, 6, 12, res_bits=7, dtype=dtype)
+    y, ref = run_lut_case(case1, spy, "cpu")  # one row of x fits
+    assert_close(y, ref, case1)
+    assert int(sizes[-1][0]) == 1
+
+
+# ---------------------------------------------------- the conformance suite, on the CPU
+
+
+class _HarnessLUT:
+    """cupy-lut with its kernels run by the CPU harness: the core's conformance suite checks
+    the real kernels' numerics here (on a GPU, test_lut_providers.py runs it with CuPy)."""
+
+    @staticmethod
+    def provider_class():
+        import dataclasses
+
+        from qcore_kernels.harness import CpuHarness, harness_unavailable_reason
+        from qcore_kernels.providers import CupyLUTLinear
+        from qcore_kernels.sources import source
+
+        if harness_unavailable_reason() is not None:
+            pytest.skip(harness_unavailable_reason())
+        harness = CpuHarness("qk_lut.cu", instances=source("qk_lut.cu").instances)
+
+        def launch(file, instance, grid, block, args, shared_mem=0):
+            harness.launch(instance, grid, block, args)
+
+        class HarnessLUT(CupyLUTLinear):
+            name = "cupy-lut-on-the-cpu-harness"
+            support = dataclasses.replace(
+                CupyLUTLinear.support, devices=frozenset({"cpu"}), min_compute_capability=None
+            )
+
+            @classmethod
+            def unavailable_reason(cls):
+                return None
+
+            def lut_linear(self, x, prepared, bias):
+                from qcore_kernels.lut_ops import lut_linear
+
+                return lut_linear(x, prepared, bias, launch)
+
+        return HarnessLUT
+
+
+from qcore.testing import BaseKernelProviderTests  # noqa: E402
+
+
+class TestConformanceOnTheHarness(BaseKernelProviderTests):
+    @pytest.fixture
+    def provider(self):
+        return _HarnessLUT.provider_class()()
+
+    @pytest.fixture
+    def packers(self):
+        return [VQPacker()]

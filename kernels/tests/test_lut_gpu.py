@@ -1,0 +1,134 @@
+"""The codebook kernels (qk_lut.cu) on a GPU: numerics against qcore.codebook.dequantize_vq
++ F.linear over realistic shapes (full 4096-row codebooks in shared memory beyond 48 KB,
+residual, outliers, scale/offset, partial last vectors), both paths, the provider inside
+QuantLinear, and stream ordering. The provider conformance suite runs from
+test_lut_providers.py (TestCupyLUTConformance) on the same machine.
+
+Skipped without CuPy and a CUDA device; ``kernels/gpu_check.sh`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcore_kernels.testing import LUTCase, assert_close, random_vq, run_lut_case
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    from qcore_kernels.runtime import cupy_launcher, cupy_unavailable_reason
+
+    reason = cupy_unavailable_reason()
+    if reason is None and not torch.cuda.is_available():
+        reason = "torch sees no CUDA device"
+    if reason is None and torch.cuda.get_device_capability() < (8, 0):
+        reason = "the kernels need compute capability 8.0 or higher"
+    if reason is not None:
+        pytest.skip(reason)
+    return cupy_launcher()
+
+
+def _cases() -> list[LUTCase]:
+    shapes = [  # (path, m, n, k, v, bits, rows, extra)
+        ("gemv", 1, 1000, 4096, 6, 12, None, {}),  # 2 bits/weight, 48 KB codebook, partial vector
+        ("gemv", 1, 4096, 4096, 4, 12, None, {}),  # ~3 bits/weight
+        ("gemv", 3, 1002, 4100, 4, 12, None,
+         {"res_bits": 8, "outliers": 64, "scale": True, "offset": True}),
+        ("gemv", 16, 1000, 800, 8, 12, None, {"scale": True}),  # 64 KB codebook
+        ("gemv", 7, 999, 2053, 6, 16, 3000, {"res_bits": 10}),  # 16-bit indices, odd k
+        ("gemv", 16, 512, 8192, 6, 12, None, {}),
+        ("dequant", 33, 1000, 4100, 6, 12, None,
+         {"res_bits": 8, "outliers": 64, "scale": True, "offset": True}),
+        ("dequant", 1, 256, 1024, 8, 16, None, {}),  # 65536 x 8 codebook: no GEMV
+        (None, 2, 512, 1024, 6, 12, None, {"outliers": 10}),  # auto: gemv
+        (None, 300, 512, 1024, 4, 10, None, {"scale": True}),  # auto: dequant
+        (None, 5, 300, 1000, 5, 10, None, {}),  # v = 5: auto -> dequant
+    ]
+    return [
+        LUTCase(m, n, k, v, bits, rows=rows, dtype=dtype, path=path, **extra)
+        for path, m, n, k, v, bits, rows, extra in shapes
+        for dtype in ("float16", "bfloat16")
+    ]
+
+
+def _gemv_fits(case: LUTCase) -> bool:
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import gemv_unsupported_reason
+
+    return gemv_unsupported_reason(to_lut(random_vq(case), "cpu"), torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_lut_kernels_match_the_reference(case, launcher):
+    if case.path == "gemv" and not _gemv_fits(case):
+        pytest.skip("the codebooks do not fit this device's shared memory")
+    y, ref = run_lut_case(case, launcher, "cuda")
+    assert_close(y, ref, case)
+
+
+def test_auto_paths(launcher):
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import lut_path
+
+    small = to_lut(random_vq(LUTCase(1, 64, 600, 6, 12, rows=None)), "cuda")
+    assert lut_path(1, small, "cuda") == "gemv" and lut_path(16, small, "cuda") == "gemv"
+    assert lut_path(17, small, "cuda") == "dequant"
+    huge = to_lut(random_vq(LUTCase(1, 64, 600, 8, 16, rows=None)), "cuda")
+    assert lut_path(1, huge, "cuda") == "dequant"
+
+
+def test_gemv_tiles_agree_with_each_other(launcher):
+    """Every token of a 16-token GEMV equals the same token computed alone (M = 1)."""
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import lut_linear
+
+    # (no offset: its sum of x comes from torch, whose reduction may depend on M)
+    case = LUTCase(16, 256, 1030, 6, 12, rows=None, res_bits=6, outliers=20, scale=True)
+    w = to_lut(random_vq(case), "cuda")
+    x = torch.randn(16, 1030, generator=torch.Generator().manual_seed(0)).half().cuda()
+    together = lut_linear(x, w, None, launcher, path="gemv")
+    alone = torch.cat([lut_linear(x[i : i + 1], w, None, launcher, path="gemv") for i in range(16)])
+    assert torch.equal(together, alone)
+
+
+def test_lut_kernels_launch_on_torchs_current_stream(launcher):
+    """The input is written on a side stream after a long sleep; a kernel launched on any
+    other stream would read it before it is written (the outlier pass included)."""
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import lut_linear
+
+    w = to_lut(random_vq(LUTCase(4, 512, 1024, 6, 12, rows=None, outliers=16)), "cuda")
+    src = torch.randn(4, 1024, generator=torch.Generator().manual_seed(1)).half().cuda()
+    expected = lut_linear(src, w, None, launcher)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.zeros_like(src)
+        torch.cuda._sleep(200_000_000)
+        x.copy_(src)
+        y = lut_linear(x, w, None, launcher)
+    side.synchronize()
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_linear_selects_cupy_lut_and_matches_torch_lut(launcher, dtype):
+    from qcore.builtin.vq_packer import VQPacker
+    from qcore.qlinear import QuantLinear
+
+    packed = VQPacker().pack(random_vq(LUTCase(1, 384, 1000, 6, 12, rows=None, res_bits=8,
+                                                outliers=24, scale=True, offset=True)))
+    bias = torch.randn(384, generator=torch.Generator().manual_seed(3))
+    layer = QuantLinear(packed, op="lut_linear", bias=bias).cuda()
+    x = torch.randn(2, 3, 1000, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+    with torch.no_grad():
+        y = layer(x).float()
+        assert layer.provider_name == "cupy-lut"
+        layer.kernel = "torch-lut"
+        layer._providers.clear()
+        ref = layer(x).float()
+    assert layer.provider_name == "torch-lut"
+    err = float((y - ref).abs().max() / ref.abs().max())
+    assert err < (1e-2 if dtype == torch.float16 else 4e-2), err
