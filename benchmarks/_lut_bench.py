@@ -79,7 +79,7 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
                     entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
                     if entry["ok"]:
-                        call = lambda p=path, x=x: lut_linear(x, w, None, launch, path=p)  # noqa: E731
+                        call = lambda p=path, x=x, w=w: lut_linear(x, w, None, launch, path=p)  # noqa: E731
                         try:
                             ms = time_ms(call)
                         except Exception as exc:  # noqa: BLE001 - graph capture failed
@@ -97,18 +97,9 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
     return rows
 
 
-def _cell(entry: dict | None, bandwidth: bool = False) -> str:
-    if not entry:
-        return ""
-    if not entry.get("ok"):
-        return f"WRONG (err {entry['error']:.1e})"
-    text = f"{entry['ms'] * 1e3:.1f} µs ({entry['speedup']:.2f}×)"
-    if bandwidth:
-        text += f", {entry['bandwidth_fraction']:.0%} bw"
-    return text
-
-
 def render_lut(result: dict) -> str:
+    from kernels_gpu import cell
+
     if not result.get("lut"):
         return ""
     lines = [
@@ -125,6 +116,6 @@ def render_lut(result: dict) -> str:
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | "
-            f"{_cell(r['lut'].get('gemv'), True)} | {_cell(r['lut'].get('dequant'))} |"
+            f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
     return "\n".join(lines) + "\n"

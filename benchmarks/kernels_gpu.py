@@ -196,12 +196,13 @@ def run(out: Path) -> dict:
     return result
 
 
-def _cell(entry: dict | None, bandwidth: bool = False) -> str:
+def cell(entry: dict | None, bandwidth: bool = False, digits: int = 0) -> str:
+    """A timed entry as table text: time (speed-up over fp16)[, bandwidth fraction]."""
     if not entry:
         return ""
     if not entry.get("ok"):
         return f"WRONG (err {entry['error']:.1e})"
-    text = f"{entry['ms'] * 1e3:.0f} µs ({entry['speedup']:.2f}×)"
+    text = f"{entry['ms'] * 1e3:.{digits}f} µs ({entry['speedup']:.2f}×)"
     if bandwidth:
         text += f", {entry['bandwidth_fraction']:.0%} bw"
     return text
@@ -229,10 +230,10 @@ def render(result: dict) -> str:
         w4, w8 = r["w4"], r["w8a8"]
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['fp16_ms'] * 1e3:.0f} µs | "
-            f"{_cell(w4.get('auto'), True)} [{w4['auto'].get('path')}] | "
-            f"{_cell(w4.get('mma'), True)} | {_cell(w4.get('dequant'))} | "
-            f"{_cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
-            f"{_cell(w8.get('gemv'))} | {_cell(w8.get('gemm'))} | {_cell(w8.get('intmm'))} |"
+            f"{cell(w4.get('auto'), True)} [{w4['auto'].get('path')}] | "
+            f"{cell(w4.get('mma'), True)} | {cell(w4.get('dequant'))} | "
+            f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
+            f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
     from _lut_bench import render_lut
 

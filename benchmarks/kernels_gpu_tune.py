@@ -47,13 +47,14 @@ def sweep(out: Path) -> dict:
         for m in SWEEP_TOKENS + CROSSOVER_TOKENS:
             x = torch.randn(m, in_f, generator=gen).half().cuda()
             ref = F.linear(x.float(), dense.float())
-            base = time_ms(lambda x=x: F.linear(x, dense))
+            base = time_ms(lambda x=x, d=dense: F.linear(x, d))
             configs = []
             if m in SWEEP_TOKENS:
                 for warps in (4, 8):
                     for n_tiles in (2, 4):
                         for per_sm in (16, 32, 64):
-                            configs.append(ops.mma_config(m, out_f, in_f, 4, x.device, per_sm, warps, n_tiles))
+                            configs.append(ops.mma_config(m, out_f, in_f, 4, x.device,
+                                                          per_sm, warps, n_tiles))
             else:
                 for per_sm in (16, 32, 64):
                     configs.append(ops.mma_config(m, out_f, in_f, 4, x.device, per_sm))
@@ -67,12 +68,14 @@ def sweep(out: Path) -> dict:
                 entry = {"in": in_f, "out": out_f, "m": m, "fp16_ms": base,
                          "config": [cfg.m_tiles, cfg.n_tiles, cfg.warps, cfg.splits], "error": err}
                 if err <= TOLERANCE["float16"]:
-                    ms = time_ms(lambda x=x, c=cfg: ops.wq_linear(x, w4, None, launch, path="mma", config=c))
-                    entry.update(ms=ms, speedup=base / ms, bandwidth_fraction=moved / (ms / 1e3) / bw)
+                    ms = time_ms(lambda x=x, c=cfg, w=w4: ops.wq_linear(
+                        x, w, None, launch, path="mma", config=c))
+                    entry.update(ms=ms, speedup=base / ms,
+                                 bandwidth_fraction=moved / (ms / 1e3) / bw)
                 result["mma" if m in SWEEP_TOKENS else "crossover"].append(entry)
                 print(json.dumps(entry), flush=True)
             if m not in SWEEP_TOKENS:
-                ms = time_ms(lambda x=x: ops.wq_linear(x, w4, None, launch, path="dequant"))
+                ms = time_ms(lambda x=x, w=w4: ops.wq_linear(x, w, None, launch, path="dequant"))
                 entry = {"in": in_f, "out": out_f, "m": m, "fp16_ms": base, "config": "dequant",
                          "ms": ms, "speedup": base / ms}
                 result["crossover"].append(entry)
@@ -85,24 +88,37 @@ def sweep(out: Path) -> dict:
         wt_copy = w8.wq.t().contiguous()
         acc = torch._int_mm(xq, w8.wq.t())
         y = torch.empty(2048, out_f, dtype=torch.float16, device="cuda")
-        parts = {
-            "fp16_ms": time_ms(lambda: F.linear(x, dense)),
-            "quantize_rows_ms": time_ms(lambda: ops.quantize_rows(x, None, launch)),
-            "int_mm_view_ms": time_ms(lambda: torch._int_mm(xq, w8.wq.t())),
-            "int_mm_kn_contiguous_ms": time_ms(lambda: torch._int_mm(xq, wt_copy)),
-            "epilogue_ms": time_ms(lambda: launch(
-                "qk_w8a8.cu", "qk_w8a8_scale<__half>", (min(-(-2048 * out_f // 512), 65535), 1, 1),
-                (256, 1, 1), [acc, xs, w8.wscale, None, y, *map(__import__("numpy").int32, (2048, out_f))])),
-            "intmm_path_ms": time_ms(lambda: ops.w8a8_linear(x, w8, None, launch, path="intmm")),
-            "dequant_kernel_ms": time_ms(lambda: ops.wq_linear(x[:1024], w4, None, launch, path="dequant"))
-            - time_ms(lambda: F.linear(x[:1024], dense)),
-        }
+        parts = breakdown(launch, x, w4, dense, w8, xq, xs, acc, wt_copy, y, out_f)
         parts.update({"in": in_f, "out": out_f})
         result["w8a8"].append(parts)
         print(json.dumps(parts), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_tune.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def breakdown(launch, x, w4, dense, w8, xq, xs, acc, wt_copy, y, out_f) -> dict:
+    """W8A8 at M = 2048, part by part, and the dequantization kernel alone."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from qcore_kernels import ops
+
+    scale_args = [acc, xs, w8.wscale, None, y, np.int32(x.shape[0]), np.int32(out_f)]
+    scale_grid = (min(-(-x.shape[0] * out_f // 512), 65535), 1, 1)
+    half = x[: x.shape[0] // 2]
+    return {
+        "fp16_ms": time_ms(lambda: F.linear(x, dense)),
+        "quantize_rows_ms": time_ms(lambda: ops.quantize_rows(x, None, launch)),
+        "int_mm_view_ms": time_ms(lambda: torch._int_mm(xq, w8.wq.t())),
+        "int_mm_kn_contiguous_ms": time_ms(lambda: torch._int_mm(xq, wt_copy)),
+        "epilogue_ms": time_ms(lambda: launch("qk_w8a8.cu", "qk_w8a8_scale<__half>", scale_grid,
+                                              (256, 1, 1), scale_args)),
+        "intmm_path_ms": time_ms(lambda: ops.w8a8_linear(x, w8, None, launch, path="intmm")),
+        "dequant_kernel_ms": time_ms(lambda: ops.wq_linear(half, w4, None, launch, path="dequant"))
+        - time_ms(lambda: F.linear(half, dense)),
+    }
 
 
 def main() -> None:

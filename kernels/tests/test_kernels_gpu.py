@@ -14,20 +14,6 @@ from qcore_kernels.testing import Case, assert_close, run_w8a8_case, run_wq_case
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def launcher():
-    from qcore_kernels.runtime import cupy_launcher, cupy_unavailable_reason
-
-    reason = cupy_unavailable_reason()
-    if reason is None and not torch.cuda.is_available():
-        reason = "torch sees no CUDA device"
-    if reason is None and torch.cuda.get_device_capability() < (8, 0):
-        reason = "the kernels need compute capability 8.0 or higher"
-    if reason is not None:
-        pytest.skip(reason)
-    return cupy_launcher()
-
-
 def _wq_cases() -> list[Case]:
     shapes = [  # (path, m, n, k, group, symmetric, act_order)
         ("mma", 1, 1000, 4160, 64, False, False),  # k = 65 * 64: not a multiple of 128

@@ -17,20 +17,6 @@ from qcore_kernels.testing import LUTCase, assert_close, random_vq, run_lut_case
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def launcher():
-    from qcore_kernels.runtime import cupy_launcher, cupy_unavailable_reason
-
-    reason = cupy_unavailable_reason()
-    if reason is None and not torch.cuda.is_available():
-        reason = "torch sees no CUDA device"
-    if reason is None and torch.cuda.get_device_capability() < (8, 0):
-        reason = "the kernels need compute capability 8.0 or higher"
-    if reason is not None:
-        pytest.skip(reason)
-    return cupy_launcher()
-
-
 def _cases() -> list[LUTCase]:
     shapes = [  # (path, m, n, k, v, bits, rows, extra)
         ("gemv", 1, 1000, 4096, 6, 12, None, {}),  # 2 bits/weight, 48 KB codebook, partial vector

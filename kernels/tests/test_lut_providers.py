@@ -10,7 +10,6 @@ from qcore.errors import KernelNotFoundError
 from qcore.interfaces import KernelRequest
 from qcore.kernel_select import rank_providers, select_kernel
 from qcore.testing import BaseKernelProviderTests
-from qcore_kernels import hooks
 from qcore_kernels.providers import PROVIDERS, CupyLUTLinear
 
 LUT = KernelRequest(
@@ -25,20 +24,6 @@ LUT = KernelRequest(
     device="cuda",
     compute_capability=(9, 0),
 )
-
-
-@pytest.fixture
-def registry(qcore_register_plugin, qcore_registry):
-    qcore_register_plugin(hooks, name="kernels", distribution="qcore-kernels")
-    return qcore_registry
-
-
-@pytest.fixture
-def cupy_present(monkeypatch):
-    """Pretend CuPy and a GPU are present (selection only; nothing is launched)."""
-    import qcore_kernels.runtime as runtime
-
-    monkeypatch.setattr(runtime, "cupy_unavailable_reason", lambda: None)
 
 
 def test_the_hooks_register_cupy_lut():

@@ -58,7 +58,7 @@ def lut_rows_per_warp(mt: int) -> int:
     return 3 if mt >= 16 else 2 if mt >= 4 else 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_limits(device: torch.device) -> tuple[int, int, int]:
     """(multiprocessors, shared memory per multiprocessor, opt-in shared memory per block)."""
     if device.type != "cuda":

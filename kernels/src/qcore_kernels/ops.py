@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
