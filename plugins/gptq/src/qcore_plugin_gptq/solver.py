@@ -10,22 +10,16 @@ per block ("lazy batch" updates), which turns most of the work into one matrix p
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
+from qcore import second_order
 from qcore.grid import grid_from_range, max_code, minmax_grid, n_groups, zero_points
 from qcore.scheme import PER_CHANNEL
 
-log = logging.getLogger("qcore.gptq")
 
-#: Dampening is multiplied by this factor after each failed Cholesky factorisation.
-DAMPENING_GROWTH = 10.0
-MAX_ATTEMPTS = 6
-
-
-class GPTQError(RuntimeError):
+class GPTQError(second_order.HessianFactorError):
     """The Hessian could not be factorised even with strong dampening."""
 
 
@@ -39,25 +33,10 @@ class GPTQResult:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹``; λ grows ×10 on failure."""
-    mean_diag = float(torch.diagonal(hessian).mean())
-    damp = dampening
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for attempt in range(MAX_ATTEMPTS):
-        lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
-                return upper, damp
-        next_damp = max(damp * DAMPENING_GROWTH, 1e-6)
-        log.warning("GPTQ: Cholesky factorisation failed with dampening %.3g (attempt %d of %d); "
-                    "retrying with %.3g", damp, attempt + 1, MAX_ATTEMPTS, next_damp)
-        damp = next_damp
-    raise GPTQError(f"GPTQ: the Hessian ({hessian.shape[0]}x{hessian.shape[0]}) is not positive "
-                    f"definite even with dampening {damp / DAMPENING_GROWTH:.3g} x mean diagonal; "
-                    "check the calibration data (NaN or constant inputs?) or raise "
-                    "--set gptq.dampening")
+    """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹``; λ grows ×10 on failure
+    (:func:`qcore.second_order.inverse_hessian_factor`, raising :class:`GPTQError`)."""
+    return second_order.inverse_hessian_factor(hessian, dampening, method="GPTQ",
+                                               option="gptq.dampening", error=GPTQError)
 
 
 def search_grid(span: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
