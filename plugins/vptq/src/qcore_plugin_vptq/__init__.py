@@ -1,0 +1,3 @@
+"""VPTQ as a qcore plugin."""
+
+__version__ = "0.1.0"
