@@ -1,11 +1,13 @@
 """Codebook (vq) rows of the kernel benchmark (``kernels_gpu.py``): cupy-lut against fp16
 F.linear.
 
-Weights: ``qcore.testing.base.random_vq_weight`` with full 4096-row codebooks (12-bit
-indices) and no residual/outliers/scale: v = 6 (2 bits per weight, plus the codebook) and
-v = 4 (3 bits); built on the GPU (packing and the float32 reference included) to keep the
-run short. Every timed path is checked against dequantize_vq + F.linear (float32) first.
-Bandwidth counts the index streams, the codebooks, x and y once.
+Weights: ``qcore.testing.base.random_vq_weight`` with full codebooks and no
+residual/outliers/scale: v = 4 with 256 rows (8-bit indices, 2 bits per weight: VPTQ's
+2-bit default, which the tensor-core GEMV takes), v = 6 with 4096 rows (12-bit indices,
+2 bits per weight) and v = 4 with 4096 rows (3 bits); built on the GPU (packing and the
+float32 reference included) to keep the run short. Every timed path is checked against
+dequantize_vq + F.linear (float32) first. Bandwidth counts the index streams, the
+codebooks, x and y once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 LUT_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))  # (in, out)
 LUT_TOKENS = (1, 16)
 LUT_CONFIGS = (  # (label, vector size, index bits)
+    ("v4 i8 (2 bits)", 4, 8),
     ("v6 i12 (2 bits)", 6, 12),
     ("v4 i12 (3 bits)", 4, 12),
 )
@@ -74,7 +77,7 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                 row = {"in": in_f, "out": out_f, "m": m, "config": label, "vector_size": v,
                        "index_bits": bits, "bits_per_weight": bits_per_weight(packed),
                        "fp16_ms": base_ms, "lut": {}}
-                for path in lut_paths(m):
+                for path in lut_paths(m, w):
                     y = lut_linear(x, w, None, launch, path=path)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
                     entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
@@ -104,18 +107,117 @@ def render_lut(result: dict) -> str:
         return ""
     lines = [
         "",
-        "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full 4096-row fp16 "
-        "codebooks (12-bit indices), no residual or outliers; bits/weight counts every stored "
-        "bit (indices, padding, codebook). gemv = LUT GEMV (codebook in shared memory), "
-        "dequant = decode to fp16 + cuBLAS; bw counts indices, codebook, x and y.",
+        "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
+        "(v4 i8: 256 rows, VPTQ's 2-bit default; i12: 4096 rows), no residual or outliers; "
+        "bits/weight counts every stored bit (indices, padding, codebook). mma = tensor-core "
+        "LUT GEMV (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
+        "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
+        "+ cuBLAS; bw counts indices, codebook, x and y.",
         "",
-        "| in × out | M | vq | bits/weight | fp16 F.linear | LUT gemv | LUT dequant+cuBLAS |",
-        "|---|---|---|---|---|---|---|",
+        "| in × out | M | vq | bits/weight | fp16 F.linear | LUT mma | LUT gemv | "
+        "LUT dequant+cuBLAS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["lut"]:
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | "
+            f"{cell(r['lut'].get('mma'), True, 1)} | "
             f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+#: The tensor-core LUT GEMV's launch parameters swept by ``sweep_mma`` (8-row groups per
+#: tile, warps per block, resident warps per multiprocessor the grid is sized for).
+SWEEP_TILINGS = ((8, 1), (8, 2), (16, 2))  # (token tile, row groups): sources.LUT_MMA_TILINGS
+SWEEP_WARPS = (4, 8)
+SWEEP_WARPS_PER_SM = (16, 32)
+SWEEP_TOKENS = (1,)
+
+
+def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
+    """qk_lut_mma at M = 1 (and 16) on the benchmark shapes over its launch parameters
+    (v4 i8 weights); each setting checked against the float32 reference first."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore.builtin.vq_packer import VQPacker
+    from qcore.codebook import dequantize_vq
+    from qcore.interfaces import QuantizedWeight
+    from qcore.testing.base import random_vq_weight
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.testing import TOLERANCE
+
+    saved = (lut_ops.lut_mma_config, lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM)
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for in_f, out_f in LUT_SHAPES:
+            q = random_vq_weight(out_f, in_f, 4, 8, max_codebook_rows=None, seed=4)
+            q = QuantizedWeight(format=q.format, shape=q.shape, params=q.params,
+                                tensors={k: t.cuda() for k, t in q.tensors.items()})
+            w = to_lut(VQPacker().pack(q), "cuda")
+            dense = dequantize_vq(q)
+            for m in SWEEP_TOKENS:
+                x = torch.randn(m, in_f, generator=gen).half().cuda()
+                ref = F.linear(x.float(), dense)
+                for (mt, g), warps, per_sm in itertools.product(
+                        SWEEP_TILINGS, SWEEP_WARPS, SWEEP_WARPS_PER_SM):
+                    lut_ops.lut_mma_config = lambda m_, n_, d_, mt=mt, g=g: (mt, g)
+                    lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM = warps, per_sm
+                    y = lut_ops.lut_linear(x, w, None, launch, path="mma")
+                    err = float((y.float() - ref).abs().max() / ref.abs().max())
+                    entry = {"in": in_f, "out": out_f, "m": m, "token_tile": mt, "groups": g,
+                             "warps": warps,
+                             "warps_per_sm": per_sm, "error": err,
+                             "ok": err <= TOLERANCE["float16"]}
+                    if entry["ok"]:
+                        entry["ms"] = time_ms(
+                            lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma"))
+                    rows.append(entry)
+                    print(json.dumps(entry), flush=True)
+            del q, w, dense
+            torch.cuda.empty_cache()
+    finally:
+        lut_ops.lut_mma_config, lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM = saved
+    return rows
+
+
+def render_sweep(result: dict) -> str:
+    """The tensor-core LUT GEMV's launch-parameter sweep, one line per shape and setting."""
+    sweep = result.get("lut_mma_sweep")
+    if not sweep:
+        return ""
+    lines = [
+        "",
+        "Tensor-core LUT GEMV launch sweep (`--lut-sweep`, v4 i8, fp16): token tile 8 = "
+        "weights as the mma's A operand (16-row groups), 16 = tokens as A (8-row groups); "
+        "groups per block tile; warps per block; resident warps per multiprocessor the "
+        "persistent grid is sized for. Bold: the fastest per shape.",
+        "",
+        "| in × out | M | token tile, groups | 4 warps, 16/SM | 4 warps, 32/SM | 8 warps, 16/SM "
+        "| 8 warps, 32/SM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shapes = sorted({(r["in"], r["out"], r["m"]) for r in sweep},
+                    key=lambda s: (s[0] * s[1], s[0], s[2]))
+    for shape in shapes:
+        rows = [r for r in sweep if (r["in"], r["out"], r["m"]) == shape]
+        best = min((r["ms"] for r in rows if r.get("ok")), default=None)
+        for tiling in sorted({(r.get("token_tile", 8), r["groups"]) for r in rows}):
+            cells = []
+            for warps, per_sm in ((4, 16), (4, 32), (8, 16), (8, 32)):
+                hit = [r for r in rows if (r.get("token_tile", 8), r["groups"]) == tiling
+                       and r["warps"] == warps and r["warps_per_sm"] == per_sm]
+                if not hit or not hit[0].get("ok"):
+                    cells.append("" if not hit else "WRONG")
+                    continue
+                text = f"{hit[0]['ms'] * 1e3:.1f} µs"
+                cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
+            lines.append(f"| {shape[0]} × {shape[1]} | {shape[2]} | {tiling[0]}, {tiling[1]} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -98,7 +98,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms / 1e3)
 
 
-def run(out: Path) -> dict:
+def run(out: Path, lut_sweep: bool = False, only_lut: bool = False) -> dict:
     import cupy
     import torch
     import torch.nn.functional as F
@@ -128,7 +128,7 @@ def run(out: Path) -> dict:
     )
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for in_f, out_f in SHAPES:
+    for in_f, out_f in () if only_lut else SHAPES:
         packed = random_int_packed(out_f, in_f, 4, 64, seed=1)
         w4 = to_wq(packed, torch.float16, "cuda")
         w_dense = dequantize_int(IntPacker().unpack(packed)).half().cuda()
@@ -180,6 +180,11 @@ def run(out: Path) -> dict:
     from _lut_bench import run_lut
 
     lut_rows = run_lut(launch, bw, time_ms)
+    sweep = []
+    if lut_sweep:
+        from _lut_bench import sweep_mma
+
+        sweep = sweep_mma(launch, time_ms)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": f"torch {torch.__version__}, cupy {cupy.__version__}, CUDA runtime "
@@ -190,6 +195,8 @@ def run(out: Path) -> dict:
         "rows": rows,
         "lut": lut_rows,
     }
+    if sweep:
+        result["lut_mma_sweep"] = sweep
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "kernels_gpu.md").write_text(render(result))
@@ -220,7 +227,10 @@ def render(result: dict) -> str:
         f"Device: {result['device']}; {result['versions']}; {result['date']}. Copy bandwidth "
         f"(read + write) {result['copy_bandwidth_GBps']:.0f} GB/s. Median of {RUNS} runs, timed "
         f"{_timing(result)}; "
-        "speed-up over fp16 `F.linear` in parentheses; bw = fraction of the copy bandwidth.",
+        "speed-up over fp16 `F.linear` in parentheses; bw = fraction of the copy bandwidth."
+        + (f" The W4A16/W8A8 rows come from an earlier full run on the same device "
+           f"({result['rows_from']}); the codebook rows from this one." if result.get("rows_from")
+           else ""),
         "",
         "| in × out | M | fp16 F.linear | W4A16 auto | W4 mma | W4 dequant+cuBLAS "
         "| W8A8 auto | W8A8 gemv | W8A8 GEMM | W8A8 _int_mm+epilogue |",
@@ -235,15 +245,21 @@ def render(result: dict) -> str:
             f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
             f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
-    from _lut_bench import render_lut
+    from _lut_bench import render_lut, render_sweep
 
-    return "\n".join(lines) + "\n" + render_lut(result)
+    return "\n".join(lines) + "\n" + render_lut(result) + render_sweep(result)
 
 
 def record(path: Path) -> None:
     from _common import merge_results, write_section
 
     result = json.loads(path.read_text())
+    if not result["rows"]:  # a --only-lut run: the W4/W8A8 rows of the last full run
+        previous = json.loads((Path(__file__).parent / "results" / "kernels_gpu.json").read_text())
+        last = [r for r in previous if r.get("device") == result["device"] and r.get("rows")]
+        if last:
+            result["rows"] = last[-1]["rows"]
+            result["rows_from"] = f"{last[-1]['date']}, {last[-1]['versions']}"
     merge_results("kernels_gpu", [result], key="device")
     write_section(
         "kernels-gpu", "## Kernels on a GPU (`benchmarks/kernels_gpu.py`)\n\n" + render(result)
@@ -257,11 +273,15 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run")
     p_run.add_argument("--out", type=Path, required=True)
+    p_run.add_argument("--lut-sweep", action="store_true",
+                       help="also sweep the tensor-core LUT GEMV's launch parameters")
+    p_run.add_argument("--only-lut", action="store_true",
+                       help="the codebook rows alone (record keeps the other rows on file)")
     p_rec = sub.add_parser("record")
     p_rec.add_argument("json", type=Path)
     args = parser.parse_args()
     if args.cmd == "run":
-        run(args.out)
+        run(args.out, lut_sweep=args.lut_sweep, only_lut=args.only_lut)
     else:
         record(args.json)
 

@@ -3,6 +3,8 @@ reference (qcore.codebook.dequantize_vq + F.linear), and the qk-lut layout, bit-
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,6 +31,25 @@ GEMV_CASES = [
             dtype=F16, bias=False),
     LUTCase(2, 19, 3000, 6, 13, rows=None, dtype=BF16),  # 8192 x 6 codebook (96 KB)
     LUTCase(1, 64, 512, 8, 8, rows=None, dtype=F16),
+]
+# The tensor-core GEMV (qk_lut_mma): V = 4, 8-bit indices, <= 256 codebook rows, no residual.
+# On the harness: 2 warps per block, 3 persistent blocks, one multiprocessor (so n >= 64
+# takes 32-row tiles, G = 4).
+MMA_CASES = [
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 2 chunks of 256 columns, G = 2
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
+    # a partial last vector (130 = 32 * 4 + 2) in a single partial chunk; scale and offset
+    LUTCase(3, 37, 130, 4, 8, rows=200, scale=True, offset=True, dtype=BF16),
+    # 5 chunks over 2 warps (3 + 2), 7 tiles of 32 rows over 3 blocks (the next tile's
+    # indices loaded ahead), a codebook of fewer rows than 256
+    LUTCase(8, 200, 1030, 4, 8, rows=150, scale=True, dtype=F16),
+    # 16-token tiles (A rows 8-15 used), outliers (their own launch into the float buffer)
+    LUTCase(16, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
+    LUTCase(11, 70, 257, 4, 8, rows=None, dtype=F16, bias=False),  # n = 70: G = 4, 11 of 16
+    LUTCase(2, 9, 8, 4, 8, rows=3, dtype=F16),  # k = 8: 2 vectors in a 64-vector chunk
+]
+MMA_CASES = [dataclasses.replace(c, path="mma") for c in MMA_CASES] + [
+    dataclasses.replace(MMA_CASES[2], path=None),  # auto picks mma
 ]
 DEQUANT_CASES = [
     LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
@@ -58,14 +79,69 @@ def launch():
     return run
 
 
-@pytest.mark.parametrize("case", GEMV_CASES + DEQUANT_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + DEQUANT_CASES, ids=lambda c: c.id)
 def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     from qcore_kernels.lut_ops import lut_path
 
     y, ref = run_lut_case(case, launch, "cpu")
     assert_close(y, ref, case)
     if case.path is None and case.v in (4, 6, 8):
-        assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == "gemv"
+        mma = case.v == 4 and case.bits == 8 and not case.res_bits
+        assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == ("mma" if mma else "gemv")
+
+
+def test_mma_path_rows_equal_the_gemv_path_within_rounding(launch):
+    """The two GEMVs on the same weight: the same sums in another order (float32), so they
+    agree far inside the tolerance. A token's outputs do not depend on the other tokens:
+    8-token tiles (weights as the mma's A operand) equal single tokens bit for bit, and in
+    16-token tiles (tokens as A) a token's outputs do not depend on its place."""
+    from qcore_kernels.lut_ops import lut_linear
+
+    w = to_lut(random_vq(LUTCase(9, 50, 600, 4, 8, rows=None, outliers=6, scale=True)), "cpu")
+    x = torch.randn(9, 600, generator=torch.Generator().manual_seed(5)).half()
+    mma = lut_linear(x, w, None, launch, path="mma").float()
+    gemv = lut_linear(x, w, None, launch, path="gemv").float()
+    assert float((mma - gemv).abs().max() / gemv.abs().max()) < 2e-3
+    alone = torch.cat([lut_linear(x[i : i + 1], w, None, launch, path="mma") for i in range(5)])
+    assert torch.equal(lut_linear(x[:5], w, None, launch, path="mma"), alone)
+    y = lut_linear(x, w, None, launch, path="mma")
+    rolled = lut_linear(x.roll(4, 0), w, None, launch, path="mma")
+    assert torch.equal(rolled, y.roll(4, 0))
+
+
+def test_mma_path_refuses_what_it_cannot_run(launch):
+    from qcore_kernels.lut_ops import lut_linear, mma_unsupported_reason
+
+    x = torch.randn(2, 64).half()
+    for case, why in [
+        (LUTCase(2, 8, 64, 6, 8), "vector size 6"),
+        (LUTCase(2, 8, 64, 4, 9, rows=300), "9-bit indices"),
+        (LUTCase(2, 8, 64, 4, 8, res_bits=4), "residual"),
+    ]:
+        w = to_lut(random_vq(case), "cpu")
+        assert why in mma_unsupported_reason(w)
+        with pytest.raises(ValueError, match=why):
+            lut_linear(x, w, None, launch, path="mma")
+    ok = to_lut(random_vq(LUTCase(17, 8, 64, 4, 8)), "cpu")
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        lut_linear(torch.randn(17, 64).half(), ok, None, launch, path="mma")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_mma_reads_x_from_global_memory_when_it_does_not_fit(launch, monkeypatch, dtype):
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "LUT_MMA_X_SHARED_MAX", 0)
+    flags = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        flags.append(int(args[3]))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    case = LUTCase(5, 30, 1100, 4, 8, rows=None, outliers=9, offset=True, dtype=dtype, path="mma")
+    y, ref = run_lut_case(case, spy, "cpu")
+    assert_close(y, ref, case)
+    assert flags == [0, 0]  # outliers, then the main columns
 
 
 def test_gemv_token_tiles_agree_with_single_tokens(launch):

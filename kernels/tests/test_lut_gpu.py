@@ -32,6 +32,17 @@ def _cases() -> list[LUTCase]:
         (None, 2, 512, 1024, 6, 12, None, {"outliers": 10}),  # auto: gemv
         (None, 300, 512, 1024, 4, 10, None, {"scale": True}),  # auto: dequant
         (None, 5, 300, 1000, 5, 10, None, {}),  # v = 5: auto -> dequant
+        # the tensor-core GEMV (v = 4, 8-bit indices): 2 bits/weight at M = 1, a partial
+        # 256-column chunk with scale and offset, a partial vector with outliers and a
+        # 200-row codebook, 16-token tiles, 32-row tiles (G = 4) and x too large for
+        # shared memory (28672 columns: read from global memory)
+        ("mma", 1, 4096, 4096, 4, 8, None, {}),
+        ("mma", 1, 1000, 4100, 4, 8, None, {"scale": True, "offset": True}),
+        ("mma", 5, 1002, 4098, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
+        ("mma", 16, 4096, 8192, 4, 8, None, {}),
+        ("mma", 8, 14336, 4096, 4, 8, None, {"scale": True}),
+        ("mma", 1, 1024, 28672, 4, 8, None, {}),
+        (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma
     ]
     return [
         LUTCase(m, n, k, v, bits, rows=rows, dtype=dtype, path=path, **extra)
@@ -78,6 +89,23 @@ def test_gemv_tiles_agree_with_each_other(launcher):
     together = lut_linear(x, w, None, launcher, path="gemv")
     alone = torch.cat([lut_linear(x[i : i + 1], w, None, launcher, path="gemv") for i in range(16)])
     assert torch.equal(together, alone)
+
+
+def test_mma_tiles_agree_with_each_other(launcher):
+    """A token's outputs do not depend on the other tokens of its tile: up to 8 tokens
+    (weights as the mma's A operand) they equal the token computed alone; in a 16-token
+    tile (tokens as A) they do not depend on the token's place."""
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.lut_ops import lut_linear, lut_path
+
+    case = LUTCase(16, 1000, 4100, 4, 8, rows=None, outliers=20, scale=True)
+    w = to_lut(random_vq(case), "cuda")
+    assert lut_path(16, w, "cuda") == "mma"
+    x = torch.randn(16, 4100, generator=torch.Generator().manual_seed(0)).half().cuda()
+    alone = torch.cat([lut_linear(x[i : i + 1], w, None, launcher, path="mma") for i in range(7)])
+    assert torch.equal(lut_linear(x[:7], w, None, launcher, path="mma"), alone)
+    y = lut_linear(x, w, None, launcher, path="mma")
+    assert torch.equal(lut_linear(x.roll(5, 0), w, None, launcher, path="mma"), y.roll(5, 0))
 
 
 def test_lut_kernels_launch_on_torchs_current_stream(launcher):

@@ -153,8 +153,11 @@ def to_lut(weight: PackedWeight | QuantizedWeight, device: torch.device | str) -
         if not codebook.dtype.is_floating_point or codebook.dim() != 2 or codebook.shape[1] != v:
             raise _layout_error(f"{cb_key}: expected float16 [rows, {v}], got "
                                 f"{codebook.dtype} {tuple(codebook.shape)}")
+        codes = codes.to(device).contiguous()
+        if codes.data_ptr() % 16:  # the kernels read 16-byte words of the stream
+            codes = codes.clone()
         return LUTStage(
-            codes=codes.to(device).contiguous(),
+            codes=codes,
             bits=bits,
             # float16 as the format stores it (a module cast may have changed the buffer's
             # dtype), in its own 16-byte aligned storage

@@ -6,6 +6,9 @@ CPU harness in the tests.
 
 Paths by the number of tokens ``M``:
 
+* ``mma`` (M <= 16; vector size 4, 8-bit indices, codebooks of at most 256 rows, no
+  residual stage: VPTQ's 2-bit default): the tensor-core GEMV ``qk_lut_mma``, the codebook
+  held 16 times over in shared memory so that its random reads never conflict.
 * ``gemv`` (M <= ``LUT_GEMV_MAX_M``, vector sizes 4, 6, 8, codebooks that fit in shared
   memory): the codebooks in shared memory, indices decoded inside the GEMV, up to 16
   tokens per block. Outlier columns run first (into a float32 buffer), the main columns
@@ -31,7 +34,14 @@ FILE = "qk_lut.cu"
 CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 LUT_TILES = (1, 4, 8, 16)
 LUT_GEMV_MAX_M = 16
-LUT_PATHS = ("gemv", "dequant")
+LUT_PATHS = ("mma", "gemv", "dequant")
+#: Shared memory a qk_lut_mma block may use for its copy of x (beyond it, x is read from
+#: global memory): the table (32 KB) and this leave room for two blocks per multiprocessor.
+LUT_MMA_X_SHARED_MAX = 64 * 1024
+#: Warps per qk_lut_mma block (at most; fewer when a row has fewer 256-column chunks).
+LUT_MMA_WARPS = 8
+#: Resident warps per multiprocessor the persistent qk_lut_mma grid is sized for.
+LUT_MMA_WARPS_PER_SM = 16
 #: Shared memory the CPU harness offers (``QK_LUT_CPU_SMEM`` in ``qk_lut.cu``).
 CPU_SMEM = 256 * 1024
 #: Threads per GEMV block in the CPU harness (few threads keep the harness fast).
@@ -92,6 +102,27 @@ def _gemv_warps(part: LUTPart, v: int, mt: int, device: torch.device) -> int:
     return warps
 
 
+def mma_part_unsupported_reason(part: LUTPart, vector_size: int) -> str | None:
+    if vector_size != 4:
+        return f"vector size {vector_size} (the tensor-core GEMV takes 4)"
+    if part.stage.bits != 8:
+        return f"{part.stage.bits}-bit indices (the tensor-core GEMV takes 8-bit indices)"
+    if part.stage.rows > 256:
+        return f"a codebook of {part.stage.rows} rows (at most 256)"
+    if part.residual is not None:
+        return "a residual stage (the tensor-core GEMV reads one index stream)"
+    return None
+
+
+def mma_unsupported_reason(w: PreparedLUT) -> str | None:
+    """Why the tensor-core GEMV (``qk_lut_mma``) cannot run ``w`` (it takes every part)."""
+    for part in w.parts:
+        reason = mma_part_unsupported_reason(part, w.vector_size)
+        if reason is not None:
+            return reason
+    return None
+
+
 def gemv_unsupported_reason(w: PreparedLUT, device: torch.device | str) -> str | None:
     """Why the GEMV path cannot run ``w`` on ``device`` (then every M takes ``dequant``)."""
     device = torch.device(device)
@@ -105,9 +136,27 @@ def gemv_unsupported_reason(w: PreparedLUT, device: torch.device | str) -> str |
 
 
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
+    if m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None:
+        return "mma"
     if m <= LUT_GEMV_MAX_M and gemv_unsupported_reason(w, device) is None:
         return "gemv"
     return "dequant"
+
+
+def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(token tile, row groups per block tile) of ``qk_lut_mma`` for ``m`` tokens and ``n``
+    output rows: up to 8 tokens, groups of 16 weight rows (the mma's A operand), 2 per tile
+    (32 rows) when that still gives every multiprocessor a tile, else 1; 9-16 tokens, 2
+    groups of 8 rows (tokens are the A operand). The H200 sweep of BENCHMARKS.md chose it."""
+    if m > 8:
+        return 16, 2
+    sms = _device_limits(device)[0]
+    return (8, 2) if _cdiv(n, 32) >= sms else (8, 1)
+
+
+def mma_tile_rows(mt: int, groups: int) -> int:
+    """Output rows of a ``qk_lut_mma`` block tile (``qk_lut::mma_tile_rows``)."""
+    return (16 if mt == 8 else 8) * groups
 
 
 def _ctype(dtype: torch.dtype) -> str:
@@ -184,6 +233,64 @@ def _gemv(
     )
 
 
+def _mma(
+    x: torch.Tensor,
+    part: LUTPart,
+    w: PreparedLUT,
+    launch: Any,
+    *,
+    addend: torch.Tensor | None,
+    epilogue: dict[str, torch.Tensor | None] | None,
+    out: torch.Tensor,
+) -> None:
+    """One ``qk_lut_mma`` launch over one part (see :func:`_gemv`)."""
+    from qcore_kernels.sources import LUT_MMA_TILINGS
+
+    m, n = x.shape[0], w.out_features
+    xp, ld = _part_input(x, part)
+    mt, groups = lut_mma_config(m, n, x.device)
+    assert (mt, groups) in LUT_MMA_TILINGS
+    chunks = _cdiv(part.n_vec(w.vector_size), 64)
+    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
+    rows_x = min(mt, m)
+    x_bytes = rows_x * mma_x_stride(chunks) * x.element_size()
+    smem = LUT_MMA_TABLE_BYTES + warps * mt * mma_tile_rows(mt, groups) * 4
+    x_shared = x_bytes <= LUT_MMA_X_SHARED_MAX and smem + x_bytes <= _device_limits(x.device)[2]
+    if x_shared:
+        smem += x_bytes
+    tiles = _cdiv(n, mma_tile_rows(mt, groups))
+    if x.device.type == "cuda":
+        blocks = min(tiles, _device_limits(x.device)[0] * max(1, LUT_MMA_WARPS_PER_SM // warps))
+    else:
+        blocks = min(tiles, CPU_BLOCKS)
+    codes = part.stage.codes
+    e = epilogue or {}
+    args = [
+        xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), codes,
+        np.int32(part.stage.row_words), part.stage.codebook, np.int32(part.stage.rows), addend,
+        e.get("scale"), e.get("offset"), e.get("xsum"), e.get("bias"),
+        out if epilogue is not None else None, None if epilogue is not None else out,
+        np.int32(m), np.int32(n),
+    ]
+    launch(
+        FILE,
+        f"qk_lut_mma<{_ctype(x.dtype)}, {mt}, {groups}>",
+        (blocks, _cdiv(m, mt), 1),
+        (warps * 32, 1, 1),
+        args,
+        shared_mem=smem,
+    )
+
+
+def mma_x_stride(chunks: int) -> int:
+    """Row stride (values) of x in a ``qk_lut_mma`` block (``qk_lut::mma_x_stride``)."""
+    return _cdiv(chunks * 288, 64) * 64 + 32
+
+
+#: Shared memory of the replicated codebook (``qk_lut::MMA_TABLE_BYTES``).
+LUT_MMA_TABLE_BYTES = 256 * 16 * 8
+
+
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (scale and offset applied), by the kernels."""
     t = _ctype(dtype)
@@ -226,22 +333,34 @@ def lut_linear(
         return x.new_empty(0, n)
     if path == "dequant":
         return F.linear(x, dequantize(w, x.dtype, launch), bias)
-    if path != "gemv":
+    if path not in LUT_PATHS:
         raise ValueError(f"unknown path {path!r}; one of {LUT_PATHS}")
-    reason = gemv_unsupported_reason(w, x.device)
+    if m > LUT_GEMV_MAX_M:
+        raise ValueError(f"the {path} path takes at most {LUT_GEMV_MAX_M} tokens, got {m}")
+    if path == "mma":
+        reason = mma_unsupported_reason(w)
+        run = _mma
+    else:
+        reason = gemv_unsupported_reason(w, x.device)
+        run = _gemv
     if reason is not None:
-        raise ValueError(f"the LUT GEMV cannot run this weight: {reason}")
+        raise ValueError(f"the LUT {path} path cannot run this weight: {reason}")
     raw = None
     if w.outliers is not None:
         raw = torch.empty(m, n, dtype=torch.float32, device=x.device)
-        _gemv(x, w.outliers, w, launch, addend=None, epilogue=None, out=raw)
+        run(x, w.outliers, w, launch, addend=None, epilogue=None, out=raw)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x.float().sum(1) if w.offset is not None else None
     epilogue = {"scale": w.scale, "offset": w.offset, "xsum": xsum, "bias": bias}
-    _gemv(x, w.main, w, launch, addend=raw, epilogue=epilogue, out=y)
+    run(x, w.main, w, launch, addend=raw, epilogue=epilogue, out=y)
     return y
 
 
-def lut_paths(m: int) -> Sequence[str]:
-    """The paths that can run ``m`` tokens (benchmarks and tests compare them)."""
-    return ("gemv", "dequant") if m <= LUT_GEMV_MAX_M else ("dequant",)
+def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
+    """The paths that can run ``m`` tokens (of weight ``w``, when given; benchmarks and
+    tests compare them)."""
+    if m > LUT_GEMV_MAX_M:
+        return ("dequant",)
+    if w is not None and mma_unsupported_reason(w) is not None:
+        return ("gemv", "dequant")
+    return LUT_PATHS

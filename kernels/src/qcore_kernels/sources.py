@@ -46,6 +46,11 @@ class KernelSource:
 MMA_TILINGS: tuple[tuple[int, int, int], ...] = ((1, 2, 8), (1, 4, 8), (2, 2, 4), (2, 4, 4))
 
 
+#: (token tile, row groups per block tile) of the qk_lut_mma instances
+#: (qcore_kernels.lut_ops.lut_mma_config picks among them).
+LUT_MMA_TILINGS: tuple[tuple[int, int], ...] = ((8, 1), (8, 2), (16, 2))
+
+
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
     simt, tc = [], []
     for bits in (4, 8):
@@ -71,7 +76,9 @@ SOURCES: tuple[KernelSource, ...] = (
         + tuple(f"qk_w8a8_gemm<{t}>" for t in ("__half", "__nv_bfloat16"))
         + tuple(f"qk_w8a8_scale<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),
-    # Codebook (vq) linears: GEMV per (dtype, vector size, token tile), dequantize per dtype.
+    # Codebook (vq) linears: GEMV per (dtype, vector size, token tile), the tensor-core GEMV
+    # (V = 4, 8-bit indices; its mma is qk::mma_16816, SIMT in the harness) per (dtype,
+    # tiling), dequantize per dtype.
     KernelSource(
         "qk_lut.cu",
         tuple(
@@ -79,6 +86,11 @@ SOURCES: tuple[KernelSource, ...] = (
             for t in ("__half", "__nv_bfloat16")
             for v in (4, 6, 8)  # support.LUT_VECTOR_SIZES
             for m in (1, 4, 8, 16)  # lut_ops.LUT_TILES
+        )
+        + tuple(
+            f"qk_lut_mma<{t}, {mt}, {g}>"
+            for t in ("__half", "__nv_bfloat16")
+            for mt, g in LUT_MMA_TILINGS
         )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),

@@ -28,9 +28,29 @@
 // or writes the raw float dot product for a later launch to add (`addend`): the outlier
 // part runs first into a float buffer that the main part adds.
 //
+// Tensor-core GEMV (qk_lut_mma; M <= 16, V = 4, 8-bit indices, codebooks of <= 256 rows, no
+// residual: VPTQ's 2-bit default): the codebook, converted to T, is held in shared memory 16
+// times over, copy r of row e at 8-byte slot e * 16 + r, and lane l reads copy l % 16, so
+// the 16 lanes of a half-warp always hit 16 different bank pairs whatever their indices
+// (one wavefront per half-warp; random rows of one copy cost 3-4). A codebook row read
+// (4 values, 8 bytes) is a lane's whole B fragment of one mma.sync m16n8k16: with g = lane / 4
+// and t = lane % 4, lane (g, t) holds weight row g of the warp's 8-row group at k positions
+// 2t, 2t+1, 2t+8, 2t+9, which we let stand for the 4 columns of one vector (the k order of a
+// dot product is free when A is permuted alike). Lane t of each row owns 16 consecutive
+// indices (one 16-byte load) of a chunk of 64 vectors (256 columns); mma i uses index i of
+// every lane, and the A fragment of lane (g, t) is x[token g (and g + 8)] at the 4 columns
+// of vector 16t + i. Tokens fill the A rows (M <= MT), the 8 outputs of the group the C
+// columns. A block computes a tile of 8 * G output rows: warp w takes chunks w, w + W, ...
+// for all G row groups (the chunk's A fragments are read once for the G groups) with the
+// next chunk's index words loaded ahead; the warps' partial sums are added in warp order
+// in shared memory (deterministic, no atomics), then the epilogue of qk_lut_gemv. x is
+// copied to shared memory when it fits (x_shared), skewed by 8 values per 64 columns so that
+// the 4 lanes of a row read 16 bytes from 4 different bank groups.
+//
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
 #include "qk_common.cuh"
+#include "qk_mma.cuh"
 
 namespace qk_lut {
 constexpr int STEP_CHUNKS = 8;                  // chunks of 32 indices per warp step
@@ -48,6 +68,19 @@ __host__ __device__ constexpr int threads(int mt) { return mt == 1 ? 1024 : mt <
 // that many channels (the activations' shared-memory traffic grows with the tokens).
 __host__ __device__ constexpr int rows_per_warp(int mt) { return mt >= 16 ? 3 : mt >= 4 ? 2 : 1; }
 __host__ __device__ constexpr int align8(int n) { return (n + 7) / 8 * 8; }  // elements, 16 bytes
+// qk_lut_mma (tensor-core GEMV, see the header).
+constexpr int MMA_V = 4;             // vector size
+constexpr int MMA_BITS = 8;          // index bits
+constexpr int MMA_ROWS = 256;        // codebook rows (2^MMA_BITS)
+constexpr int MMA_COPIES = 16;       // copies of the codebook (one per lane of a half-warp)
+constexpr int MMA_CHUNK = 64;        // vectors per row per warp step (16 per lane)
+constexpr int MMA_TABLE_BYTES = MMA_ROWS * MMA_COPIES * 8;  // 32 KB
+// Skewed x in shared memory: column c at c + (c / 64) * 8; row stride (values) = 32 mod 64.
+__host__ __device__ constexpr int mma_x_stride(int chunks) { return (chunks * 288 + 63) / 64 * 64 + 32; }
+// Output rows of a block tile: G groups of 16 rows (MT = 8: the weight is the mma's A
+// operand, tokens its 8 columns) or of 8 rows (MT = 16: tokens are the 16 A rows).
+__host__ __device__ constexpr int mma_tile_rows(int mt, int g) { return (mt == 8 ? 16 : 8) * g; }
+__host__ __device__ constexpr int mma_red_bytes(int warps, int mt, int g) { return warps * mt * mma_tile_rows(mt, g) * 4; }
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -104,6 +137,29 @@ __device__ __forceinline__ void lut_row(const T* cb, unsigned idx, float* out) {
     } else {
         lut_load<T, V>(cb + idx * V, out);
     }
+}
+
+// 8 bytes of shared memory at byte `offset` of the block's shared memory `smem`, read through
+// a 32-bit shared-window address (`window` = the window address of smem): the table lookups
+// of qk_lut_mma then cost one byte extraction and one multiply-add each, without 64-bit
+// generic address arithmetic. The harness has no window: it reads smem + offset.
+__device__ __forceinline__ unsigned lut_window(const unsigned char* smem) {
+#ifndef QK_CPU_HARNESS
+    return static_cast<unsigned>(__cvta_generic_to_shared(smem));
+#else
+    (void)smem;
+    return 0u;
+#endif
+}
+__device__ __forceinline__ uint2 lut_lds64(const unsigned char* smem, unsigned address) {
+#ifndef QK_CPU_HARNESS
+    (void)smem;
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(address));
+    return v;
+#else
+    return *reinterpret_cast<const uint2*>(smem + address);
+#endif
 }
 
 // Index `lane` of a chunk whose words start at s: the two words around its bits (lw: its
@@ -323,6 +379,193 @@ __global__ void __launch_bounds__(qk_lut::threads(MT), 1) qk_lut_gemv(
             }
         }
         __syncwarp();  // every lane is done with the staging buffer
+    }
+}
+
+// Tensor-core LUT GEMV (see the header): y [M, N] = x [M, K] @ W^T for one part of
+// 8-bit-indexed V = 4 codebook weights; same epilogue and raw mode as qk_lut_gemv.
+// Grid: (persistent tiles, ceil(M / MT)); any number of warps per block.
+template <typename T, int MT, int G>
+__global__ void __launch_bounds__(256, 2) qk_lut_mma(
+    const T* __restrict__ x, int ldx, int K, int x_shared,
+    const unsigned* __restrict__ codes, int row_words,
+    const __half* __restrict__ codebook, int cb_rows,
+    const float* __restrict__ addend, const __half* __restrict__ scale,
+    const __half* __restrict__ offset, const float* __restrict__ xsum,
+    const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N) {
+    using namespace qk_lut;
+    static_assert(MT == 8 || MT == 16, "token tiles of 8 (the mma's columns) or 16 (its rows)");
+    // MT = 8: weights are A (rows g and g + 8 of a 16-row group), x is B (token g);
+    // MT = 16: x is A (tokens g and g + 8), weights are B (row g of an 8-row group).
+    constexpr bool SWAP = MT == 8;
+    constexpr int H = SWAP ? 2 : 1;  // weight rows per lane and group
+#ifdef QK_CPU_HARNESS
+    __shared__ __align__(16) unsigned char smem[QK_LUT_CPU_SMEM];
+#else
+    extern __shared__ __align__(16) unsigned char smem[];
+#endif
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int n_vec = (K + MMA_V - 1) / MMA_V;
+    const int chunks = (n_vec + MMA_CHUNK - 1) / MMA_CHUNK;
+    const int row_bytes = row_words * 4;  // a multiple of 32: a lane's 16 bytes are all in or out
+    constexpr int RG = 8 * H;                 // rows per group
+    constexpr int ROWS = mma_tile_rows(MT, G);  // output rows per tile
+    constexpr int S = 2;  // accumulator sets (even and odd mmas): 2 * G independent chains
+    const int tiles = (N + ROWS - 1) / ROWS;
+    const int m0 = blockIdx.y * MT;
+    const int xs = mma_x_stride(chunks);
+
+    uint2* s_tab = reinterpret_cast<uint2*>(smem);
+    float* s_red = reinterpret_cast<float*>(smem + MMA_TABLE_BYTES);
+    T* s_x = reinterpret_cast<T*>(smem + MMA_TABLE_BYTES + mma_red_bytes(warps, MT, G));
+
+    // Index words of chunk c for the warp's lane in each row group (zeros past the row's
+    // stream, past N or past the last chunk).
+    auto load_codes = [&](int tile, int c, uint4 (&w)[G][H]) {
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg)
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                const int n = tile * ROWS + rg * RG + g + 8 * h;
+                const int byte = c * MMA_CHUNK + 16 * t;
+                w[rg][h] = c < chunks && n < N && byte < row_bytes
+                    ? __ldg(reinterpret_cast<const uint4*>(codes + static_cast<size_t>(n) * row_words) + byte / 16)
+                    : make_uint4(0u, 0u, 0u, 0u);
+            }
+    };
+    uint4 cur[G][H], nxt[G][H];
+    load_codes(blockIdx.x, warp, cur);  // in flight while the tables are built
+
+    // The codebook row of this thread (read first: its latency overlaps the copy of x).
+    const int e0 = threadIdx.x;
+    const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
+    const int rows_x = min(MT, M - m0);
+    if (x_shared) {  // ldx is a multiple of 8: 16-byte copies; zeros up to the last chunk's end
+        const int row16 = chunks * MMA_CHUNK * MMA_V / 8;
+        for (int i = threadIdx.x; i < rows_x * row16; i += blockDim.x) {
+            const int r = i / row16, c8 = (i % row16) * 8;
+            const uint4 v = c8 < ldx ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m0 + r) * ldx + c8))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(s_x + r * xs + c8 + (c8 / 64) * 8) = v;
+        }
+    }
+    // The codebook, converted to T, 16 times over: at step r, lane l writes copy (r + l) % 16,
+    // so the lanes of a half-warp write 16 different bank pairs.
+    for (int e = e0; e < MMA_ROWS; e += blockDim.x) {
+        const uint2 h = e == e0 ? h0
+            : e < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e) : make_uint2(0u, 0u);
+        const __half2 lo = qk::bits_as<__half2>(h.x), hi = qk::bits_as<__half2>(h.y);
+        const uint2 v = make_uint2(
+            qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(lo)), qk::from_float<T>(__high2float(lo)))),
+            qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(hi)), qk::from_float<T>(__high2float(hi)))));
+#pragma unroll
+        for (int r = 0; r < MMA_COPIES; ++r) s_tab[e * MMA_COPIES + (r + lane) % MMA_COPIES] = v;
+    }
+    __syncthreads();
+
+    // This lane's copy of codebook row e is at window address tab + e * 128.
+    const unsigned tab = lut_window(smem) + (lane % MMA_COPIES) * 8;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        float acc[S][G][4];
+#pragma unroll
+        for (int k = 0; k < S; ++k)
+#pragma unroll
+            for (int rg = 0; rg < G; ++rg)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[k][rg][e] = 0.f;
+
+        for (int c = warp; c < chunks; c += warps) {
+            // the next chunk of this tile, or the first of the block's next tile
+            const bool last = c + warps >= chunks;
+            load_codes(last ? tile + gridDim.x : tile, last ? warp : c + warps, nxt);
+
+            // x fragments: token g (and g + 8) at the 4 columns of vector 16t + i, i < 16
+            // (A: a[i][0..3]; MT = 8: B = a[i][0], a[i][2]).
+            unsigned a[16][4];
+#pragma unroll
+            for (int h = 0; h < MT / 8; ++h) {
+                const int r = g + 8 * h;  // the A row (token m0 + r)
+                const bool on = r < rows_x;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int col = c * MMA_CHUNK * MMA_V + 64 * t + 8 * j;
+                    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                    if (on) {
+                        if (x_shared)
+                            v = *reinterpret_cast<const uint4*>(s_x + r * xs + col + (col / 64) * 8);
+                        else if (col < ldx)
+                            v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m0 + r) * ldx + col));
+                    }
+                    a[2 * j][h] = v.x, a[2 * j][2 + h] = v.y;
+                    a[2 * j + 1][h] = v.z, a[2 * j + 1][2 + h] = v.w;
+                }
+            }
+
+            // mma i of every row group back to back, even and odd i into separate
+            // accumulators (added at the end): 2G independent chains, so consecutive mmas
+            // never wait for each other's results. The order of the sums does not depend on
+            // the tiling (G, MT): a token's outputs are the same in any tile.
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                uint2 wv[G][H];  // codebook rows: weight row g (and g + 8) at vector 16t + i
+#pragma unroll
+                for (int rg = 0; rg < G; ++rg)
+#pragma unroll
+                    for (int h = 0; h < H; ++h) {
+                        const unsigned e = __byte_perm(qk::word_of(cur[rg][h], i / 4), 0u, 0x4440u | (i % 4));
+                        wv[rg][h] = lut_lds64(smem, tab + e * (MMA_COPIES * 8));
+                    }
+#pragma unroll
+                for (int rg = 0; rg < G; ++rg) {
+                    if constexpr (SWAP) {
+                        const unsigned wa[4] = {wv[rg][0].x, wv[rg][H - 1].x, wv[rg][0].y, wv[rg][H - 1].y};
+                        const unsigned xb[2] = {a[i][0], a[i][2]};
+                        qk::mma_16816<T>(acc[i % S][rg], wa, xb);
+                    } else {
+                        const unsigned b[2] = {wv[rg][0].x, wv[rg][0].y};
+                        qk::mma_16816<T>(acc[i % S][rg], a[i], b);
+                    }
+                }
+            }
+#pragma unroll
+            for (int rg = 0; rg < G; ++rg)
+#pragma unroll
+                for (int h = 0; h < H; ++h) cur[rg][h] = nxt[rg][h];
+        }
+
+        // Partial sums [warp][token][row] -> shared memory, added in warp order.
+        float* red = s_red + warp * MT * ROWS;
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // C[g + 8 * (e / 2)][2t + e % 2]: (weight row, token) or (token, weight row)
+                const int tok = SWAP ? 2 * t + e % 2 : g + 8 * (e / 2);
+                const int row = SWAP ? rg * RG + g + 8 * (e / 2) : rg * RG + 2 * t + e % 2;
+                float v = acc[0][rg][e];
+#pragma unroll
+                for (int k = 1; k < S; ++k) v += acc[k][rg][e];
+                red[tok * ROWS + row] = v;
+            }
+        __syncthreads();
+        for (int i = threadIdx.x; i < MT * ROWS; i += blockDim.x) {
+            const int tok = i / ROWS, row = tile * ROWS + i % ROWS, m = m0 + tok;
+            if (tok >= rows_x || row >= N) continue;
+            float v = 0.f;
+            for (int w = 0; w < warps; ++w) v += s_red[w * MT * ROWS + i];
+            const size_t o = static_cast<size_t>(m) * N + row;
+            if (addend != nullptr) v += addend[o];
+            if (y_raw != nullptr) {
+                y_raw[o] = v;
+            } else {
+                if (scale != nullptr) v *= __half2float(scale[row]);
+                if (offset != nullptr) v = fmaf(__half2float(offset[row]), xsum[m], v);
+                if (bias != nullptr) v += qk::to_float(bias[row]);
+                y[o] = qk::from_float<T>(v);
+            }
+        }
+        __syncthreads();  // s_red is rewritten by the next tile
     }
 }
 
