@@ -189,6 +189,23 @@ def _stage_args(part: LUTPart) -> list[Any]:
     ]
 
 
+def _epilogue_args(
+    addend: torch.Tensor | None,
+    epilogue: dict[str, torch.Tensor | None] | None,
+    out: torch.Tensor,
+    m: int,
+    n: int,
+) -> list[Any]:
+    """The GEMVs' trailing arguments: addend, scale, offset, xsum, bias, y, y_raw, M, N
+    (``epilogue`` None: raw float32 dot products to ``out``)."""
+    e = epilogue or {}
+    return [
+        addend, e.get("scale"), e.get("offset"), e.get("xsum"), e.get("bias"),
+        out if epilogue is not None else None, None if epilogue is not None else out,
+        np.int32(m), np.int32(n),
+    ]
+
+
 def _gemv(
     x: torch.Tensor,
     part: LUTPart,
@@ -216,19 +233,13 @@ def _gemv(
         blocks = min(_cdiv(n, warps * rows), _device_limits(x.device)[0])
     else:
         blocks = min(_cdiv(n, warps * rows), CPU_BLOCKS)
-    e = epilogue or {}
-    args = [
-        xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), *_stage_args(part), addend,
-        e.get("scale"), e.get("offset"), e.get("xsum"), e.get("bias"),
-        out if epilogue is not None else None, None if epilogue is not None else out,
-        np.int32(m), np.int32(n),
-    ]
     launch(
         FILE,
         f"qk_lut_gemv<{_ctype(x.dtype)}, {v}, {mt}>",
         (blocks, _cdiv(m, mt), 1),
         (warps * 32, 1, 1),
-        args,
+        [xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), *_stage_args(part),
+         *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem,
     )
 
@@ -263,21 +274,15 @@ def _mma(
         blocks = min(tiles, _device_limits(x.device)[0] * max(1, LUT_MMA_WARPS_PER_SM // warps))
     else:
         blocks = min(tiles, CPU_BLOCKS)
-    codes = part.stage.codes
-    e = epilogue or {}
-    args = [
-        xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), codes,
-        np.int32(part.stage.row_words), part.stage.codebook, np.int32(part.stage.rows), addend,
-        e.get("scale"), e.get("offset"), e.get("xsum"), e.get("bias"),
-        out if epilogue is not None else None, None if epilogue is not None else out,
-        np.int32(m), np.int32(n),
-    ]
+    stage = part.stage
     launch(
         FILE,
         f"qk_lut_mma<{_ctype(x.dtype)}, {mt}, {groups}>",
         (blocks, _cdiv(m, mt), 1),
         (warps * 32, 1, 1),
-        args,
+        [xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), stage.codes,
+         np.int32(stage.row_words), stage.codebook, np.int32(stage.rows),
+         *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem,
     )
 

@@ -72,6 +72,7 @@ __host__ __device__ constexpr int align8(int n) { return (n + 7) / 8 * 8; }  // 
 constexpr int MMA_V = 4;             // vector size
 constexpr int MMA_BITS = 8;          // index bits
 constexpr int MMA_ROWS = 256;        // codebook rows (2^MMA_BITS)
+static_assert(MMA_ROWS == 1 << MMA_BITS, "one table row per 8-bit index");
 constexpr int MMA_COPIES = 16;       // copies of the codebook (one per lane of a half-warp)
 constexpr int MMA_CHUNK = 64;        // vectors per row per warp step (16 per lane)
 constexpr int MMA_TABLE_BYTES = MMA_ROWS * MMA_COPIES * 8;  // 32 KB
@@ -87,6 +88,9 @@ __host__ __device__ constexpr int mma_red_bytes(int warps, int mt, int g) { retu
 // The CPU harness has no dynamic shared memory; blocks run one after another, so one static
 // buffer stands in for it (the host checks its request against QK_LUT_CPU_SMEM).
 #define QK_LUT_CPU_SMEM (256 * 1024)
+#define QK_LUT_SHARED_MEMORY(name) __shared__ __align__(16) unsigned char name[QK_LUT_CPU_SMEM]
+#else
+#define QK_LUT_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 // V weights or activations (T) at p, to float; p is aligned to V * 2 bytes (V = 4, 8) or 4
@@ -197,11 +201,7 @@ __global__ void __launch_bounds__(qk_lut::threads(MT), 1) qk_lut_gemv(
     const __half* __restrict__ offset, const float* __restrict__ xsum,
     const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N) {
     using namespace qk_lut;
-#ifdef QK_CPU_HARNESS
-    __shared__ __align__(16) unsigned char smem[QK_LUT_CPU_SMEM];
-#else
-    extern __shared__ __align__(16) unsigned char smem[];
-#endif
+    QK_LUT_SHARED_MEMORY(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int n_vec = (K + V - 1) / V, n_full = K / V;
     const int steps = ((n_vec + 31) / 32 + STEP_CHUNKS - 1) / STEP_CHUNKS;  // per channel
@@ -399,11 +399,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
     // MT = 16: x is A (tokens g and g + 8), weights are B (row g of an 8-row group).
     constexpr bool SWAP = MT == 8;
     constexpr int H = SWAP ? 2 : 1;  // weight rows per lane and group
-#ifdef QK_CPU_HARNESS
-    __shared__ __align__(16) unsigned char smem[QK_LUT_CPU_SMEM];
-#else
-    extern __shared__ __align__(16) unsigned char smem[];
-#endif
+    QK_LUT_SHARED_MEMORY(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int n_vec = (K + MMA_V - 1) / MMA_V;
@@ -467,13 +463,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
     // This lane's copy of codebook row e is at window address tab + e * 128.
     const unsigned tab = lut_window(smem) + (lane % MMA_COPIES) * 8;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        float acc[S][G][4];
-#pragma unroll
-        for (int k = 0; k < S; ++k)
-#pragma unroll
-            for (int rg = 0; rg < G; ++rg)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[k][rg][e] = 0.f;
+        float acc[S][G][4] = {};
 
         for (int c = warp; c < chunks; c += warps) {
             // the next chunk of this tile, or the first of the block's next tile
