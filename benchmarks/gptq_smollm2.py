@@ -22,6 +22,7 @@ from _common import machine, quantize_and_evaluate, settings_main, write_section
 MINMAX = {"act_order": True, "shrink_steps": 1}
 NO_ACT_ORDER = {"act_order": False, "shrink_steps": 1}
 SEARCH = {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}
+SEARCH_NO_ACT_ORDER = {**SEARCH, "act_order": False}
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), MINMAX),
     "W4 g64 asym, act-order, bf16 calibration": (dict(bits=4, group_size=64), MINMAX),
@@ -44,12 +45,28 @@ SETTINGS = {
     "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), NO_ACT_ORDER),
     "W4 g64 sym, no act-order": (dict(bits=4, group_size=64, symmetric=True), NO_ACT_ORDER),
     "W3 g64 asym, no act-order": (dict(bits=3, group_size=64), NO_ACT_ORDER),
+    "W4 g64 asym, no act-order, bf16 calibration, range search": (
+        dict(bits=4, group_size=64), SEARCH_NO_ACT_ORDER),
+    "W4 g64 sym, no act-order, bf16 calibration, range search": (
+        dict(bits=4, group_size=64, symmetric=True), SEARCH_NO_ACT_ORDER),
+    "W3 g64 asym, no act-order, bf16 calibration, range search": (
+        dict(bits=3, group_size=64), SEARCH_NO_ACT_ORDER),
 }
-#: How the range-search rows were timed (they first ran beside other benchmarks).
-QUIET_NOTE = ("The W3 and W4 sym range-search rows (822 s, 1206 s) were timed while two "
-              "other benchmarks shared this 2-core machine and are not comparable; the W4 "
-              "asym range-search row was rerun alone: 114 s, the same time as min-max "
-              "ranges, and the same perplexity as its first, loaded run.")
+#: How the range-search rows were timed.
+QUIET_NOTE = ("The three range-search rows were measured on 2026-11-27 after the changes "
+              "described above, one setting after another with nothing else running on this "
+              "2-core machine (checked every 10 s during the runs); they replace the earlier "
+              "rows (114 s for W4 asym alone; 822 s and 1206 s for W3 and W4 sym, timed under "
+              "load). A quiet run of the same three settings just before the centring was "
+              "added took 100, 94 and 94 s. Their peak RSS fell from 2.96 GB to "
+              "1.66-1.73 GB: reference cycles no longer keep earlier blocks' activations "
+              "until the next full garbage collection, the merged forward reuses the block's "
+              "inputs instead of copying them, block 0's captured inputs are not held all run "
+              "long, and the float weights of quantized blocks no longer stay resident "
+              "through the checkpoint file's mapping. The three 'no act-order' range-search rows "
+              "were measured the same way right after (act-order is GPTQ's default; the peer's "
+              "numbers are with its static act-order, so they compare with the act-order "
+              "rows). The other rows were measured before these changes.")
 #: llm-compressor 0.14.0.1, GPTQModifier defaults (static act-order), this machine.
 PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
         "W4 g64 sym": ("21.62", "19.19", "209 s", "2.9 GB"),
@@ -78,10 +95,18 @@ def main() -> None:
              "integer zero points or symmetric. Time: model load to saved checkpoint. Peer: "
              "llm-compressor 0.14.0.1 (GPTQModifier defaults: block 128, dampening 0.01, static "
              "act-order) measured on this machine earlier (from the GPTQ issue; not installed "
-             "here, so not rerun in the same run). With bf16 calibration the Hessian of "
-             "bf16 inputs (o_proj's and down_proj's) is built from bf16 products summed in "
-             "float32 (the `hessian` observer's default `bf16_products`); the row marked "
-             "'fp32 Hessian products' turns that off. Before this change (fp32 products over "
+             "here, so not rerun in the same run). With bf16 calibration the `hessian` "
+             "observer's default `bf16_products` builds Hessians from bf16 products summed in "
+             "float32; the row marked 'fp32 Hessian products' turns that off. Before "
+             "2026-11-27 only inputs that arrive in bf16 (o_proj's, down_proj's) took that "
+             "path, each chunk's product rounded to bf16, which made some o_proj and "
+             "down_proj Hessians indefinite (block 0's o_proj: least eigenvalue -8% of the "
+             "mean diagonal) so that GPTQ raised their dampening 10x or 100x. Since then the "
+             "observer is told the calibration dtype, so q/k/v's and gate/up's float32 norm "
+             "outputs are rounded to bf16 as those linears round them and take bf16 products "
+             "too, and each chunk is centred before its bf16 product (the mean part added in "
+             "float32): no layer needs more than the default dampening. Only the range-search "
+             "rows are measured with that. Before the first bf16 change (fp32 products over "
              "whole batches, not chunks) the same settings measured 17.287 (147 s, 3.38 GB), "
              "18.492 (153 s) and 31.702 (150 s) for W4 asym, W4 sym and W3; the fp32 row now, "
              "which differs from that only in summation order, measures 17.445. Act-order "

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from qcore.context import BlockCall, BlockContext
 from qcore.interfaces import Observer, PackedWeight, QuantizedWeight
+from qcore.memory import release_file_pages, trim_heap
 from qcore.model import (
     BlockStructure,
     DecoderBlocks,
@@ -66,6 +68,19 @@ def forward(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 def _exact(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Statistics and quantization inside a hook: no autocast."""
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _new_observers(observers: Mapping[str, Callable[[], Observer]]) -> dict[str, Observer]:
+    """One fresh instance of each observer, told the run's calibration dtype: the hooks
+    that feed observers run outside autocast (:func:`_exact`), so this is how an observer
+    learns the precision its linear multiplies in (:attr:`Observer.calib_dtype`)."""
+    dtype = _CALIB_DTYPE.get()
+    instances = {}
+    for name, make in observers.items():
+        instance = make()
+        instance.calib_dtype = dtype
+        instances[name] = instance
+    return instances
 
 
 @dataclass
@@ -132,28 +147,48 @@ def first_row(call: BlockCall) -> BlockCall:
 
 def merge_calls(calls: list[BlockCall]) -> BlockCall:
     """One call over every row of ``calls``: tensors with a batch dimension are
-    concatenated, shared ones (rotary tables, flags) taken from the first call."""
+    concatenated (without a copy when they are consecutive rows of one tensor, as the
+    previous block's output is), shared ones (rotary tables, flags) taken from the first
+    call."""
     if len(calls) == 1:
         return calls[0]
     first_args, first_kwargs = calls[0]
     batch = _batch_of(calls[0])
     if batch == 1 and any(_batch_of(c) != 1 for c in calls):
         raise ValueError("cannot merge calibration calls of batch 1 with larger ones")
-
-    def merge(path: tuple[Any, ...], value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            parts = [_lookup(c, path) for c in calls]
-            if batch == 1 and all(torch.equal(parts[0], p) for p in parts[1:]) and path != (0, 0):
-                return value  # shared across calls (e.g. rotary tables at batch size 1)
-            return torch.cat(parts)
-        if isinstance(value, (tuple, list)):
-            merged = [merge((*path, i), v) for i, v in enumerate(value)]
-            return tuple(merged) if isinstance(value, tuple) else merged
-        return value
-
-    args = tuple(merge((0, i), a) for i, a in enumerate(first_args))
-    kwargs = {k: merge((1, k), v) for k, v in first_kwargs.items()}
+    args = tuple(_merge_value(calls, batch, (0, i), a) for i, a in enumerate(first_args))
+    kwargs = {k: _merge_value(calls, batch, (1, k), v) for k, v in first_kwargs.items()}
     return args, kwargs
+
+
+def _merge_value(calls: list[BlockCall], batch: int, path: tuple[Any, ...], value: Any) -> Any:
+    # A module-level function, not a recursive closure: a closure that calls itself is a
+    # reference cycle, and it would keep ``calls`` (a block's activations) alive until
+    # the garbage collector's next full pass.
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        parts = [_lookup(c, path) for c in calls]
+        if batch == 1 and all(torch.equal(parts[0], p) for p in parts[1:]) and path != (0, 0):
+            return value  # shared across calls (e.g. rotary tables at batch size 1)
+        return _concatenate(parts)
+    if isinstance(value, (tuple, list)):
+        merged = [_merge_value(calls, batch, (*path, i), v) for i, v in enumerate(value)]
+        return tuple(merged) if isinstance(value, tuple) else merged
+    return value
+
+
+def _concatenate(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``; a view instead of a copy when the parts are consecutive
+    contiguous rows of one storage (the next block's calls are slices of one output)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if not (part.is_contiguous() and part.dtype == first.dtype and part.device == first.device
+                and part.shape[1:] == first.shape[1:] and part.storage_offset() == offset
+                and part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+            return torch.cat(parts)
+        offset += part.numel()
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def _lookup(call: BlockCall, path: tuple[Any, ...]) -> Any:
@@ -187,7 +222,7 @@ def observe(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
         return {name: {} for name in names}
     if any(cls.needs_outputs for cls in observers.values()):
         return _observe_with_outputs(block, calls, structure, names, observers, device)
-    instances = {g.names: {obs: cls() for obs, cls in observers.items()} for g in groups}
+    instances = {g.names: _new_observers(observers) for g in groups}
 
     def feed(group: LinearGroup) -> Callable[[torch.Tensor], None]:
         def update(x2: torch.Tensor) -> None:
@@ -221,7 +256,7 @@ def _observe_with_outputs(block: nn.Module, calls: list[BlockCall], structure: B
                           names: list[str], observers: dict[str, type[Observer]],
                           device: torch.device) -> dict[str, dict[str, Any]]:
     """Per-linear observation for observers that need each linear's outputs."""
-    instances = {name: {obs: cls() for obs, cls in observers.items()} for name in names}
+    instances = {name: _new_observers(observers) for name in names}
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -282,6 +317,7 @@ def quantize_block_weights(index: int, block: nn.Module, resolved: ResolvedPipel
     for name, linear in linears.items():
         (qweight,) = _quantize_group((name,), linears, {}, resolved)
         report.layers[name] = _install(block, name, linear, qweight, resolved, device, None)
+    _release_replaced(block, list(linears.values()))
     return report
 
 
@@ -333,6 +369,7 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
     for name, qweight in qweights.items():
         report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,
                                        device, ctx.lowrank.get(name))
+    _release_replaced(block, [structure.linears[name] for name in qweights])
     if not next_calls:
         next_calls = next_block_inputs(block, calls, device)
     return report, next_calls
@@ -350,8 +387,7 @@ def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: Bl
             if group.names[0] in qweights:  # a layer called twice in one forward
                 return
             stats = {}
-            for obs, cls in observers.items():
-                instance = cls()
+            for obs, instance in _new_observers(observers).items():
                 instance.update(x2, None)
                 stats[obs] = instance.compute()
             for name, qw in zip(group.names, _quantize_group(group.names, structure.linears,
@@ -374,13 +410,29 @@ def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: Bl
     if missing:
         raise RuntimeError(f"block {type(block).__name__}: linears {missing} were not reached "
                            "by the calibration forward")
-    next_calls = []
+    return qweights, _with_hidden_rows(calls, hidden)
+
+
+def _with_hidden_rows(calls: list[BlockCall], hidden: torch.Tensor) -> list[BlockCall]:
+    """``calls`` with their hidden states replaced by consecutive row slices of ``hidden``
+    (views: :func:`merge_calls` puts them back together without a copy)."""
+    out = []
     start = 0
     for args, kwargs in calls:
         rows = _batch_of((args, kwargs))
-        next_calls.append(replace_hidden(args, kwargs, hidden[start:start + rows]))
+        out.append(replace_hidden(args, kwargs, hidden[start:start + rows]))
         start += rows
-    return qweights, next_calls
+    return out
+
+
+def _hidden_in_one_tensor(calls: list[BlockCall]) -> list[BlockCall]:
+    """The calls with their hidden states moved into one tensor (as the later blocks'
+    calls have them), so block 0's merged forward needs no second copy of its inputs."""
+    hiddens = [args[0] if args else kwargs.get("hidden_states") for args, kwargs in calls]
+    if len(calls) < 2 or not all(isinstance(h, torch.Tensor) and h.shape[1:] == hiddens[0].shape[1:]
+                                 for h in hiddens):
+        return calls
+    return _with_hidden_rows(calls, torch.cat(hiddens))
 
 
 def next_block_inputs(block: nn.Module, calls: list[BlockCall], device: torch.device) -> list[BlockCall]:
@@ -398,7 +450,11 @@ def quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
                     progress: bool = True, calib_dtype: torch.dtype | None = None) -> list[BlockReport]:
     """Block-sequential quantization of every block, starting from block 0's ``calls``
     (None when :func:`needs_calibration` is false: weights are quantized directly).
-    ``calib_dtype`` (e.g. bfloat16) autocasts the calibration forwards."""
+    ``calib_dtype`` (e.g. bfloat16) autocasts the calibration forwards.
+
+    ``calls`` is consumed: the list is emptied before block 0 runs, so that the caller's
+    reference does not keep block 0's activations for the whole run (one block's
+    activations are held at a time)."""
     token = _CALIB_DTYPE.set(calib_dtype)
     try:
         return _quantize_blocks(blocks, calls, resolved, device, progress)
@@ -411,6 +467,9 @@ def _quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
                      progress: bool) -> list[BlockReport]:
     from tqdm.auto import tqdm
 
+    if calls is not None:
+        given, calls = calls, _hidden_in_one_tensor(list(calls))
+        given.clear()
     reports = []
     structures = StructureCache()
     bar = tqdm(blocks.blocks, desc=f"quantize {resolved.pipeline.short_form()}", unit="block",
@@ -436,18 +495,17 @@ def _release_block_memory(block: nn.Module) -> None:
     for module in block.modules():
         if isinstance(module, QuantLinear):
             module._providers.clear()
-    _trim_heap()
+    trim_heap()
 
 
-def _trim_heap() -> None:
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            pass
+def _release_replaced(block: nn.Module, replaced: list[nn.Module]) -> None:
+    """The float weights of linears now replaced by QuantLinears: where they are views of
+    the checkpoint file's mapping, their pages are dropped (:mod:`qcore.memory`), else the
+    whole float model would stay resident by the last block. Tensors still used by a
+    module of the block (a weight tied to another layer) are kept."""
+    live = {p.data_ptr() for p in block.parameters()}
+    release_file_pages(p.detach() for module in replaced for p in module.parameters(recurse=False)
+                       if p.data_ptr() not in live)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -81,12 +81,19 @@ class Observer(Component):
     kind = "observer"
     #: True if :meth:`update` needs the linear's outputs (else ``outputs`` is None).
     needs_outputs: ClassVar[bool] = False
+    #: The dtype the calibration forwards are autocast to (``torch.bfloat16``), or None
+    #: when they run in the model's own precision. Set by the core on each instance
+    #: before the first :meth:`update`. Under autocast a linear multiplies its inputs
+    #: rounded to this dtype, whatever dtype they arrive in (a norm's float32 output
+    #: too), so a statistic of the linear's products may round the inputs to it.
+    calib_dtype: torch.dtype | None = None
 
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
         """Accumulate one batch. ``inputs`` is ``[tokens, in_features]`` in the dtype the
         block produced it (float32, or bfloat16 when calibration is autocast to bfloat16:
-        convert with ``.float()`` where float32 is needed); ``outputs`` is
-        ``[tokens, out_features]``, likewise."""
+        convert with ``.float()`` where float32 is needed; :attr:`calib_dtype` says which
+        dtype the linear itself computes in); ``outputs`` is ``[tokens, out_features]``,
+        likewise. Runs outside autocast."""
         raise NotImplementedError
 
     def compute(self) -> Any:

@@ -226,6 +226,11 @@ def test_act_order_checkpoint_round_trips(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def _exact_hessian(x: torch.Tensor) -> torch.Tensor:
+    x64 = x.double()
+    return (2 * x64.T @ x64 / x.shape[0]).float()
+
+
 def test_hessian_of_bfloat16_inputs_uses_bf16_products_within_their_rounding():
     x = torch.randn(10000, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
     exact = HessianObserver(HessianObserver.Config(bf16_products=False))
@@ -233,12 +238,54 @@ def test_hessian_of_bfloat16_inputs_uses_bf16_products_within_their_rounding():
     for chunk in x.split(3000):  # batches of several CHUNKs and a remainder
         exact.update(chunk, None)
         fast.update(chunk, None)
-    h_exact, h_fast = exact.compute(), fast.compute()
-    x32 = x.float()
-    torch.testing.assert_close(h_exact, 2 * x32.T @ x32 / x.shape[0], rtol=1e-4, atol=1e-5)
-    rel = float((h_fast - h_exact).norm() / h_exact.norm())
-    assert 0 < rel < 2e-3  # only the bf16 rounding of each product differs
-    # float32 inputs never take the bf16 path
+    reference = _exact_hessian(x)
+    torch.testing.assert_close(exact.compute(), reference, rtol=1e-4, atol=1e-5)
+    rel = float((fast.compute() - reference).norm() / reference.norm())
+    assert 0 < rel < 2e-3, rel  # only the bf16 rounding of each product differs
+    # float32 inputs under float32 calibration never take the bf16 path
     fp = HessianObserver()
-    fp.update(x32, None)
-    torch.testing.assert_close(fp.compute(), 2 * x32.T @ x32 / x.shape[0], rtol=1e-5, atol=1e-6)
+    fp.update(x.float(), None)
+    torch.testing.assert_close(fp.compute(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_under_bfloat16_calibration_rounds_float32_inputs_as_the_linear_does():
+    """A float32 input (a norm's output) of a linear that runs under bf16 autocast: the
+    linear multiplies it rounded to bfloat16, and the observer, told ``calib_dtype``,
+    takes the Hessian of those rounded values."""
+    x = torch.randn(10000, 96, generator=torch.Generator().manual_seed(4)) * 3
+    observer = HessianObserver()
+    observer.calib_dtype = torch.bfloat16
+    observer.update(x, None)
+    arrived = HessianObserver()  # the same values, arriving in bfloat16
+    arrived.update(x.bfloat16(), None)
+    assert torch.equal(observer.compute(), arrived.compute())
+    rounded = _exact_hessian(x.bfloat16())
+    assert float((observer.compute() - rounded).norm() / rounded.norm()) < 2e-3
+    # bf16_products off: float32 products of the inputs as they arrive (not rounded)
+    plain = HessianObserver(HessianObserver.Config(bf16_products=False))
+    plain.calib_dtype = torch.bfloat16
+    plain.update(x, None)
+    torch.testing.assert_close(plain.compute(), _exact_hessian(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_hessian_of_nearly_collinear_inputs_stays_positive_semidefinite():
+    """Inputs with a large common component (attention sinks give o_proj such inputs):
+    rounding each bf16 product to bfloat16 makes the Hessian indefinite well beyond
+    GPTQ's 1% dampening; the observer's centred product does not."""
+    g = torch.Generator().manual_seed(7)
+    common = torch.randn(96, generator=g) * 4
+    basis = torch.randn(24, 96, generator=g)
+    x = ((1 + 0.1 * torch.randn(12000, 1, generator=g)) * common
+         + 0.05 * torch.randn(12000, 24, generator=g) @ basis).bfloat16()
+    reference = _exact_hessian(x).double()
+    mean_diag = float(torch.diagonal(reference).mean())
+    rounded_products = torch.zeros(96, 96)
+    for chunk in x.split(HessianObserver.CHUNK):
+        rounded_products.add_(chunk.T @ chunk, alpha=2.0 / x.shape[0])
+    observer = HessianObserver()
+    observer.update(x, None)
+    least = {name: float(torch.linalg.eigvalsh(h.double()).min()) / mean_diag
+             for name, h in (("rounded", rounded_products), ("observer", observer.compute()))}
+    assert least["rounded"] < -0.01, least  # would need more than GPTQ's 1% dampening
+    assert least["observer"] > -1e-3, least
+    assert float((observer.compute().double() - reference).norm() / reference.norm()) < 1e-4

@@ -51,13 +51,36 @@ def search_grid(span: torch.Tensor, bits: int, symmetric: bool, scale_dtype: tor
         max_shrink / max(shrink_steps - 1, 1))
     scale, zero = grid_from_range(lo[None] * factors[:, None], hi[None] * factors[:, None],
                                   bits, symmetric, scale_dtype)  # [steps, rows]
-    zf = zero_points(scale, zero, bits)
-    sf = scale.float()
-    q = torch.clamp(torch.round(span[None] / sf[..., None]) + zf[..., None], 0, max_code(bits))
-    err = ((q - zf[..., None]) * sf[..., None] - span[None]).abs().pow(norm).sum(-1)
-    best = err.argmin(0)
+    zf = zero_points(scale, zero, bits)[..., None]
+    sf = scale.float()[..., None]
+    # |(clamp(round(w / s) + z) - z) * s - w| ** norm for every factor, in one
+    # [steps, rows, cols] buffer updated in place (a temporary per operation would cost
+    # as much as the arithmetic).
+    err = torch.div(span, sf)
+    err.round_().add_(zf).clamp_(0, max_code(bits)).sub_(zf).mul_(sf).sub_(span)
+    best = err.abs_().pow_(norm).sum(-1).argmin(0)
     rows = torch.arange(span.shape[0], device=span.device)
     return scale[best, rows], None if zero is None else zero[best, rows]
+
+
+def _group_span(block: torch.Tensor, i: int, weight: torch.Tensor, after: int,
+                group_size: int) -> torch.Tensor:
+    """The ``group_size`` columns from the block's ``i``-th on, as they are now: the rest
+    of the block (``block`` holds its columns as rows), then the columns of ``weight``
+    from ``after`` on (not yet updated by this block's errors). ``[out, <= group_size]``."""
+    inside = block[i:i + group_size].T
+    missing = group_size - inside.shape[1]
+    if missing > 0 and after < weight.shape[1]:
+        return torch.cat([inside, weight[:, after:after + missing]], dim=1)
+    return inside.contiguous()
+
+
+def _group_grid(span: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                shrink_steps: int, max_shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points of one group's columns ``span``: searched, or min-max."""
+    if shrink_steps > 1:
+        return search_grid(span, bits, symmetric, scale_dtype, shrink_steps, max_shrink)
+    return grid_from_range(span.amin(1), span.amax(1), bits, symmetric, scale_dtype)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
@@ -68,11 +91,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
     """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (not modified)."""
     out_f, in_f = weight.shape
     if hessian.shape != (in_f, in_f):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with {in_f} inputs")
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with "
+                         f"{in_f} inputs")
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     if not torch.isfinite(H).all():
-        raise GPTQError("GPTQ: the Hessian holds NaN or inf; the calibration activations overflowed")
+        raise GPTQError("GPTQ: the Hessian holds NaN or inf; the calibration activations "
+                        "overflowed")
     # Input columns that never saw a non-zero activation carry no information: their
     # weights cannot matter to the output, so they are zeroed and given a unit diagonal.
     dead = torch.diagonal(H) == 0
@@ -100,49 +125,51 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
     positions = torch.arange(in_f, device=W.device)
     original = perm if perm is not None else positions
     group_of_position = (original // gs) if static_groups else (positions // gs)
-    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    group_at = group_of_position.tolist()
+    # Column j's codes are row j: the per-column work below reads and writes contiguous
+    # rows, not strided columns.
+    codes_t = torch.empty(in_f, out_f, dtype=torch.uint8, device=W.device)
     maxq = max_code(bits)
     scale_col = zero_col = None
     current_group = -1
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        errors = torch.empty_like(W1)
+        block = W[:, i1:i2].T.contiguous()  # the block's columns, as rows
+        errors = torch.empty_like(block)
+        update = torch.empty_like(block)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(group_of_position[j])
+            g = group_at[j]
             if g != current_group:
                 if not static_groups:
                     # Group parameters from the columns as they are now (already updated
                     # by the errors of every earlier column).
-                    span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs] if i2 < in_f else W1[:, i:i + gs]
-                    if shrink_steps > 1:
-                        s, z = search_grid(span, bits, symmetric, scale_dtype, shrink_steps, max_shrink)
-                    else:
-                        s, z = grid_from_range(span.amin(1), span.amax(1), bits, symmetric, scale_dtype)
+                    s, z = _group_grid(_group_span(block, i, W, i2, gs), bits, symmetric,
+                                       scale_dtype, shrink_steps, max_shrink)
                     scales[:, g] = s
                     if zeros is not None and z is not None:
                         zeros[:, g] = z
                 scale_col = scales[:, g].float()
-                zero_col = zero_points(scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1],
-                                       bits)[:, 0]
+                zero_col = zero_points(scales[:, g], None if zeros is None else zeros[:, g], bits)
                 current_group = g
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / scale_col) + zero_col, 0, maxq)
-            codes[:, j] = q.to(torch.uint8)
-            err = (w - (q - zero_col) * scale_col) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            errors[:, i] = err
+            w = block[i]
+            q = torch.div(w, scale_col).round_().add_(zero_col).clamp_(0, maxq)
+            codes_t[j] = q
+            err = torch.sub(w, q.sub_(zero_col).mul_(scale_col), out=errors[i]).div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                rest = update[:i2 - j - 1]
+                torch.mul(U1[i, i + 1:, None], err, out=rest)
+                block[i + 1:].sub_(rest)
         if i2 < in_f:
-            W[:, i2:].sub_(errors @ U[i1:i2, i2:])
+            W[:, i2:].sub_(errors.T @ U[i1:i2, i2:])
 
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
-        codes = codes[:, inverse]
+        codes_t = codes_t[inverse]
         if not static_groups:
             g_idx = group_of_position[inverse].to(torch.int32)
-    return GPTQResult(codes=codes.contiguous(), scales=scales, zeros=zeros, g_idx=g_idx,
+    return GPTQResult(codes=codes_t.T.contiguous(), scales=scales, zeros=zeros, g_idx=g_idx,
                       dampening=used_damp)
