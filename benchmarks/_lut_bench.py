@@ -109,20 +109,22 @@ def render_lut(result: dict) -> str:
         "",
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
         "(v4 i8: 256 rows, VPTQ's 2-bit default; i12: 4096 rows), no residual or outliers; "
-        "bits/weight counts every stored bit (indices, padding, codebook). mma = tensor-core "
-        "LUT GEMV (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
+        "bits/weight counts every stored bit (indices, padding, codebook). mma4 = tensor-core "
+        "LUT GEMV for up to 4 tokens (`qk_lut_mma4`: a codebook row read is half an mma A "
+        "operand as is; x in the table's free halves), mma = tensor-core LUT GEMV for up to 16 "
+        "tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
         "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
         "+ cuBLAS; bw counts indices, codebook, x and y.",
         "",
-        "| in × out | M | vq | bits/weight | fp16 F.linear | LUT mma | LUT gemv | "
+        "| in × out | M | vq | bits/weight | fp16 F.linear | LUT mma4 | LUT mma | LUT gemv | "
         "LUT dequant+cuBLAS |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["lut"]:
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | "
-            f"{cell(r['lut'].get('mma'), True, 1)} | "
+            f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
             f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
     return "\n".join(lines) + "\n"
@@ -185,6 +187,102 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
     finally:
         lut_ops.lut_mma_config, lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM = saved
     return rows
+
+
+#: qk_lut_mma4's launch parameters swept by ``sweep_mma4``: row groups per tile, warps per
+#: block, resident blocks per multiprocessor the persistent grid is sized for.
+SWEEP4_GROUPS = (1, 2)
+SWEEP4_WARPS = (4, 8)
+SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
+
+
+def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
+    """qk_lut_mma4 at M = 1 on the benchmark shapes over its launch parameters (v4 i8
+    weights); each setting checked against the float32 reference first."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore.builtin.vq_packer import VQPacker
+    from qcore.codebook import dequantize_vq
+    from qcore.interfaces import QuantizedWeight
+    from qcore.testing.base import random_vq_weight
+    from qcore_kernels.lut_layout import to_lut
+    from qcore_kernels.testing import TOLERANCE
+
+    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    try:
+        for in_f, out_f in LUT_SHAPES:
+            q = random_vq_weight(out_f, in_f, 4, 8, max_codebook_rows=None, seed=5)
+            q = QuantizedWeight(format=q.format, shape=q.shape, params=q.params,
+                                tensors={k: t.cuda() for k, t in q.tensors.items()})
+            w = to_lut(VQPacker().pack(q), "cuda")
+            dense = dequantize_vq(q)
+            x = torch.randn(1, in_f, generator=gen).half().cuda()
+            ref = F.linear(x.float(), dense)
+            for g, warps, per_sm in itertools.product(
+                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM):
+                tiles = -(-out_f // (8 * g))
+                lut_ops.lut_mma4_config = (
+                    lambda n_, smem_, d_, g=g, b=min(tiles, sms * per_sm): (g, b))
+                lut_ops.LUT_MMA_WARPS = warps
+                call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
+                entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
+                         "blocks_per_sm": per_sm}
+                try:
+                    y = call()
+                    err = float((y.float() - ref).abs().max() / ref.abs().max())
+                    entry.update(error=err, ok=err <= TOLERANCE["float16"])
+                    if entry["ok"]:
+                        entry["ms"] = time_ms(call)
+                except Exception as exc:  # noqa: BLE001 - e.g. too many resident blocks
+                    torch.cuda.synchronize()
+                    entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
+            del q, w, dense
+            torch.cuda.empty_cache()
+    finally:
+        lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS = saved
+    return rows
+
+
+def render_sweep4(result: dict) -> str:
+    """qk_lut_mma4's launch-parameter sweep, one line per shape and row-group count."""
+    sweep = result.get("lut_mma4_sweep")
+    if not sweep:
+        return ""
+    settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
+    lines = [
+        "",
+        "4-token tensor-core LUT GEMV launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
+        "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
+        "persistent grid is sized for. Bold: the fastest per shape.",
+        "",
+        "| in × out | groups | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
+        "|---|---|" + "---|" * len(settings),
+    ]
+    shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
+    for shape in shapes:
+        rows = [r for r in sweep if (r["in"], r["out"]) == shape]
+        best = min((r["ms"] for r in rows if r.get("ok")), default=None)
+        for g in sorted({r["groups"] for r in rows}):
+            cells = []
+            for warps, per_sm in settings:
+                hit = [r for r in rows if r["groups"] == g and r["warps"] == warps
+                       and r["blocks_per_sm"] == per_sm]
+                if not hit or not hit[0].get("ok"):
+                    cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
+                    continue
+                text = f"{hit[0]['ms'] * 1e3:.1f} µs"
+                cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
+            lines.append(f"| {shape[0]} × {shape[1]} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render_sweep(result: dict) -> str:

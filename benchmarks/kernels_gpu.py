@@ -98,7 +98,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms / 1e3)
 
 
-def run(out: Path, lut_sweep: bool = False, only_lut: bool = False) -> dict:
+def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict:
     import cupy
     import torch
     import torch.nn.functional as F
@@ -180,11 +180,15 @@ def run(out: Path, lut_sweep: bool = False, only_lut: bool = False) -> dict:
     from _lut_bench import run_lut
 
     lut_rows = run_lut(launch, bw, time_ms)
-    sweep = []
-    if lut_sweep:
+    sweep, sweep4 = [], []
+    if lut_sweep in ("mma", "all"):
         from _lut_bench import sweep_mma
 
         sweep = sweep_mma(launch, time_ms)
+    if lut_sweep in ("mma4", "all"):
+        from _lut_bench import sweep_mma4
+
+        sweep4 = sweep_mma4(launch, time_ms)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": f"torch {torch.__version__}, cupy {cupy.__version__}, CUDA runtime "
@@ -197,6 +201,8 @@ def run(out: Path, lut_sweep: bool = False, only_lut: bool = False) -> dict:
     }
     if sweep:
         result["lut_mma_sweep"] = sweep
+    if sweep4:
+        result["lut_mma4_sweep"] = sweep4
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "kernels_gpu.md").write_text(render(result))
@@ -245,9 +251,10 @@ def render(result: dict) -> str:
             f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
             f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
-    from _lut_bench import render_lut, render_sweep
+    from _lut_bench import render_lut, render_sweep, render_sweep4
 
-    return "\n".join(lines) + "\n" + render_lut(result) + render_sweep(result)
+    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep4(result)
+            + render_sweep(result))
 
 
 def record(path: Path) -> None:
@@ -260,6 +267,13 @@ def record(path: Path) -> None:
         if last:
             result["rows"] = last[-1]["rows"]
             result["rows_from"] = f"{last[-1]['date']}, {last[-1]['versions']}"
+    if "lut_mma_sweep" not in result:  # the last sweep of qk_lut_mma on this device, if any
+        previous = json.loads((Path(__file__).parent / "results" / "kernels_gpu.json").read_text())
+        swept = [r for r in previous if r.get("device") == result["device"]
+                 and r.get("lut_mma_sweep")]
+        if swept:
+            result["lut_mma_sweep"] = swept[-1]["lut_mma_sweep"]
+            result["lut_mma_sweep_from"] = swept[-1]["date"]
     merge_results("kernels_gpu", [result], key="device")
     write_section(
         "kernels-gpu", "## Kernels on a GPU (`benchmarks/kernels_gpu.py`)\n\n" + render(result)
@@ -273,8 +287,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run")
     p_run.add_argument("--out", type=Path, required=True)
-    p_run.add_argument("--lut-sweep", action="store_true",
-                       help="also sweep the tensor-core LUT GEMV's launch parameters")
+    p_run.add_argument("--lut-sweep", nargs="?", const="mma4", choices=("mma4", "mma", "all"),
+                       help="also sweep a tensor-core LUT GEMV's launch parameters "
+                       "(qk_lut_mma4 when given alone)")
     p_run.add_argument("--only-lut", action="store_true",
                        help="the codebook rows alone (record keeps the other rows on file)")
     p_rec = sub.add_parser("record")

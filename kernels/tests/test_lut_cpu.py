@@ -51,6 +51,25 @@ MMA_CASES = [
 MMA_CASES = [dataclasses.replace(c, path="mma") for c in MMA_CASES] + [
     dataclasses.replace(MMA_CASES[2], path=None),  # auto picks mma
 ]
+# The 4-token tensor-core GEMV (qk_lut_mma4): the weights of qk_lut_mma, x in the table's free
+# halves. On the harness: 2 warps per block, at most 3 persistent blocks.
+MMA4_CASES = [
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 2 chunks, 1 per warp; G = 2 (3 tiles)
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
+    # a partial last vector in a single partial chunk (one warp); scale and offset
+    LUTCase(3, 37, 130, 4, 8, rows=200, scale=True, offset=True, dtype=BF16),
+    # 5 chunks over 2 warps (3 steps each, the last of warp 1 empty); 25 tiles of 8 rows
+    # over 3 blocks (G = 1; the next tile's first chunk loaded ahead), a 150-row codebook
+    LUTCase(4, 200, 1030, 4, 8, rows=150, scale=True, dtype=F16),
+    # outliers (their own launch into the float buffer), 2 tokens
+    LUTCase(2, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
+    LUTCase(2, 9, 8, 4, 8, rows=3, dtype=F16, bias=False),  # k = 8: 2 vectors in a chunk
+    # the most x the table holds: one token of 16384 columns (64 chunks, 256 x slots)
+    LUTCase(1, 8, 16384, 4, 8, rows=None, dtype=F16),
+]
+MMA4_CASES = [dataclasses.replace(c, path="mma4") for c in MMA4_CASES] + [
+    dataclasses.replace(MMA4_CASES[2], path=None),  # auto picks mma4
+]
 DEQUANT_CASES = [
     LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
             dtype=F16, path="dequant"),
@@ -79,7 +98,8 @@ def launch():
     return run
 
 
-@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + DEQUANT_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + MMA4_CASES + DEQUANT_CASES,
+                         ids=lambda c: c.id)
 def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     from qcore_kernels.lut_ops import lut_path
 
@@ -87,7 +107,55 @@ def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     assert_close(y, ref, case)
     if case.path is None and case.v in (4, 6, 8):
         mma = case.v == 4 and case.bits == 8 and not case.res_bits
-        assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == ("mma" if mma else "gemv")
+        want = ("mma4" if case.m <= 4 else "mma") if mma else "gemv"
+        assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == want
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
+    """qk_lut_mma4 with 1 and 2 row groups per tile gives the same outputs bit for bit (a
+    row's sums do not depend on the tiling); a token's outputs do not depend on the other
+    tokens of its block (single tokens equal 4-token calls bit for bit), and agree with the
+    8-token tensor-core GEMV far inside the tolerance."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    w = to_lut(random_vq(LUTCase(4, 44, 700, 4, 8, rows=None, outliers=6, scale=True)), "cpu")
+    x = torch.randn(4, 700, generator=torch.Generator().manual_seed(3)).half()
+    picked = []
+    config = lut_ops.lut_mma4_config
+
+    def forced(n, smem, device):
+        g, blocks = config(n, smem, device)
+        picked.append(groups)
+        return groups, min(blocks, lut_ops._cdiv(n, 8 * groups))
+
+    y_auto = lut_ops.lut_linear(x, w, None, launch, path="mma4")
+    monkeypatch.setattr(lut_ops, "lut_mma4_config", forced)
+    y = lut_ops.lut_linear(x, w, None, launch, path="mma4")
+    assert picked == [groups, groups]  # outliers, then the main columns
+    assert torch.equal(y, y_auto)
+    alone = torch.cat([lut_ops.lut_linear(x[i : i + 1], w, None, launch, path="mma4")
+                       for i in range(4)])
+    assert torch.equal(y, alone)
+    mma = lut_ops.lut_linear(x, w, None, launch, path="mma").float()
+    assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
+
+
+def test_mma4_refuses_what_it_cannot_run(launch):
+    from qcore_kernels.lut_ops import lut_linear, lut_path, lut_paths, mma4_unsupported_reason
+
+    w = to_lut(random_vq(LUTCase(5, 8, 4100, 4, 8, rows=None)), "cpu")
+    # 4100 columns: 17 chunks of 256, 68 x slots per token; 3 tokens fit (204), 4 do not
+    assert mma4_unsupported_reason(w, 3) is None
+    assert "272 of the table's 256 x slots" in mma4_unsupported_reason(w, 4)
+    assert "5 tokens" in mma4_unsupported_reason(w, 5)
+    assert lut_path(4, w, "cpu") == "mma" and lut_path(3, w, "cpu") == "mma4"
+    assert lut_paths(4, w)[0] == "mma" and lut_paths(3, w)[0] == "mma4"
+    with pytest.raises(ValueError, match="mma4 path cannot run this weight: x of 4 token"):
+        lut_linear(torch.randn(4, 4100).half(), w, None, launch, path="mma4")
+    v6 = to_lut(random_vq(LUTCase(1, 8, 64, 6, 8)), "cpu")
+    with pytest.raises(ValueError, match="vector size 6"):
+        lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")
 
 
 def test_mma_path_rows_equal_the_gemv_path_within_rounding(launch):

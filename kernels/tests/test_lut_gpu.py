@@ -42,7 +42,18 @@ def _cases() -> list[LUTCase]:
         ("mma", 16, 4096, 8192, 4, 8, None, {}),
         ("mma", 8, 14336, 4096, 4, 8, None, {"scale": True}),
         ("mma", 1, 1024, 28672, 4, 8, None, {}),
-        (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma
+        (None, 6, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma
+        # the 4-token tensor-core GEMV (same weights, x in the table's free halves): the
+        # benchmark shapes at M = 1, a partial chunk with scale and offset, 4 tokens filling
+        # all 256 x slots with outliers and a 200-row codebook, many tiles per block, and
+        # the longest row of one token (16384 columns)
+        ("mma4", 1, 4096, 4096, 4, 8, None, {}),
+        ("mma4", 1, 8192, 8192, 4, 8, None, {}),
+        ("mma4", 1, 1000, 4100, 4, 8, None, {"scale": True, "offset": True}),
+        ("mma4", 4, 1002, 4096, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
+        ("mma4", 2, 14336, 4096, 4, 8, None, {"scale": True}),
+        ("mma4", 1, 4096, 16384, 4, 8, None, {}),
+        (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4
     ]
     return [
         LUTCase(m, n, k, v, bits, rows=rows, dtype=dtype, path=path, **extra)
@@ -106,6 +117,31 @@ def test_mma_tiles_agree_with_each_other(launcher):
     assert torch.equal(lut_linear(x[:7], w, None, launcher, path="mma"), alone)
     y = lut_linear(x, w, None, launcher, path="mma")
     assert torch.equal(lut_linear(x.roll(5, 0), w, None, launcher, path="mma"), y.roll(5, 0))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
+    """qk_lut_mma4: 1 and 2 row groups per tile give the same outputs bit for bit, a token's
+    outputs equal the token computed alone, and the 16-token tensor-core GEMV agrees far
+    inside the tolerance."""
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.lut_layout import to_lut
+
+    case = LUTCase(4, 1000, 4000, 4, 8, rows=None, outliers=20, scale=True)
+    w = to_lut(random_vq(case), "cuda")
+    assert lut_ops.lut_path(4, w, "cuda") == "mma4"
+    x = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0)).half().cuda()
+    y_auto = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
+    config = lut_ops.lut_mma4_config
+    monkeypatch.setattr(lut_ops, "lut_mma4_config", lambda n, smem, device: (
+        groups, min(config(n, smem, device)[1], lut_ops._cdiv(n, 8 * groups))))
+    y = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
+    assert torch.equal(y, y_auto)
+    alone = torch.cat([lut_ops.lut_linear(x[i : i + 1], w, None, launcher, path="mma4")
+                       for i in range(4)])
+    assert torch.equal(y, alone)
+    mma = lut_ops.lut_linear(x, w, None, launcher, path="mma").float()
+    assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
 def test_lut_kernels_launch_on_torchs_current_stream(launcher):

@@ -6,6 +6,11 @@ CPU harness in the tests.
 
 Paths by the number of tokens ``M``:
 
+* ``mma4`` (M <= 4, the weights of ``mma``, and x small enough to sit in the table's free
+  halves: K up to 16384 columns for one token, 8192 for two, 4096 for four): the tensor-core
+  GEMV ``qk_lut_mma4``. Each lane's codebook row read is half of an mma A operand as is (a
+  vector's two column pairs go to A rows g and g + 8, x's pairs to two B columns per
+  token), and a table read costs one byte permutation and one load.
 * ``mma`` (M <= 16; vector size 4, 8-bit indices, codebooks of at most 256 rows, no
   residual stage: VPTQ's 2-bit default): the tensor-core GEMV ``qk_lut_mma``, the codebook
   held 16 times over in shared memory so that its random reads never conflict.
@@ -34,7 +39,7 @@ FILE = "qk_lut.cu"
 CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 LUT_TILES = (1, 4, 8, 16)
 LUT_GEMV_MAX_M = 16
-LUT_PATHS = ("mma", "gemv", "dequant")
+LUT_PATHS = ("mma4", "mma", "gemv", "dequant")
 #: Shared memory a qk_lut_mma block may use for its copy of x (beyond it, x is read from
 #: global memory): the table (32 KB) and this leave room for two blocks per multiprocessor.
 LUT_MMA_X_SHARED_MAX = 64 * 1024
@@ -135,7 +140,24 @@ def gemv_unsupported_reason(w: PreparedLUT, device: torch.device | str) -> str |
     return None
 
 
+def mma4_unsupported_reason(w: PreparedLUT, m: int) -> str | None:
+    """Why the 4-token tensor-core GEMV (``qk_lut_mma4``) cannot run ``m`` tokens of ``w``."""
+    reason = mma_unsupported_reason(w)
+    if reason is not None:
+        return reason
+    if m > LUT_MMA4_MAX_M:
+        return f"{m} tokens (the 4-token tensor-core GEMV takes at most {LUT_MMA4_MAX_M})"
+    width = max(part.width for part in w.parts)
+    slots = min(m, LUT_MMA4_MAX_M) * mma4_x_slots(width)
+    if slots > LUT_MMA4_X_SLOTS:
+        return (f"x of {min(m, LUT_MMA4_MAX_M)} token(s) x {width} columns needs {slots} "
+                f"of the table's {LUT_MMA4_X_SLOTS} x slots (fewer tokens per call, or the mma path)")
+    return None
+
+
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
+    if mma4_unsupported_reason(w, m) is None:
+        return "mma4"
     if m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None:
         return "mma"
     if m <= LUT_GEMV_MAX_M and gemv_unsupported_reason(w, device) is None:
@@ -152,6 +174,30 @@ def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
         return 16, 2
     sms = _device_limits(device)[0]
     return (8, 2) if _cdiv(n, 32) >= sms else (8, 1)
+
+
+def lut_mma4_config(n: int, smem: dict[int, int], device: torch.device) -> tuple[int, int]:
+    """(row groups per block tile, blocks) of ``qk_lut_mma4`` for ``n`` output rows; ``smem``
+    maps row groups to a block's shared memory. Persistent blocks, as many as fit on the
+    multiprocessors (registers: ``LUT_MMA4_BLOCKS_PER_SM``; shared memory), each taking
+    tiles of 8 * G rows in turn: G minimises tile rounds times G (the slowest block's
+    work), ties going to 2 groups (a chunk's x fragments serve both)."""
+    from qcore_kernels.sources import LUT_MMA4_GROUPS
+
+    sms, per_sm, _ = _device_limits(device)
+    best = None
+    for groups in sorted(LUT_MMA4_GROUPS, key=lambda g: (g != 2, -g)):
+        tiles = _cdiv(n, 8 * groups)
+        if device.type == "cuda":
+            # 1 KB of every block's shared memory is reserved by the driver
+            per_block = max(1, min(LUT_MMA4_BLOCKS_PER_SM[groups], per_sm // (smem[groups] + 1024)))
+            blocks = min(tiles, sms * per_block)
+        else:
+            blocks = min(tiles, CPU_BLOCKS)
+        cost = _cdiv(tiles, blocks) * groups
+        if best is None or cost < best[0]:
+            best = (cost, groups, blocks)
+    return best[1], best[2]
 
 
 def mma_tile_rows(mt: int, groups: int) -> int:
@@ -287,6 +333,45 @@ def _mma(
     )
 
 
+def _mma4(
+    x: torch.Tensor,
+    part: LUTPart,
+    w: PreparedLUT,
+    launch: Any,
+    *,
+    addend: torch.Tensor | None,
+    epilogue: dict[str, torch.Tensor | None] | None,
+    out: torch.Tensor,
+) -> None:
+    """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`)."""
+    m, n = x.shape[0], w.out_features
+    xp, ld = _part_input(x, part)
+    chunks = _cdiv(part.n_vec(w.vector_size), 64)
+    assert min(m, LUT_MMA4_MAX_M) * chunks * 4 <= LUT_MMA4_X_SLOTS
+    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
+    from qcore_kernels.sources import LUT_MMA4_GROUPS
+
+    smem = {g: LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_MAX_M * 8 * g * 4 + LUT_MMA4_ZERO_BYTES
+            for g in LUT_MMA4_GROUPS}
+    groups, blocks = lut_mma4_config(n, smem, x.device)
+    stage = part.stage
+    launch(
+        FILE,
+        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}>",
+        (blocks, _cdiv(m, LUT_MMA4_MAX_M), 1),
+        (warps * 32, 1, 1),
+        [xp, np.int32(ld), np.int32(part.width), stage.codes, np.int32(stage.row_words),
+         stage.codebook, np.int32(stage.rows), *_epilogue_args(addend, epilogue, out, m, n)],
+        shared_mem=smem[groups],
+    )
+
+
+def mma4_x_slots(width: int) -> int:
+    """x slots one token of a ``width``-column part takes in ``qk_lut_mma4`` (4 per chunk of
+    256 columns)."""
+    return _cdiv(_cdiv(width, 4), 64) * 4
+
+
 def mma_x_stride(chunks: int) -> int:
     """Row stride (values) of x in a ``qk_lut_mma`` block (``qk_lut::mma_x_stride``)."""
     return _cdiv(chunks * 288, 64) * 64 + 32
@@ -294,6 +379,16 @@ def mma_x_stride(chunks: int) -> int:
 
 #: Shared memory of the replicated codebook (``qk_lut::MMA_TABLE_BYTES``).
 LUT_MMA_TABLE_BYTES = 256 * 16 * 8
+#: ``qk_lut_mma4``: tokens per block, the table (rows 256 bytes apart: 16 copies, then an x
+#: slot of 128 bytes), its x slots, and the zero slots after the partial sums
+#: (``qk_lut::MMA4_*``).
+LUT_MMA4_MAX_M = 4
+LUT_MMA4_TABLE_BYTES = 256 * 256
+LUT_MMA4_X_SLOTS = 256
+LUT_MMA4_ZERO_BYTES = 1024
+#: Resident ``qk_lut_mma4`` blocks per multiprocessor by row groups, as registers allow
+#: (sm_90: 75 and 121 per thread, 256 threads per block); shared memory may allow fewer.
+LUT_MMA4_BLOCKS_PER_SM = {1: 3, 2: 2}
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
@@ -342,7 +437,10 @@ def lut_linear(
         raise ValueError(f"unknown path {path!r}; one of {LUT_PATHS}")
     if m > LUT_GEMV_MAX_M:
         raise ValueError(f"the {path} path takes at most {LUT_GEMV_MAX_M} tokens, got {m}")
-    if path == "mma":
+    if path == "mma4":
+        reason = mma4_unsupported_reason(w, m)
+        run = _mma4
+    elif path == "mma":
         reason = mma_unsupported_reason(w)
         run = _mma
     else:
@@ -366,6 +464,8 @@ def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
     tests compare them)."""
     if m > LUT_GEMV_MAX_M:
         return ("dequant",)
-    if w is not None and mma_unsupported_reason(w) is not None:
+    if w is None:
+        return LUT_PATHS if m <= LUT_MMA4_MAX_M else LUT_PATHS[1:]
+    if mma_unsupported_reason(w) is not None:
         return ("gemv", "dequant")
-    return LUT_PATHS
+    return LUT_PATHS if mma4_unsupported_reason(w, m) is None else LUT_PATHS[1:]

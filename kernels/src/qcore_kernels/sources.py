@@ -50,6 +50,10 @@ MMA_TILINGS: tuple[tuple[int, int, int], ...] = ((1, 2, 8), (1, 4, 8), (2, 2, 4)
 #: (qcore_kernels.lut_ops.lut_mma_config picks among them).
 LUT_MMA_TILINGS: tuple[tuple[int, int], ...] = ((8, 1), (8, 2), (16, 2))
 
+#: Row groups (of 8 output rows) per block tile of the qk_lut_mma4 instances (up to 4
+#: tokens; qcore_kernels.lut_ops.lut_mma4_groups picks among them).
+LUT_MMA4_GROUPS: tuple[int, ...] = (1, 2)
+
 
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
     simt, tc = [], []
@@ -92,6 +96,7 @@ SOURCES: tuple[KernelSource, ...] = (
             for t in ("__half", "__nv_bfloat16")
             for mt, g in LUT_MMA_TILINGS
         )
+        + tuple(f"qk_lut_mma4<{t}, {g}>" for t in ("__half", "__nv_bfloat16") for g in LUT_MMA4_GROUPS)
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),
 )

@@ -47,6 +47,24 @@
 // copied to shared memory when it fits (x_shared), skewed by 8 values per 64 columns so that
 // the 4 lanes of a row read 16 bytes from 4 different bank groups.
 //
+// Tensor-core GEMV for up to 4 tokens (qk_lut_mma4; the weights of qk_lut_mma): the table
+// rows are 256 bytes apart, the 16 copies of codebook row e in bytes [256e, 256e + 128), so
+// that the address of lane l's copy of row e is one byte permutation (__byte_perm of the
+// index word and l % 16 * 8: e << 8 | l % 16 * 8) and the read is one load with smem's base
+// in a uniform register. A lane reads the rows of two vectors p, p + 1 of weight row g (8
+// bytes each) straight into its A quad: {W[p] 0-1, W[p] 2-3, W[p+1] 0-1, W[p+1] 2-3} are A
+// rows g and g + 8 at k 2t and 2t + 8, i.e. a vector's first column pair is in A row g and
+// its second in row g + 8 (no register moves). B column 2m + h holds token m's column pairs
+// h at the same k, so C[g][2m] sums the first pairs of token m and C[g + 8][2m + 1] its
+// second pairs (the other 12 columns are dropped): 4 tokens per mma, 8 weight rows, 64
+// indices. x lives in the free halves of the table rows (4 slots of 128 bytes per token and
+// 256-column chunk, each lane's B fragments of two mmas at 16 bytes, 8 lanes side by side:
+// conflict-free 16-byte reads), so a block holds x of 1 token up to 16384 columns, 2 up to
+// 8192, 4 up to 4096. Lane t owns 16 consecutive indices (one 16-byte load) per chunk and
+// row group; every warp runs the same number of chunk steps (steps past the last chunk read
+// zero index words and zero x slots), which keeps the loop uniform, and two steps per
+// iteration swap the prefetch buffers instead of copying them.
+//
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
 #include "qk_common.cuh"
@@ -82,6 +100,14 @@ __host__ __device__ constexpr int mma_x_stride(int chunks) { return (chunks * 28
 // operand, tokens its 8 columns) or of 8 rows (MT = 16: tokens are the 16 A rows).
 __host__ __device__ constexpr int mma_tile_rows(int mt, int g) { return (mt == 8 ? 16 : 8) * g; }
 __host__ __device__ constexpr int mma_red_bytes(int warps, int mt, int g) { return warps * mt * mma_tile_rows(mt, g) * 4; }
+// qk_lut_mma4 (tensor-core GEMV for up to 4 tokens, see the header): table rows 256 bytes
+// apart, the 16 copies of a codebook row in the first 128 bytes, x in the other 128.
+constexpr int MMA4_TOKENS = 4;                              // tokens per block (grid.y tiles)
+constexpr int MMA4_ROW_BYTES = 256;                         // table row stride
+constexpr int MMA4_TABLE_BYTES = MMA_ROWS * MMA4_ROW_BYTES; // 64 KB, x slots included
+constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots (4 per chunk and token)
+__host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
+constexpr int MMA4_ZERO_BYTES = 1024;  // zero x slots (after the partial sums) for empty chunk steps
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -166,6 +192,38 @@ __device__ __forceinline__ uint2 lut_lds64(const unsigned char* smem, unsigned a
 #endif
 }
 
+// The epilogue arguments every GEMV takes last (addend: raw sums of an earlier launch to add;
+// y_raw non-null: write raw float sums there instead of the epilogue into y).
+#define QK_LUT_EPILOGUE_PARAMS(T)                                                              \
+    const float* __restrict__ addend, const __half* __restrict__ scale,                        \
+        const __half* __restrict__ offset, const float* __restrict__ xsum,                     \
+        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N
+#define QK_LUT_EPILOGUE_ARGS addend, scale, offset, xsum, bias, y, y_raw, M, N
+
+// A tensor-core GEMV tile's outputs: the warps' partial sums s_red [warp][token][row] (mt
+// tokens, rows rows) added in warp order (deterministic), then the addend and the epilogue
+// (scale, offset times the token's sum of x, bias), or the raw sum to y_raw.
+template <typename T>
+__device__ __forceinline__ void lut_tile_out(const float* s_red, int warps, int mt, int rows, int tile,
+                                             int m0, int rows_x, QK_LUT_EPILOGUE_PARAMS(T)) {
+    for (int i = threadIdx.x; i < mt * rows; i += blockDim.x) {
+        const int tok = i / rows, row = tile * rows + i % rows, m = m0 + tok;
+        if (tok >= rows_x || row >= N) continue;
+        float v = 0.f;
+        for (int w = 0; w < warps; ++w) v += s_red[w * mt * rows + i];
+        const size_t o = static_cast<size_t>(m) * N + row;
+        if (addend != nullptr) v += addend[o];
+        if (y_raw != nullptr) {
+            y_raw[o] = v;
+        } else {
+            if (scale != nullptr) v *= __half2float(scale[row]);
+            if (offset != nullptr) v = fmaf(__half2float(offset[row]), xsum[m], v);
+            if (bias != nullptr) v += qk::to_float(bias[row]);
+            y[o] = qk::from_float<T>(v);
+        }
+    }
+}
+
 // Index `lane` of a chunk whose words start at s: the two words around its bits (lw: its
 // first word, lo: its shift), funnel-shifted and masked.
 __device__ __forceinline__ unsigned lut_extract(const unsigned* s, int lw, int lo, unsigned mask) {
@@ -197,9 +255,7 @@ __global__ void __launch_bounds__(qk_lut::threads(MT), 1) qk_lut_gemv(
     const __half* __restrict__ codebook, int cb_rows,
     const unsigned* __restrict__ rcodes, int rbits, int rrow_words,
     const __half* __restrict__ rcodebook, int rcb_rows,
-    const float* __restrict__ addend, const __half* __restrict__ scale,
-    const __half* __restrict__ offset, const float* __restrict__ xsum,
-    const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N) {
+    QK_LUT_EPILOGUE_PARAMS(T)) {
     using namespace qk_lut;
     QK_LUT_SHARED_MEMORY(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -390,9 +446,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
     const T* __restrict__ x, int ldx, int K, int x_shared,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows,
-    const float* __restrict__ addend, const __half* __restrict__ scale,
-    const __half* __restrict__ offset, const float* __restrict__ xsum,
-    const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N) {
+    QK_LUT_EPILOGUE_PARAMS(T)) {
     using namespace qk_lut;
     static_assert(MT == 8 || MT == 16, "token tiles of 8 (the mma's columns) or 16 (its rows)");
     // MT = 8: weights are A (rows g and g + 8 of a 16-row group), x is B (token g);
@@ -539,22 +593,168 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
                 red[tok * ROWS + row] = v;
             }
         __syncthreads();
-        for (int i = threadIdx.x; i < MT * ROWS; i += blockDim.x) {
-            const int tok = i / ROWS, row = tile * ROWS + i % ROWS, m = m0 + tok;
-            if (tok >= rows_x || row >= N) continue;
-            float v = 0.f;
-            for (int w = 0; w < warps; ++w) v += s_red[w * MT * ROWS + i];
-            const size_t o = static_cast<size_t>(m) * N + row;
-            if (addend != nullptr) v += addend[o];
-            if (y_raw != nullptr) {
-                y_raw[o] = v;
-            } else {
-                if (scale != nullptr) v *= __half2float(scale[row]);
-                if (offset != nullptr) v = fmaf(__half2float(offset[row]), xsum[m], v);
-                if (bias != nullptr) v += qk::to_float(bias[row]);
-                y[o] = qk::from_float<T>(v);
-            }
+        lut_tile_out<T>(s_red, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
+        __syncthreads();  // s_red is rewritten by the next tile
+    }
+}
+
+// Tensor-core LUT GEMV for up to 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
+// one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (the host
+// checks that rows_x * chunks * 4 <= MMA4_X_SLOTS); same epilogue and raw mode as
+// qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
+template <typename T, int G>
+__global__ void __launch_bounds__(256, 2) qk_lut_mma4(
+    const T* __restrict__ x, int ldx, int K,
+    const unsigned* __restrict__ codes, int row_words,
+    const __half* __restrict__ codebook, int cb_rows,
+    QK_LUT_EPILOGUE_PARAMS(T)) {
+    using namespace qk_lut;
+    constexpr int MT = MMA4_TOKENS, ROWS = 8 * G;
+    constexpr int S = 2;  // accumulator sets (even and odd mmas): 2 * G independent chains
+    QK_LUT_SHARED_MEMORY(smem);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int n_vec = (K + MMA_V - 1) / MMA_V;
+    const int chunks = (n_vec + MMA_CHUNK - 1) / MMA_CHUNK;
+    const int row_bytes = row_words * 4;  // a multiple of 32: a lane's 16 bytes are all in or out
+    const int tiles = (N + ROWS - 1) / ROWS;
+    const int m0 = blockIdx.y * MT;
+    const int rows_x = min(MT, M - m0);
+    float* s_red = reinterpret_cast<float*>(smem + MMA4_TABLE_BYTES);
+    const unsigned zeros = MMA4_TABLE_BYTES + mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
+
+    // The lane's index words of row group rg of a tile: the 16 bytes of chunk c are at
+    // p[rg] + 4c, present while 64c < lim[rg] (0 past N or past the last tile; a row's
+    // stream ends before its last chunk's 64 bytes when n_vec % 64 <= 32).
+    struct Rows { const uint4* p[G]; int lim[G]; };
+    auto rows_of = [&](int tile) {
+        Rows r;
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg) {
+            const int n = tile * ROWS + rg * 8 + g;
+            const bool in = tile < tiles && n < N;
+            r.p[rg] = reinterpret_cast<const uint4*>(codes + static_cast<size_t>(in ? n : 0) * row_words) + t;
+            r.lim[rg] = in ? row_bytes - 16 * t : 0;
         }
+        return r;
+    };
+    auto load_codes = [&](const Rows& r, int c, uint4 (&w)[G]) {
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg)
+            w[rg] = 64 * c < r.lim[rg] ? __ldg(r.p[rg] + 4 * c) : make_uint4(0u, 0u, 0u, 0u);
+    };
+    Rows rows = rows_of(blockIdx.x);
+    uint4 cur[G], nxt[G];
+    load_codes(rows, warp, cur);  // in flight while the table is built
+
+    // The codebook row of this thread (read first: its latency overlaps the copy of x).
+    const int e0 = threadIdx.x;
+    const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
+    // x into the free halves: slot (m * chunks + c) * 4 + j (256 bytes apart, at +128) holds,
+    // at 16 s, lane slot s = 2t + h's B fragments of mmas 2j and 2j + 1 (the pairs h of
+    // vectors 16t + 4j .. 16t + 4j + 3 of chunk c); zeros past ldx. Then the zero slots that
+    // chunk steps past the last chunk read.
+    for (int i = threadIdx.x; i < rows_x * chunks * 16; i += blockDim.x) {
+        const int tt = i % 4, j = i / 4 % 4, mc = i / 16;
+        const int m = mc / chunks, c = mc % chunks;
+        const int col = c * MMA_CHUNK * MMA_V + 64 * tt + 16 * j;
+        const T* src = x + static_cast<size_t>(m0 + m) * ldx + col;
+        const uint4 u0 = col < ldx ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 u1 = col + 8 < ldx ? __ldg(reinterpret_cast<const uint4*>(src) + 1) : make_uint4(0u, 0u, 0u, 0u);
+        uint4* slot = reinterpret_cast<uint4*>(smem + (mc * 4 + j) * MMA4_ROW_BYTES + 128 + 32 * tt);
+        slot[0] = make_uint4(u0.x, u0.z, u1.x, u1.z);
+        slot[1] = make_uint4(u0.y, u0.w, u1.y, u1.w);
+    }
+    for (int i = threadIdx.x; i < MMA4_ZERO_BYTES / 16; i += blockDim.x)
+        reinterpret_cast<uint4*>(smem + zeros)[i] = make_uint4(0u, 0u, 0u, 0u);
+    // The codebook, converted to T, 16 times over (two copies per 16-byte store): at step r,
+    // lane l writes copies 2 * ((r + l) % 8) and the next, so a quarter-warp's stores hit 8
+    // different 16-byte bank groups.
+    for (int e = e0; e < MMA_ROWS; e += blockDim.x) {
+        const uint2 h = e == e0 ? h0
+            : e < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e) : make_uint2(0u, 0u);
+        const __half2 lo = qk::bits_as<__half2>(h.x), hi = qk::bits_as<__half2>(h.y);
+        const unsigned v0 = qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(lo)), qk::from_float<T>(__high2float(lo))));
+        const unsigned v1 = qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(hi)), qk::from_float<T>(__high2float(hi))));
+        uint4* row = reinterpret_cast<uint4*>(smem + e * MMA4_ROW_BYTES);
+#pragma unroll
+        for (int r = 0; r < MMA_COPIES / 2; ++r) row[(r + lane) % (MMA_COPIES / 2)] = make_uint4(v0, v1, v0, v1);
+    }
+    __syncthreads();
+
+    // Table row e, this lane's copy: byte e << 8 | copy * 8 of smem, one byte permutation of
+    // the index word and the lane's copy offset (both single bytes); indexing smem itself
+    // keeps the address 32-bit (a shared-window offset).
+    const unsigned copy = (lane % MMA_COPIES) * 8;
+    // This lane's x: token min(g / 2, rows_x - 1) (tokens past rows_x are read but dropped),
+    // pair h = g % 2, lane slot 2t + h; chunk c at + 4 * 256 * c, mma pair j at + 256 j.
+    const unsigned x_lane = 128 + 16 * (2 * t + g % 2)
+        + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * MMA4_ROW_BYTES);
+    const unsigned x_zero = zeros + 16 * (2 * t + g % 2);
+    const int steps = (chunks + warps - 1) / warps;  // chunk steps per warp and tile
+
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const Rows next = rows_of(tile + gridDim.x);
+        float acc[S][G][4] = {};
+
+        // Chunk c with index words w, loading chunk cp of rows r into pre: 8 mmas per row
+        // group. Lane (g, t) holds row g's codebook rows of vectors p = 16t + 2i and p + 1
+        // as the A quad {W[p] 0-1, W[p] 2-3, W[p+1] 0-1, W[p+1] 2-3} (A rows g and g + 8 at
+        // k 2t and 2t + 8), and as B column 2m + h the pairs h of token m's x at p and
+        // p + 1: C[g][2m] sums the pairs 0 of token m, C[g + 8][2m + 1] its pairs 1 (the
+        // other columns are dropped).
+        auto chunk = [&](int c, const uint4 (&w)[G], uint4 (&pre)[G], const Rows& r, int cp) {
+            load_codes(r, cp, pre);
+            const unsigned xc = c < chunks ? x_lane + c * (4 * MMA4_ROW_BYTES) : x_zero;
+            uint4 b[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const uint4*>(smem + xc + j * MMA4_ROW_BYTES);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const unsigned bf[2] = {qk::word_of(b[i / 2], 2 * (i % 2)), qk::word_of(b[i / 2], 2 * (i % 2) + 1)};
+#pragma unroll
+                for (int rg = 0; rg < G; ++rg) {
+                    const unsigned word = qk::word_of(w[rg], i / 2);
+                    const unsigned sel = 0x5504u | (2u * (i % 2)) << 4;
+                    const uint2 wp = *reinterpret_cast<const uint2*>(smem + __byte_perm(word, copy, sel));
+                    const uint2 wq = *reinterpret_cast<const uint2*>(smem + __byte_perm(word, copy, sel + 0x10u));
+                    const unsigned a[4] = {wp.x, wp.y, wq.x, wq.y};
+                    qk::mma_16816<T>(acc[i % S][rg], a, bf);
+                }
+            }
+        };
+        // Every warp runs the same number of chunk steps, so that the loop is uniform (the
+        // compiler then keeps smem's base in a uniform register: table reads are one byte
+        // permutation and one load). Steps past the last chunk (c >= chunks) read no index
+        // words (zeros) and the zero x slots: they add nothing. Two steps per iteration,
+        // the prefetch buffers swapping roles (no register copies); the last step loads
+        // the first chunk of the block's next tile.
+        int k = 0;
+        for (; k + 2 < steps; k += 2) {
+            chunk(warp + k * warps, cur, nxt, rows, warp + (k + 1) * warps);
+            chunk(warp + (k + 1) * warps, nxt, cur, rows, warp + (k + 2) * warps);
+        }
+        if (k + 1 < steps) {
+            chunk(warp + k * warps, cur, nxt, rows, warp + (k + 1) * warps);
+            chunk(warp + (k + 1) * warps, nxt, cur, next, warp);
+        } else {
+            chunk(warp + k * warps, cur, nxt, next, warp);
+#pragma unroll
+            for (int rg = 0; rg < G; ++rg) cur[rg] = nxt[rg];
+        }
+        rows = next;
+
+        // Partial sums [warp][token][row] -> shared memory (lane (g, t): token t, row g).
+        float* red = s_red + warp * MT * ROWS;
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg) {
+            float v = acc[0][rg][0] + acc[0][rg][3];
+#pragma unroll
+            for (int q = 1; q < S; ++q) v += acc[q][rg][0] + acc[q][rg][3];
+            red[t * ROWS + rg * 8 + g] = v;
+        }
+        __syncthreads();
+        lut_tile_out<T>(s_red, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
         __syncthreads();  // s_red is rewritten by the next tile
     }
 }
