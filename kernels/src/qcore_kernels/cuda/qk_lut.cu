@@ -192,6 +192,15 @@ __device__ __forceinline__ uint2 lut_lds64(const unsigned char* smem, unsigned a
 #endif
 }
 
+// Asks L2 for the line holding p (no register is written; the harness does nothing).
+__device__ __forceinline__ void lut_prefetch_l2(const void* p) {
+#ifndef QK_CPU_HARNESS
+    asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
+#else
+    (void)p;
+#endif
+}
+
 // The epilogue arguments every GEMV takes last (addend: raw sums of an earlier launch to add;
 // y_raw non-null: write raw float sums there instead of the epilogue into y).
 #define QK_LUT_EPILOGUE_PARAMS(T)                                                              \
@@ -643,9 +652,21 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma4(
         for (int rg = 0; rg < G; ++rg)
             w[rg] = 64 * c < r.lim[rg] ? __ldg(r.p[rg] + 4 * c) : make_uint4(0u, 0u, 0u, 0u);
     };
+    const int steps = (chunks + warps - 1) / warps;  // chunk steps per warp and tile
+    // Steps from..steps-1 of a tile into L2: the index stream of a whole tile is requested at
+    // once (deep enough to keep the memory busy) without holding registers.
+    auto prefetch = [&](const Rows& r, int from) {
+        for (int s = from; s < steps; ++s)
+#pragma unroll
+            for (int rg = 0; rg < G; ++rg) {
+                const int c = warp + s * warps;
+                if (64 * c < r.lim[rg]) lut_prefetch_l2(r.p[rg] + 4 * c);
+            }
+    };
     Rows rows = rows_of(blockIdx.x);
     uint4 cur[G], nxt[G];
-    load_codes(rows, warp, cur);  // in flight while the table is built
+    load_codes(rows, warp, cur);  // in flight while the table is built, and the rest
+    prefetch(rows, 1);            // of the first tile on its way to L2
 
     // The codebook row of this thread (read first: its latency overlaps the copy of x).
     const int e0 = threadIdx.x;
@@ -691,10 +712,10 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma4(
     const unsigned x_lane = 128 + 16 * (2 * t + g % 2)
         + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * MMA4_ROW_BYTES);
     const unsigned x_zero = zeros + 16 * (2 * t + g % 2);
-    const int steps = (chunks + warps - 1) / warps;  // chunk steps per warp and tile
 
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const Rows next = rows_of(tile + gridDim.x);
+        prefetch(next, 0);  // the block's next tile, one tile ahead
         float acc[S][G][4] = {};
 
         // Chunk c with index words w, loading chunk cp of rows r into pre: 8 mmas per row
