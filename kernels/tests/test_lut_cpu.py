@@ -54,12 +54,12 @@ MMA_CASES = [dataclasses.replace(c, path="mma") for c in MMA_CASES] + [
 # The 4-token tensor-core GEMV (qk_lut_mma4): the weights of qk_lut_mma, x in the table's free
 # halves. On the harness: 2 warps per block, at most 3 persistent blocks.
 MMA4_CASES = [
-    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 2 chunks, 1 per warp; G = 2 (3 tiles)
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 2 chunks, 1 per warp; 3 tiles of 16 rows
     LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
     # a partial last vector in a single partial chunk (one warp); scale and offset
     LUTCase(3, 37, 130, 4, 8, rows=200, scale=True, offset=True, dtype=BF16),
-    # 5 chunks over 2 warps (3 steps each, the last of warp 1 empty); 25 tiles of 8 rows
-    # over 3 blocks (G = 1; the next tile's first chunk loaded ahead), a 150-row codebook
+    # 5 chunks over 2 warps (3 steps each, the last of warp 1 empty); 13 tiles of 16 rows
+    # over 3 blocks (the next tile's first chunk loaded ahead), a 150-row codebook
     LUTCase(4, 200, 1030, 4, 8, rows=150, scale=True, dtype=F16),
     # outliers (their own launch into the float buffer), 2 tokens
     LUTCase(2, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
@@ -353,3 +353,21 @@ class TestConformanceOnTheHarness(BaseKernelProviderTests):
     @pytest.fixture
     def packers(self):
         return [VQPacker()]
+
+
+def test_mma4_config_balances_the_busiest_multiprocessor():
+    """The row-group choice of qk_lut_mma4 on an H200-like device (132 multiprocessors, 3
+    blocks of 1 group or 2 of 2 groups each): the busiest multiprocessor's shared-memory
+    traffic (tiles x (2G + 1)), blocks placed round robin."""
+    from qcore_kernels.lut_ops import _mma4_cost
+
+    # 4096 rows: 512 tiles of 8 on 396 blocks (116 take 2: SMs 0-115 carry 4 tiles) vs
+    # 256 tiles of 16 on 256 blocks (2 per SM)
+    assert _mma4_cost(4096, 1, 132, 3) == (4 * 3, 396)
+    assert _mma4_cost(4096, 2, 132, 2) == (2 * 5, 256)
+    # 8192 rows: 1024 tiles on 396 blocks (SMs 0-99 carry 3 + 3 + 2) vs 512 on 264 (2 + 2)
+    assert _mma4_cost(8192, 1, 132, 3) == (8 * 3, 396)
+    assert _mma4_cost(8192, 2, 132, 2) == (4 * 5, 264)
+    # 1000 rows: 125 tiles of 8 (one per SM) beat 63 tiles of 16
+    assert _mma4_cost(1000, 1, 132, 3) == (3, 125)
+    assert _mma4_cost(1000, 2, 132, 2) == (5, 63)

@@ -180,24 +180,35 @@ def lut_mma4_config(n: int, smem: dict[int, int], device: torch.device) -> tuple
     """(row groups per block tile, blocks) of ``qk_lut_mma4`` for ``n`` output rows; ``smem``
     maps row groups to a block's shared memory. Persistent blocks, as many as fit on the
     multiprocessors (registers: ``LUT_MMA4_BLOCKS_PER_SM``; shared memory), each taking
-    tiles of 8 * G rows in turn: G minimises tile rounds times G (the slowest block's
-    work), ties going to 2 groups (a chunk's x fragments serve both)."""
+    tiles of 8 * G rows in turn. G minimises the busiest multiprocessor's shared-memory
+    traffic (blocks placed round robin; a tile of G row groups reads 2G + 1 units: the
+    table 2 per group, x 1), ties going to 2 groups."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     sms, per_sm, _ = _device_limits(device)
     best = None
     for groups in sorted(LUT_MMA4_GROUPS, key=lambda g: (g != 2, -g)):
-        tiles = _cdiv(n, 8 * groups)
         if device.type == "cuda":
             # 1 KB of every block's shared memory is reserved by the driver
-            per_block = max(1, min(LUT_MMA4_BLOCKS_PER_SM[groups], per_sm // (smem[groups] + 1024)))
-            blocks = min(tiles, sms * per_block)
+            fit = per_sm // (smem[groups] + 1024)
+            cost, blocks = _mma4_cost(n, groups, sms, max(1, min(LUT_MMA4_BLOCKS_PER_SM[groups], fit)))
         else:
-            blocks = min(tiles, CPU_BLOCKS)
-        cost = _cdiv(tiles, blocks) * groups
+            cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS)
         if best is None or cost < best[0]:
             best = (cost, groups, blocks)
     return best[1], best[2]
+
+
+@functools.cache
+def _mma4_cost(n: int, groups: int, sms: int, per_sm: int) -> tuple[int, int]:
+    """(the busiest multiprocessor's traffic units, blocks) of ``qk_lut_mma4`` tiles of
+    ``groups`` row groups over ``sms`` multiprocessors holding ``per_sm`` blocks each."""
+    tiles = _cdiv(n, 8 * groups)
+    blocks = min(tiles, sms * per_sm)
+    q, r = divmod(tiles, blocks)
+    busiest = max(len(range(s, blocks, sms)) * q + len(range(s, r, sms))
+                  for s in range(min(sms, blocks)))
+    return busiest * (2 * groups + 1), blocks
 
 
 def mma_tile_rows(mt: int, groups: int) -> int:
