@@ -397,8 +397,9 @@ LUT_MMA4_MAX_M = 4
 LUT_MMA4_TABLE_BYTES = 256 * 256
 LUT_MMA4_X_SLOTS = 256
 LUT_MMA4_ZERO_BYTES = 1024
-#: Resident ``qk_lut_mma4`` blocks per multiprocessor by row groups, as registers allow
-#: (sm_90: 75 and 121 per thread, 256 threads per block); shared memory may allow fewer.
+#: Resident ``qk_lut_mma4`` blocks per multiprocessor by row groups, as registers allow (the
+#: launch bounds, ``qk_lut::mma4_blocks_per_sm``: at most 80 and 128 registers per thread,
+#: 256 threads per block); shared memory may allow fewer.
 LUT_MMA4_BLOCKS_PER_SM = {1: 3, 2: 2}
 
 

@@ -108,6 +108,9 @@ constexpr int MMA4_TABLE_BYTES = MMA_ROWS * MMA4_ROW_BYTES; // 64 KB, x slots in
 constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots (4 per chunk and token)
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
 constexpr int MMA4_ZERO_BYTES = 1024;  // zero x slots (after the partial sums) for empty chunk steps
+// Resident blocks per multiprocessor the launch bounds ask registers for (lut_ops'
+// LUT_MMA4_BLOCKS_PER_SM): 80 registers per thread for one row group, 128 for two.
+__host__ __device__ constexpr int mma4_blocks_per_sm(int g) { return g == 1 ? 3 : 2; }
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -612,7 +615,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 // checks that rows_x * chunks * 4 <= MMA4_X_SLOTS); same epilogue and raw mode as
 // qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
 template <typename T, int G>
-__global__ void __launch_bounds__(256, 2) qk_lut_mma4(
+__global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows,
@@ -673,18 +676,32 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma4(
     const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
     // x into the free halves: slot (m * chunks + c) * 4 + j (256 bytes apart, at +128) holds,
     // at 16 s, lane slot s = 2t + h's B fragments of mmas 2j and 2j + 1 (the pairs h of
-    // vectors 16t + 4j .. 16t + 4j + 3 of chunk c); zeros past ldx. Then the zero slots that
-    // chunk steps past the last chunk read.
-    for (int i = threadIdx.x; i < rows_x * chunks * 16; i += blockDim.x) {
-        const int tt = i % 4, j = i / 4 % 4, mc = i / 16;
-        const int m = mc / chunks, c = mc % chunks;
-        const int col = c * MMA_CHUNK * MMA_V + 64 * tt + 16 * j;
-        const T* src = x + static_cast<size_t>(m0 + m) * ldx + col;
-        const uint4 u0 = col < ldx ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 u1 = col + 8 < ldx ? __ldg(reinterpret_cast<const uint4*>(src) + 1) : make_uint4(0u, 0u, 0u, 0u);
-        uint4* slot = reinterpret_cast<uint4*>(smem + (mc * 4 + j) * MMA4_ROW_BYTES + 128 + 32 * tt);
-        slot[0] = make_uint4(u0.x, u0.z, u1.x, u1.z);
-        slot[1] = make_uint4(u0.y, u0.w, u1.y, u1.w);
+    // vectors 16t + 4j .. 16t + 4j + 3 of chunk c); zeros past ldx. Item i is 32 bytes of x
+    // (4 vectors, two slots' 16 bytes); a thread's first XR items are loaded before the
+    // table is built and stored after it (their latency overlaps it). Then the zero slots
+    // that chunk steps past the last chunk read.
+    const int items = rows_x * chunks * 16;
+    auto x_load = [&](int i, uint4 (&u)[2]) {
+        const int mc = i / 16, c = mc % chunks;
+        const int col = c * MMA_CHUNK * MMA_V + 64 * (i % 4) + 16 * (i / 4 % 4);
+        const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m0 + mc / chunks) * ldx + col);
+        u[0] = col < ldx ? __ldg(src) : make_uint4(0u, 0u, 0u, 0u);
+        u[1] = col + 8 < ldx ? __ldg(src + 1) : make_uint4(0u, 0u, 0u, 0u);
+    };
+    auto x_store = [&](int i, const uint4 (&u)[2]) {
+        uint4* slot = reinterpret_cast<uint4*>(smem + (i / 16 * 4 + i / 4 % 4) * MMA4_ROW_BYTES + 128 + 32 * (i % 4));
+        slot[0] = make_uint4(u[0].x, u[0].z, u[1].x, u[1].z);
+        slot[1] = make_uint4(u[0].y, u[0].w, u[1].y, u[1].w);
+    };
+    constexpr int XR = 2;  // 512 items on 256 threads: one token of 8192 columns
+    uint4 xr[XR][2];
+#pragma unroll
+    for (int q = 0; q < XR; ++q)
+        if (threadIdx.x + q * blockDim.x < items) x_load(threadIdx.x + q * blockDim.x, xr[q]);
+    for (int i = threadIdx.x + XR * blockDim.x; i < items; i += blockDim.x) {  // small blocks
+        uint4 u[2];
+        x_load(i, u);
+        x_store(i, u);
     }
     for (int i = threadIdx.x; i < MMA4_ZERO_BYTES / 16; i += blockDim.x)
         reinterpret_cast<uint4*>(smem + zeros)[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -701,6 +718,9 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma4(
 #pragma unroll
         for (int r = 0; r < MMA_COPIES / 2; ++r) row[(r + lane) % (MMA_COPIES / 2)] = make_uint4(v0, v1, v0, v1);
     }
+#pragma unroll
+    for (int q = 0; q < XR; ++q)
+        if (threadIdx.x + q * blockDim.x < items) x_store(threadIdx.x + q * blockDim.x, xr[q]);
     __syncthreads();
 
     // Table row e, this lane's copy: byte e << 8 | copy * 8 of smem, one byte permutation of
