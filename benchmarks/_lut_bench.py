@@ -138,6 +138,22 @@ SWEEP_WARPS_PER_SM = (16, 32)
 SWEEP_TOKENS = (1,)
 
 
+def _v4_weight(in_f: int, out_f: int, seed: int) -> tuple:
+    """A v4 i8 (2 bits per weight) codebook weight on the GPU: (qk-lut weight, float32 dense)."""
+    import torch  # noqa: F401 - CUDA tensors
+
+    from qcore.builtin.vq_packer import VQPacker
+    from qcore.codebook import dequantize_vq
+    from qcore.interfaces import QuantizedWeight
+    from qcore.testing.base import random_vq_weight
+    from qcore_kernels.lut_layout import to_lut
+
+    q = random_vq_weight(out_f, in_f, 4, 8, max_codebook_rows=None, seed=seed)
+    q = QuantizedWeight(format=q.format, shape=q.shape, params=q.params,
+                        tensors={k: t.cuda() for k, t in q.tensors.items()})
+    return to_lut(VQPacker().pack(q), "cuda"), dequantize_vq(q)
+
+
 def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
     """qk_lut_mma at M = 1 (and 16) on the benchmark shapes over its launch parameters
     (v4 i8 weights); each setting checked against the float32 reference first."""
@@ -147,11 +163,6 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
     import torch.nn.functional as F
 
     import qcore_kernels.lut_ops as lut_ops
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import dequantize_vq
-    from qcore.interfaces import QuantizedWeight
-    from qcore.testing.base import random_vq_weight
-    from qcore_kernels.lut_layout import to_lut
     from qcore_kernels.testing import TOLERANCE
 
     saved = (lut_ops.lut_mma_config, lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM)
@@ -159,11 +170,7 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     try:
         for in_f, out_f in LUT_SHAPES:
-            q = random_vq_weight(out_f, in_f, 4, 8, max_codebook_rows=None, seed=4)
-            q = QuantizedWeight(format=q.format, shape=q.shape, params=q.params,
-                                tensors={k: t.cuda() for k, t in q.tensors.items()})
-            w = to_lut(VQPacker().pack(q), "cuda")
-            dense = dequantize_vq(q)
+            w, dense = _v4_weight(in_f, out_f, seed=4)
             for m in SWEEP_TOKENS:
                 x = torch.randn(m, in_f, generator=gen).half().cuda()
                 ref = F.linear(x.float(), dense)
@@ -182,7 +189,7 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
                             lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma"))
                     rows.append(entry)
                     print(json.dumps(entry), flush=True)
-            del q, w, dense
+            del w, dense
             torch.cuda.empty_cache()
     finally:
         lut_ops.lut_mma_config, lut_ops.LUT_MMA_WARPS, lut_ops.LUT_MMA_WARPS_PER_SM = saved
@@ -205,11 +212,6 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     import torch.nn.functional as F
 
     import qcore_kernels.lut_ops as lut_ops
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import dequantize_vq
-    from qcore.interfaces import QuantizedWeight
-    from qcore.testing.base import random_vq_weight
-    from qcore_kernels.lut_layout import to_lut
     from qcore_kernels.testing import TOLERANCE
 
     saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS)
@@ -218,11 +220,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     gen = torch.Generator().manual_seed(2)
     try:
         for in_f, out_f in LUT_SHAPES:
-            q = random_vq_weight(out_f, in_f, 4, 8, max_codebook_rows=None, seed=5)
-            q = QuantizedWeight(format=q.format, shape=q.shape, params=q.params,
-                                tensors={k: t.cuda() for k, t in q.tensors.items()})
-            w = to_lut(VQPacker().pack(q), "cuda")
-            dense = dequantize_vq(q)
+            w, dense = _v4_weight(in_f, out_f, seed=5)
             x = torch.randn(1, in_f, generator=gen).half().cuda()
             ref = F.linear(x.float(), dense)
             for g, warps, per_sm in itertools.product(
@@ -245,7 +243,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
                     entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
                 rows.append(entry)
                 print(json.dumps(entry), flush=True)
-            del q, w, dense
+            del w, dense
             torch.cuda.empty_cache()
     finally:
         lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS = saved

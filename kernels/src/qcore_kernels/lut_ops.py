@@ -301,6 +301,23 @@ def _gemv(
     )
 
 
+def _mma_setup(
+    x: torch.Tensor, part: LUTPart, w: PreparedLUT
+) -> tuple[int, int, torch.Tensor, int, int, int]:
+    """(M, N, the part's x, its row stride, 256-column chunks, warps per block) of a
+    tensor-core LUT GEMV launch: up to ``LUT_MMA_WARPS`` warps, no more than chunks."""
+    xp, ld = _part_input(x, part)
+    chunks = _cdiv(part.n_vec(w.vector_size), 64)
+    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
+    return x.shape[0], w.out_features, xp, ld, chunks, warps
+
+
+def _mma_stage_args(part: LUTPart) -> list[Any]:
+    """The index stream and codebook arguments of the tensor-core LUT GEMVs."""
+    s = part.stage
+    return [s.codes, np.int32(s.row_words), s.codebook, np.int32(s.rows)]
+
+
 def _mma(
     x: torch.Tensor,
     part: LUTPart,
@@ -314,12 +331,9 @@ def _mma(
     """One ``qk_lut_mma`` launch over one part (see :func:`_gemv`)."""
     from qcore_kernels.sources import LUT_MMA_TILINGS
 
-    m, n = x.shape[0], w.out_features
-    xp, ld = _part_input(x, part)
+    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
     mt, groups = lut_mma_config(m, n, x.device)
     assert (mt, groups) in LUT_MMA_TILINGS
-    chunks = _cdiv(part.n_vec(w.vector_size), 64)
-    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
     rows_x = min(mt, m)
     x_bytes = rows_x * mma_x_stride(chunks) * x.element_size()
     smem = LUT_MMA_TABLE_BYTES + warps * mt * mma_tile_rows(mt, groups) * 4
@@ -331,14 +345,12 @@ def _mma(
         blocks = min(tiles, _device_limits(x.device)[0] * max(1, LUT_MMA_WARPS_PER_SM // warps))
     else:
         blocks = min(tiles, CPU_BLOCKS)
-    stage = part.stage
     launch(
         FILE,
         f"qk_lut_mma<{_ctype(x.dtype)}, {mt}, {groups}>",
         (blocks, _cdiv(m, mt), 1),
         (warps * 32, 1, 1),
-        [xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), stage.codes,
-         np.int32(stage.row_words), stage.codebook, np.int32(stage.rows),
+        [xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), *_mma_stage_args(part),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem,
     )
@@ -355,24 +367,20 @@ def _mma4(
     out: torch.Tensor,
 ) -> None:
     """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`)."""
-    m, n = x.shape[0], w.out_features
-    xp, ld = _part_input(x, part)
-    chunks = _cdiv(part.n_vec(w.vector_size), 64)
-    assert min(m, LUT_MMA4_MAX_M) * chunks * 4 <= LUT_MMA4_X_SLOTS
-    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
+    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
+    assert min(m, LUT_MMA4_MAX_M) * chunks * 4 <= LUT_MMA4_X_SLOTS
     smem = {g: LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_MAX_M * 8 * g * 4 + LUT_MMA4_ZERO_BYTES
             for g in LUT_MMA4_GROUPS}
     groups, blocks = lut_mma4_config(n, smem, x.device)
-    stage = part.stage
     launch(
         FILE,
         f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}>",
         (blocks, _cdiv(m, LUT_MMA4_MAX_M), 1),
         (warps * 32, 1, 1),
-        [xp, np.int32(ld), np.int32(part.width), stage.codes, np.int32(stage.row_words),
-         stage.codebook, np.int32(stage.rows), *_epilogue_args(addend, epilogue, out, m, n)],
+        [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
+         *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
     )
 
