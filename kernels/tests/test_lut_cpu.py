@@ -66,6 +66,9 @@ MMA4_CASES = [
     LUTCase(2, 9, 8, 4, 8, rows=3, dtype=F16, bias=False),  # k = 8: 2 vectors in a chunk
     # the most x the table holds: one token of 16384 columns (64 chunks, 256 x slots)
     LUTCase(1, 8, 16384, 4, 8, rows=None, dtype=F16),
+    # x after the table: 4 tokens of 4100 columns (272 slots), 2 of 8300 (264)
+    LUTCase(4, 40, 4100, 4, 8, rows=None, scale=True, dtype=BF16),
+    LUTCase(2, 24, 8300, 4, 8, rows=100, outliers=40, offset=True, dtype=F16),
 ]
 MMA4_CASES = [dataclasses.replace(c, path="mma4") for c in MMA4_CASES] + [
     dataclasses.replace(MMA4_CASES[2], path=None),  # auto picks mma4
@@ -144,15 +147,17 @@ def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
 def test_mma4_refuses_what_it_cannot_run(launch):
     from qcore_kernels.lut_ops import lut_linear, lut_path, lut_paths, mma4_unsupported_reason
 
-    w = to_lut(random_vq(LUTCase(5, 8, 4100, 4, 8, rows=None)), "cpu")
-    # 4100 columns: 17 chunks of 256, 68 x slots per token; 3 tokens fit (204), 4 do not
-    assert mma4_unsupported_reason(w, 3) is None
-    assert "272 of the table's 256 x slots" in mma4_unsupported_reason(w, 4)
-    assert "5 tokens" in mma4_unsupported_reason(w, 5)
+    # 30000 columns: 118 chunks of 256, 472 x slots of 128 bytes per token after the table:
+    # 3 tokens fit the harness's 256 KB of shared memory, 4 do not
+    w = to_lut(random_vq(LUTCase(5, 8, 30000, 4, 8, rows=None)), "cpu")
+    assert mma4_unsupported_reason(w, 3, "cpu") is None
+    why = mma4_unsupported_reason(w, 4, "cpu")
+    assert "x of 4 token(s) x 30000 columns: 310272 bytes of shared memory" in why
+    assert "5 tokens" in mma4_unsupported_reason(w, 5, "cpu")
     assert lut_path(4, w, "cpu") == "mma" and lut_path(3, w, "cpu") == "mma4"
     assert lut_paths(4, w)[0] == "mma" and lut_paths(3, w)[0] == "mma4"
     with pytest.raises(ValueError, match="mma4 path cannot run this weight: x of 4 token"):
-        lut_linear(torch.randn(4, 4100).half(), w, None, launch, path="mma4")
+        lut_linear(torch.randn(4, 30000).half(), w, None, launch, path="mma4")
     v6 = to_lut(random_vq(LUTCase(1, 8, 64, 6, 8)), "cpu")
     with pytest.raises(ValueError, match="vector size 6"):
         lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")

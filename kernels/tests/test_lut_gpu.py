@@ -43,16 +43,18 @@ def _cases() -> list[LUTCase]:
         ("mma", 8, 14336, 4096, 4, 8, None, {"scale": True}),
         ("mma", 1, 1024, 28672, 4, 8, None, {}),
         (None, 6, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma
-        # the 4-token tensor-core GEMV (same weights, x in the table's free halves): the
-        # benchmark shapes at M = 1, a partial chunk with scale and offset, 4 tokens filling
-        # all 256 x slots with outliers and a 200-row codebook, many tiles per block, and
-        # the longest row of one token (16384 columns)
+        # the 4-token tensor-core GEMV (same weights): the benchmark shapes at M = 1, a
+        # partial chunk with scale and offset, 4 tokens filling all 256 x slots of the table
+        # with outliers and a 200-row codebook, many tiles per block, the longest row of one
+        # token in the table (16384 columns), and x after the table (4 x 8192, 3 x 14336)
         ("mma4", 1, 4096, 4096, 4, 8, None, {}),
         ("mma4", 1, 8192, 8192, 4, 8, None, {}),
         ("mma4", 1, 1000, 4100, 4, 8, None, {"scale": True, "offset": True}),
         ("mma4", 4, 1002, 4096, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
         ("mma4", 2, 14336, 4096, 4, 8, None, {"scale": True}),
         ("mma4", 1, 4096, 16384, 4, 8, None, {}),
+        ("mma4", 4, 4096, 8192, 4, 8, None, {}),
+        ("mma4", 3, 1000, 14336, 4, 8, None, {"offset": True}),
         (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4
     ]
     return [

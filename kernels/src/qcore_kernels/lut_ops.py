@@ -6,9 +6,10 @@ CPU harness in the tests.
 
 Paths by the number of tokens ``M``:
 
-* ``mma4`` (M <= 4, the weights of ``mma``, and x small enough to sit in the table's free
-  halves: K up to 16384 columns for one token, 8192 for two, 4096 for four): the tensor-core
-  GEMV ``qk_lut_mma4``. Each lane's codebook row read is half of an mma A operand as is (a
+* ``mma4`` (M <= 4, the weights of ``mma``, x within shared memory: in the table's free
+  halves up to 16384 columns for one token, 8192 for two, 4096 for four, else after the
+  table, about 20000 columns for four tokens on an H100): the tensor-core GEMV
+  ``qk_lut_mma4``. Each lane's codebook row read is half of an mma A operand as is (a
   vector's two column pairs go to A rows g and g + 8, x's pairs to two B columns per
   token), and a table read costs one byte permutation and one load.
 * ``mma`` (M <= 16; vector size 4, 8-bit indices, codebooks of at most 256 rows, no
@@ -140,23 +141,25 @@ def gemv_unsupported_reason(w: PreparedLUT, device: torch.device | str) -> str |
     return None
 
 
-def mma4_unsupported_reason(w: PreparedLUT, m: int) -> str | None:
-    """Why the 4-token tensor-core GEMV (``qk_lut_mma4``) cannot run ``m`` tokens of ``w``."""
+def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) -> str | None:
+    """Why the 4-token tensor-core GEMV (``qk_lut_mma4``) cannot run ``m`` tokens of ``w`` on
+    ``device``."""
     reason = mma_unsupported_reason(w)
     if reason is not None:
         return reason
     if m > LUT_MMA4_MAX_M:
         return f"{m} tokens (the 4-token tensor-core GEMV takes at most {LUT_MMA4_MAX_M})"
     width = max(part.width for part in w.parts)
-    slots = min(m, LUT_MMA4_MAX_M) * mma4_x_slots(width)
-    if slots > LUT_MMA4_X_SLOTS:
-        return (f"x of {min(m, LUT_MMA4_MAX_M)} token(s) x {width} columns needs {slots} "
-                f"of the table's {LUT_MMA4_X_SLOTS} x slots (fewer tokens per call, or the mma path)")
+    need = mma4_smem(min(m, LUT_MMA4_MAX_M), width, max(LUT_MMA4_GROUPS_ALL), LUT_MMA_WARPS)
+    limit = _device_limits(torch.device(device))[2]
+    if need > limit:
+        return (f"x of {min(m, LUT_MMA4_MAX_M)} token(s) x {width} columns: {need} bytes of shared "
+                f"memory, the device offers {limit} (fewer tokens per call, or the mma path)")
     return None
 
 
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
-    if mma4_unsupported_reason(w, m) is None:
+    if mma4_unsupported_reason(w, m, device) is None:
         return "mma4"
     if m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None:
         return "mma"
@@ -370,13 +373,13 @@ def _mma4(
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
-    assert min(m, LUT_MMA4_MAX_M) * chunks * 4 <= LUT_MMA4_X_SLOTS
-    smem = {g: LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_MAX_M * 8 * g * 4 + LUT_MMA4_ZERO_BYTES
-            for g in LUT_MMA4_GROUPS}
+    tokens = min(m, LUT_MMA4_MAX_M)
+    smem = {g: mma4_smem(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
     groups, blocks = lut_mma4_config(n, smem, x.device)
+    in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
     launch(
         FILE,
-        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}>",
+        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {'true' if in_table else 'false'}>",
         (blocks, _cdiv(m, LUT_MMA4_MAX_M), 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
@@ -385,10 +388,14 @@ def _mma4(
     )
 
 
-def mma4_x_slots(width: int) -> int:
-    """x slots one token of a ``width``-column part takes in ``qk_lut_mma4`` (4 per chunk of
-    256 columns)."""
-    return _cdiv(_cdiv(width, 4), 64) * 4
+def mma4_smem(tokens: int, width: int, groups: int, warps: int) -> int:
+    """Shared memory of a ``qk_lut_mma4`` block: the table (x in its free halves when 4 slots
+    per token and 256-column chunk fit in its 256), the warps' partial sums, the zero slots,
+    and x after them when it does not fit in the table."""
+    slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
+    x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
+    return (LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_MAX_M * 8 * groups * 4 + LUT_MMA4_ZERO_BYTES
+            + x_after)
 
 
 def mma_x_stride(chunks: int) -> int:
@@ -409,6 +416,8 @@ LUT_MMA4_ZERO_BYTES = 1024
 #: launch bounds, ``qk_lut::mma4_blocks_per_sm``: at most 80 and 128 registers per thread,
 #: 256 threads per block); shared memory may allow fewer.
 LUT_MMA4_BLOCKS_PER_SM = {1: 3, 2: 2}
+#: The row-group counts of the qk_lut_mma4 instances (``sources.LUT_MMA4_GROUPS``).
+LUT_MMA4_GROUPS_ALL = tuple(LUT_MMA4_BLOCKS_PER_SM)
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
@@ -458,7 +467,7 @@ def lut_linear(
     if m > LUT_GEMV_MAX_M:
         raise ValueError(f"the {path} path takes at most {LUT_GEMV_MAX_M} tokens, got {m}")
     if path == "mma4":
-        reason = mma4_unsupported_reason(w, m)
+        reason = mma4_unsupported_reason(w, m, x.device)
         run = _mma4
     elif path == "mma":
         reason = mma_unsupported_reason(w)
@@ -488,4 +497,5 @@ def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
         return LUT_PATHS if m <= LUT_MMA4_MAX_M else LUT_PATHS[1:]
     if mma_unsupported_reason(w) is not None:
         return ("gemv", "dequant")
-    return LUT_PATHS if mma4_unsupported_reason(w, m) is None else LUT_PATHS[1:]
+    device = w.main.stage.codes.device
+    return LUT_PATHS if mma4_unsupported_reason(w, m, device) is None else LUT_PATHS[1:]

@@ -96,7 +96,12 @@ SOURCES: tuple[KernelSource, ...] = (
             for t in ("__half", "__nv_bfloat16")
             for mt, g in LUT_MMA_TILINGS
         )
-        + tuple(f"qk_lut_mma4<{t}, {g}>" for t in ("__half", "__nv_bfloat16") for g in LUT_MMA4_GROUPS)
+        + tuple(
+            f"qk_lut_mma4<{t}, {g}, {xt}>"
+            for t in ("__half", "__nv_bfloat16")
+            for g in LUT_MMA4_GROUPS
+            for xt in ("true", "false")  # x in the table's free halves, or after it
+        )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),
 )

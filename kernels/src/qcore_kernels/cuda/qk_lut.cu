@@ -57,10 +57,10 @@
 // its second in row g + 8 (no register moves). B column 2m + h holds token m's column pairs
 // h at the same k, so C[g][2m] sums the first pairs of token m and C[g + 8][2m + 1] its
 // second pairs (the other 12 columns are dropped): 4 tokens per mma, 8 weight rows, 64
-// indices. x lives in the free halves of the table rows (4 slots of 128 bytes per token and
-// 256-column chunk, each lane's B fragments of two mmas at 16 bytes, 8 lanes side by side:
-// conflict-free 16-byte reads), so a block holds x of 1 token up to 16384 columns, 2 up to
-// 8192, 4 up to 4096. Lane t owns 16 consecutive indices (one 16-byte load) per chunk and
+// indices. x lives in 128-byte slots (4 per token and 256-column chunk, each lane's B
+// fragments of two mmas at 16 bytes, 8 lanes side by side: conflict-free 16-byte reads): in
+// the free halves of the table rows when they hold it (1 token up to 16384 columns, 2 up
+// to 8192, 4 up to 4096), else after the table (shared memory grows). Lane t owns 16 consecutive indices (one 16-byte load) per chunk and
 // row group; every warp runs the same number of chunk steps (steps past the last chunk read
 // zero index words and zero x slots), which keeps the loop uniform, and two steps per
 // iteration swap the prefetch buffers instead of copying them.
@@ -107,7 +107,7 @@ constexpr int MMA4_ROW_BYTES = 256;                         // table row stride
 constexpr int MMA4_TABLE_BYTES = MMA_ROWS * MMA4_ROW_BYTES; // 64 KB, x slots included
 constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots (4 per chunk and token)
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
-constexpr int MMA4_ZERO_BYTES = 1024;  // zero x slots (after the partial sums) for empty chunk steps
+constexpr int MMA4_ZERO_BYTES = 1024;  // 4 zero x slots (after the partial sums) for empty chunk steps
 // Resident blocks per multiprocessor the launch bounds ask registers for (lut_ops'
 // LUT_MMA4_BLOCKS_PER_SM): 80 registers per thread for one row group, 128 for two.
 __host__ __device__ constexpr int mma4_blocks_per_sm(int g) { return g == 1 ? 3 : 2; }
@@ -611,10 +611,10 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 }
 
 // Tensor-core LUT GEMV for up to 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
-// one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (the host
-// checks that rows_x * chunks * 4 <= MMA4_X_SLOTS); same epilogue and raw mode as
-// qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
-template <typename T, int G>
+// one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (XT; the
+// host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots; same
+// epilogue and raw mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
+template <typename T, int G, bool XT>
 __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
@@ -634,6 +634,10 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
     const int rows_x = min(MT, M - m0);
     float* s_red = reinterpret_cast<float*>(smem + MMA4_TABLE_BYTES);
     const unsigned zeros = MMA4_TABLE_BYTES + mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
+    // x slots: in the table's free halves (XT: 256 bytes apart, from byte 128), or 128 bytes
+    // apart after the zeros (the host sized shared memory accordingly).
+    const unsigned x_base = XT ? 128u : zeros + MMA4_ZERO_BYTES;
+    constexpr unsigned x_slot = XT ? MMA4_ROW_BYTES : 128u;
 
     // The lane's index words of row group rg of a tile: the 16 bytes of chunk c are at
     // p[rg] + 4c, present while 64c < lim[rg] (0 past N or past the last tile; a row's
@@ -674,8 +678,7 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
     // The codebook row of this thread (read first: its latency overlaps the copy of x).
     const int e0 = threadIdx.x;
     const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
-    // x into the free halves: slot (m * chunks + c) * 4 + j (256 bytes apart, at +128) holds,
-    // at 16 s, lane slot s = 2t + h's B fragments of mmas 2j and 2j + 1 (the pairs h of
+    // x into its slots: slot (m * chunks + c) * 4 + j holds, at 16 s, lane slot s = 2t + h's B fragments of mmas 2j and 2j + 1 (the pairs h of
     // vectors 16t + 4j .. 16t + 4j + 3 of chunk c); zeros past ldx. Item i is 32 bytes of x
     // (4 vectors, two slots' 16 bytes); a thread's first XR items are loaded before the
     // table is built and stored after it (their latency overlaps it). Then the zero slots
@@ -689,7 +692,7 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
         u[1] = col + 8 < ldx ? __ldg(src + 1) : make_uint4(0u, 0u, 0u, 0u);
     };
     auto x_store = [&](int i, const uint4 (&u)[2]) {
-        uint4* slot = reinterpret_cast<uint4*>(smem + (i / 16 * 4 + i / 4 % 4) * MMA4_ROW_BYTES + 128 + 32 * (i % 4));
+        uint4* slot = reinterpret_cast<uint4*>(smem + x_base + (i / 16 * 4 + i / 4 % 4) * x_slot + 32 * (i % 4));
         slot[0] = make_uint4(u[0].x, u[0].z, u[1].x, u[1].z);
         slot[1] = make_uint4(u[0].y, u[0].w, u[1].y, u[1].w);
     };
@@ -728,10 +731,10 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
     // keeps the address 32-bit (a shared-window offset).
     const unsigned copy = (lane % MMA_COPIES) * 8;
     // This lane's x: token min(g / 2, rows_x - 1) (tokens past rows_x are read but dropped),
-    // pair h = g % 2, lane slot 2t + h; chunk c at + 4 * 256 * c, mma pair j at + 256 j.
-    const unsigned x_lane = 128 + 16 * (2 * t + g % 2)
-        + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * MMA4_ROW_BYTES);
-    const unsigned x_zero = zeros + 16 * (2 * t + g % 2);
+    // pair h = g % 2, lane slot 2t + h; chunk c at + 4 * x_slot * c, mma pair j at + x_slot j.
+    const unsigned x_lane = x_base + 16 * (2 * t + g % 2)
+        + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * x_slot);
+    const unsigned x_zero = zeros + 16 * (2 * t + g % 2);  // 4 zero slots x_slot apart
 
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const Rows next = rows_of(tile + gridDim.x);
@@ -746,10 +749,10 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
         // other columns are dropped).
         auto chunk = [&](int c, const uint4 (&w)[G], uint4 (&pre)[G], const Rows& r, int cp) {
             load_codes(r, cp, pre);
-            const unsigned xc = c < chunks ? x_lane + c * (4 * MMA4_ROW_BYTES) : x_zero;
+            const unsigned xc = c < chunks ? x_lane + c * (4 * x_slot) : x_zero;
             uint4 b[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const uint4*>(smem + xc + j * MMA4_ROW_BYTES);
+            for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const uint4*>(smem + xc + j * x_slot);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const unsigned bf[2] = {qk::word_of(b[i / 2], 2 * (i % 2)), qk::word_of(b[i / 2], 2 * (i % 2) + 1)};
