@@ -225,9 +225,8 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             ref = F.linear(x.float(), dense)
             for g, warps, per_sm in itertools.product(
                     SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM):
-                tiles = -(-out_f // (8 * g))
-                lut_ops.lut_mma4_config = (
-                    lambda n_, smem_, d_, g=g, b=min(tiles, sms * per_sm): (g, b))
+                blocks = min(-(-out_f // (8 * g)), sms * per_sm)
+                lut_ops.lut_mma4_config = lambda n_, smem_, d_, g=g, b=blocks: (g, b)
                 lut_ops.LUT_MMA_WARPS = warps
                 call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
                 entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,

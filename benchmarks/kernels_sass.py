@@ -77,7 +77,8 @@ def main_loop(code: list[tuple[int, str]]) -> list[str] | None:
         if not m or int(m.group(1), 16) >= addr or int(m.group(1), 16) not in index:
             continue
         body = [i for _, i in code[index[int(m.group(1), 16)] : k + 1]]
-        if any(opcode(i).startswith("HMMA") for i in body) and (best is None or len(body) < len(best)):
+        mma = any(opcode(i).startswith("HMMA") for i in body)
+        if mma and (best is None or len(body) < len(best)):
             best = body
     return best
 

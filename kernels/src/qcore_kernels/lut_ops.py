@@ -193,8 +193,8 @@ def lut_mma4_config(n: int, smem: dict[int, int], device: torch.device) -> tuple
     for groups in sorted(LUT_MMA4_GROUPS, key=lambda g: (g != 2, -g)):
         if device.type == "cuda":
             # 1 KB of every block's shared memory is reserved by the driver
-            fit = per_sm // (smem[groups] + 1024)
-            cost, blocks = _mma4_cost(n, groups, sms, max(1, min(LUT_MMA4_BLOCKS_PER_SM[groups], fit)))
+            fit = min(LUT_MMA4_BLOCKS_PER_SM[groups], per_sm // (smem[groups] + 1024))
+            cost, blocks = _mma4_cost(n, groups, sms, max(1, fit))
         else:
             cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS)
         if best is None or cost < best[0]:
