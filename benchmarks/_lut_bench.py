@@ -110,7 +110,7 @@ def render_lut(result: dict) -> str:
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
         "(v4 i8: 256 rows, VPTQ's 2-bit default; i12: 4096 rows), no residual or outliers; "
         "bits/weight counts every stored bit (indices, padding, codebook). mma4 = tensor-core "
-        "LUT GEMV for up to 4 tokens (`qk_lut_mma4`: a codebook row read is half an mma A "
+        "LUT GEMV in blocks of 4 tokens (`qk_lut_mma4`: a codebook row read is half an mma A "
         "operand as is; x in the table's free halves), mma = tensor-core LUT GEMV for up to 16 "
         "tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
         "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
@@ -226,7 +226,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             for g, warps, per_sm in itertools.product(
                     SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM):
                 blocks = min(-(-out_f // (8 * g)), sms * per_sm)
-                lut_ops.lut_mma4_config = lambda n_, smem_, d_, g=g, b=blocks: (g, b)
+                lut_ops.lut_mma4_config = lambda n_, smem_, d_, y_=1, g=g, b=blocks: (g, b)
                 lut_ops.LUT_MMA_WARPS = warps
                 call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
                 entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
@@ -257,7 +257,7 @@ def render_sweep4(result: dict) -> str:
     settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
     lines = [
         "",
-        "4-token tensor-core LUT GEMV launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
+        "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
         "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
         "persistent grid is sized for. Bold: the fastest per shape.",
         "",

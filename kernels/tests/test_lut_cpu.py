@@ -51,8 +51,9 @@ MMA_CASES = [
 MMA_CASES = [dataclasses.replace(c, path="mma") for c in MMA_CASES] + [
     dataclasses.replace(MMA_CASES[2], path=None),  # auto picks mma
 ]
-# The 4-token tensor-core GEMV (qk_lut_mma4): the weights of qk_lut_mma, x in the table's free
-# halves. On the harness: 2 warps per block, at most 3 persistent blocks.
+# The tensor-core GEMV of 4-token blocks (qk_lut_mma4): the weights of qk_lut_mma, x in the
+# table's free halves or after it. On the harness: 2 warps per block, at most 3 persistent
+# blocks along the rows.
 MMA4_CASES = [
     LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 2 chunks, 1 per warp; 3 tiles of 16 rows
     LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
@@ -69,9 +70,13 @@ MMA4_CASES = [
     # x after the table: 4 tokens of 4100 columns (272 slots), 2 of 8300 (264)
     LUTCase(4, 40, 4100, 4, 8, rows=None, scale=True, dtype=BF16),
     LUTCase(2, 24, 8300, 4, 8, rows=100, outliers=40, offset=True, dtype=F16),
+    # more tokens: blocks of 4 along grid y (9 = 4 + 4 + 1; 16 = 4 x 4, x after the table)
+    LUTCase(9, 30, 600, 4, 8, rows=None, outliers=7, scale=True, offset=True, dtype=BF16),
+    LUTCase(16, 20, 4200, 4, 8, rows=None, dtype=F16),
 ]
 MMA4_CASES = [dataclasses.replace(c, path="mma4") for c in MMA4_CASES] + [
     dataclasses.replace(MMA4_CASES[2], path=None),  # auto picks mma4
+    dataclasses.replace(MMA4_CASES[-2], path=None),  # 9 tokens too
 ]
 DEQUANT_CASES = [
     LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
@@ -110,7 +115,7 @@ def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     assert_close(y, ref, case)
     if case.path is None and case.v in (4, 6, 8):
         mma = case.v == 4 and case.bits == 8 and not case.res_bits
-        want = ("mma4" if case.m <= 4 else "mma") if mma else "gemv"
+        want = "mma4" if mma else "gemv"
         assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == want
 
 
@@ -118,27 +123,27 @@ def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
 def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     """qk_lut_mma4 with 1 and 2 row groups per tile gives the same outputs bit for bit (a
     row's sums do not depend on the tiling); a token's outputs do not depend on the other
-    tokens of its block (single tokens equal 4-token calls bit for bit), and agree with the
-    8-token tensor-core GEMV far inside the tolerance."""
+    tokens (single tokens equal a 6-token call, 2 blocks of tokens, bit for bit), and agree
+    with the other tensor-core GEMV far inside the tolerance."""
     import qcore_kernels.lut_ops as lut_ops
 
-    w = to_lut(random_vq(LUTCase(4, 44, 700, 4, 8, rows=None, outliers=6, scale=True)), "cpu")
-    x = torch.randn(4, 700, generator=torch.Generator().manual_seed(3)).half()
+    w = to_lut(random_vq(LUTCase(6, 44, 700, 4, 8, rows=None, outliers=6, scale=True)), "cpu")
+    x = torch.randn(6, 700, generator=torch.Generator().manual_seed(3)).half()
     picked = []
     config = lut_ops.lut_mma4_config
 
-    def forced(n, smem, device):
-        g, blocks = config(n, smem, device)
-        picked.append(groups)
+    def forced(n, smem, device, token_blocks=1):
+        _, blocks = config(n, smem, device, token_blocks)
+        picked.append((groups, token_blocks))
         return groups, min(blocks, lut_ops._cdiv(n, 8 * groups))
 
     y_auto = lut_ops.lut_linear(x, w, None, launch, path="mma4")
     monkeypatch.setattr(lut_ops, "lut_mma4_config", forced)
     y = lut_ops.lut_linear(x, w, None, launch, path="mma4")
-    assert picked == [groups, groups]  # outliers, then the main columns
+    assert picked == [(groups, 2), (groups, 2)]  # outliers, then the main columns
     assert torch.equal(y, y_auto)
     alone = torch.cat([lut_ops.lut_linear(x[i : i + 1], w, None, launch, path="mma4")
-                       for i in range(4)])
+                       for i in range(6)])
     assert torch.equal(y, alone)
     mma = lut_ops.lut_linear(x, w, None, launch, path="mma").float()
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
@@ -153,8 +158,9 @@ def test_mma4_refuses_what_it_cannot_run(launch):
     assert mma4_unsupported_reason(w, 3, "cpu") is None
     why = mma4_unsupported_reason(w, 4, "cpu")
     assert "x of 4 token(s) x 30000 columns: 310272 bytes of shared memory" in why
-    assert "5 tokens" in mma4_unsupported_reason(w, 5, "cpu")
+    assert "17 tokens" in mma4_unsupported_reason(w, 17, "cpu")
     assert lut_path(4, w, "cpu") == "mma" and lut_path(3, w, "cpu") == "mma4"
+    assert lut_path(7, w, "cpu") == "mma"  # blocks of 4 tokens
     assert lut_paths(4, w)[0] == "mma" and lut_paths(3, w)[0] == "mma4"
     with pytest.raises(ValueError, match="mma4 path cannot run this weight: x of 4 token"):
         lut_linear(torch.randn(4, 30000).half(), w, None, launch, path="mma4")
@@ -376,3 +382,6 @@ def test_mma4_config_balances_the_busiest_multiprocessor():
     # 1000 rows: 125 tiles of 8 (one per SM) beat 63 tiles of 16
     assert _mma4_cost(1000, 1, 132, 3) == (3, 125)
     assert _mma4_cost(1000, 2, 132, 2) == (5, 63)
+    # 16 tokens (4 blocks of 4 along grid y), one block per SM: 33 blocks along the rows,
+    # 512 tiles of 16 rows, 17 of them taking 16 tiles
+    assert _mma4_cost(8192, 2, 132, 1, 4) == (16 * 5, 33)

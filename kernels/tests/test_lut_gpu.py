@@ -42,8 +42,8 @@ def _cases() -> list[LUTCase]:
         ("mma", 16, 4096, 8192, 4, 8, None, {}),
         ("mma", 8, 14336, 4096, 4, 8, None, {"scale": True}),
         ("mma", 1, 1024, 28672, 4, 8, None, {}),
-        (None, 6, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma
-        # the 4-token tensor-core GEMV (same weights): the benchmark shapes at M = 1, a
+        (None, 6, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4 (2 token blocks)
+        # the tensor-core GEMV of 4-token blocks (same weights): the benchmark shapes at M = 1, a
         # partial chunk with scale and offset, 4 tokens filling all 256 x slots of the table
         # with outliers and a 200-row codebook, many tiles per block, the longest row of one
         # token in the table (16384 columns), and x after the table (4 x 8192, 3 x 14336)
@@ -55,6 +55,9 @@ def _cases() -> list[LUTCase]:
         ("mma4", 1, 4096, 16384, 4, 8, None, {}),
         ("mma4", 4, 4096, 8192, 4, 8, None, {}),
         ("mma4", 3, 1000, 14336, 4, 8, None, {"offset": True}),
+        # blocks of 4 tokens along grid y: 16 tokens (the benchmark's M = 16), 9 = 4 + 4 + 1
+        ("mma4", 16, 8192, 8192, 4, 8, None, {}),
+        ("mma4", 9, 1002, 4100, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
         (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4
     ]
     return [
@@ -113,7 +116,7 @@ def test_mma_tiles_agree_with_each_other(launcher):
 
     case = LUTCase(16, 1000, 4100, 4, 8, rows=None, outliers=20, scale=True)
     w = to_lut(random_vq(case), "cuda")
-    assert lut_path(16, w, "cuda") == "mma"
+    assert lut_path(16, w, "cuda") == "mma4"  # (mma forced below)
     x = torch.randn(16, 4100, generator=torch.Generator().manual_seed(0)).half().cuda()
     alone = torch.cat([lut_linear(x[i : i + 1], w, None, launcher, path="mma") for i in range(7)])
     assert torch.equal(lut_linear(x[:7], w, None, launcher, path="mma"), alone)
@@ -135,8 +138,8 @@ def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     x = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0)).half().cuda()
     y_auto = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
     config = lut_ops.lut_mma4_config
-    monkeypatch.setattr(lut_ops, "lut_mma4_config", lambda n, smem, device: (
-        groups, min(config(n, smem, device)[1], lut_ops._cdiv(n, 8 * groups))))
+    monkeypatch.setattr(lut_ops, "lut_mma4_config", lambda n, smem, device, token_blocks=1: (
+        groups, min(config(n, smem, device, token_blocks)[1], lut_ops._cdiv(n, 8 * groups))))
     y = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
     assert torch.equal(y, y_auto)
     alone = torch.cat([lut_ops.lut_linear(x[i : i + 1], w, None, launcher, path="mma4")

@@ -6,15 +6,16 @@ CPU harness in the tests.
 
 Paths by the number of tokens ``M``:
 
-* ``mma4`` (M <= 4, the weights of ``mma``, x within shared memory: in the table's free
-  halves up to 16384 columns for one token, 8192 for two, 4096 for four, else after the
-  table, about 20000 columns for four tokens on an H100): the tensor-core GEMV
-  ``qk_lut_mma4``. Each lane's codebook row read is half of an mma A operand as is (a
-  vector's two column pairs go to A rows g and g + 8, x's pairs to two B columns per
-  token), and a table read costs one byte permutation and one load.
-* ``mma`` (M <= 16; vector size 4, 8-bit indices, codebooks of at most 256 rows, no
-  residual stage: VPTQ's 2-bit default): the tensor-core GEMV ``qk_lut_mma``, the codebook
-  held 16 times over in shared memory so that its random reads never conflict.
+* ``mma4`` (M <= 16 in blocks of 4 tokens; vector size 4, 8-bit indices, codebooks of at
+  most 256 rows, no residual stage: VPTQ's 2-bit default; a block's x within shared memory:
+  in the table's free halves up to 16384 columns for one token, 8192 for two, 4096 for
+  four, else after the table, about 20000 columns for four tokens on an H100): the
+  tensor-core GEMV ``qk_lut_mma4``, the codebook held 16 times over in shared memory so
+  that its random reads never conflict. Each lane's codebook row read is half of an mma A
+  operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
+  columns per token), and a table read costs one byte permutation and one load.
+* ``mma`` (M <= 16, the same weights; what ``mma4`` cannot hold): the tensor-core GEMV
+  ``qk_lut_mma``, weights as the A operand (up to 8 tokens) or the B operand (16).
 * ``gemv`` (M <= ``LUT_GEMV_MAX_M``, vector sizes 4, 6, 8, codebooks that fit in shared
   memory): the codebooks in shared memory, indices decoded inside the GEMV, up to 16
   tokens per block. Outlier columns run first (into a float32 buffer), the main columns
@@ -142,19 +143,20 @@ def gemv_unsupported_reason(w: PreparedLUT, device: torch.device | str) -> str |
 
 
 def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) -> str | None:
-    """Why the 4-token tensor-core GEMV (``qk_lut_mma4``) cannot run ``m`` tokens of ``w`` on
-    ``device``."""
+    """Why the tensor-core GEMV of 4-token blocks (``qk_lut_mma4``) cannot run ``m`` tokens of
+    ``w`` on ``device``."""
     reason = mma_unsupported_reason(w)
     if reason is not None:
         return reason
-    if m > LUT_MMA4_MAX_M:
-        return f"{m} tokens (the 4-token tensor-core GEMV takes at most {LUT_MMA4_MAX_M})"
+    if m > LUT_GEMV_MAX_M:
+        return f"{m} tokens (the tensor-core GEMVs take at most {LUT_GEMV_MAX_M})"
+    tokens = min(m, LUT_MMA4_TOKENS)
     width = max(part.width for part in w.parts)
-    need = mma4_smem(min(m, LUT_MMA4_MAX_M), width, max(LUT_MMA4_GROUPS_ALL), LUT_MMA_WARPS)
+    need = mma4_smem(tokens, width, max(LUT_MMA4_GROUPS_ALL), LUT_MMA_WARPS)
     limit = _device_limits(torch.device(device))[2]
     if need > limit:
-        return (f"x of {min(m, LUT_MMA4_MAX_M)} token(s) x {width} columns: {need} bytes of shared "
-                f"memory, the device offers {limit} (fewer tokens per call, or the mma path)")
+        return (f"x of {tokens} token(s) x {width} columns: {need} bytes of shared memory, the "
+                f"device offers {limit} (fewer tokens per call, or the mma path)")
     return None
 
 
@@ -179,13 +181,16 @@ def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
     return (8, 2) if _cdiv(n, 32) >= sms else (8, 1)
 
 
-def lut_mma4_config(n: int, smem: dict[int, int], device: torch.device) -> tuple[int, int]:
-    """(row groups per block tile, blocks) of ``qk_lut_mma4`` for ``n`` output rows; ``smem``
-    maps row groups to a block's shared memory. Persistent blocks, as many as fit on the
-    multiprocessors (registers: ``LUT_MMA4_BLOCKS_PER_SM``; shared memory), each taking
-    tiles of 8 * G rows in turn. G minimises the busiest multiprocessor's shared-memory
-    traffic (blocks placed round robin; a tile of G row groups reads 2G + 1 units: the
-    table 2 per group, x 1), ties going to 2 groups."""
+def lut_mma4_config(
+    n: int, smem: dict[int, int], device: torch.device, token_blocks: int = 1
+) -> tuple[int, int]:
+    """(row groups per block tile, blocks along the rows) of ``qk_lut_mma4`` for ``n``
+    output rows and ``token_blocks`` blocks of 4 tokens; ``smem`` maps row groups to a
+    block's shared memory. Persistent blocks, as many as fit on the multiprocessors
+    (registers: ``LUT_MMA4_BLOCKS_PER_SM``; shared memory) shared by the token blocks, each
+    taking tiles of 8 * G rows in turn. G minimises the busiest multiprocessor's
+    shared-memory traffic (blocks placed round robin; a tile of G row groups reads 2G + 1
+    units: the table 2 per group, x 1), ties going to 2 groups."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     sms, per_sm, _ = _device_limits(device)
@@ -194,24 +199,26 @@ def lut_mma4_config(n: int, smem: dict[int, int], device: torch.device) -> tuple
         if device.type == "cuda":
             # 1 KB of every block's shared memory is reserved by the driver
             fit = min(LUT_MMA4_BLOCKS_PER_SM[groups], per_sm // (smem[groups] + 1024))
-            cost, blocks = _mma4_cost(n, groups, sms, max(1, fit))
+            cost, blocks = _mma4_cost(n, groups, sms, max(1, fit), token_blocks)
         else:
-            cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS)
+            cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS, token_blocks)
         if best is None or cost < best[0]:
             best = (cost, groups, blocks)
     return best[1], best[2]
 
 
 @functools.cache
-def _mma4_cost(n: int, groups: int, sms: int, per_sm: int) -> tuple[int, int]:
-    """(the busiest multiprocessor's traffic units, blocks) of ``qk_lut_mma4`` tiles of
-    ``groups`` row groups over ``sms`` multiprocessors holding ``per_sm`` blocks each."""
+def _mma4_cost(n: int, groups: int, sms: int, per_sm: int, token_blocks: int = 1) -> tuple[int, int]:
+    """(the busiest multiprocessor's traffic units, blocks along the rows) of ``qk_lut_mma4``
+    tiles of ``groups`` row groups, ``token_blocks`` blocks of 4 tokens, over ``sms``
+    multiprocessors holding ``per_sm`` blocks each (block (x, y) is block y * blocks + x)."""
     tiles = _cdiv(n, 8 * groups)
-    blocks = min(tiles, sms * per_sm)
+    blocks = min(tiles, max(1, sms * per_sm // token_blocks))
     q, r = divmod(tiles, blocks)
-    busiest = max(len(range(s, blocks, sms)) * q + len(range(s, r, sms))
-                  for s in range(min(sms, blocks)))
-    return busiest * (2 * groups + 1), blocks
+    load = [0] * min(sms, blocks * token_blocks)
+    for b in range(blocks * token_blocks):
+        load[b % sms] += q + (b % blocks < r)
+    return max(load) * (2 * groups + 1), blocks
 
 
 def mma_tile_rows(mt: int, groups: int) -> int:
@@ -373,14 +380,14 @@ def _mma4(
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
-    tokens = min(m, LUT_MMA4_MAX_M)
+    tokens, token_blocks = min(m, LUT_MMA4_TOKENS), _cdiv(m, LUT_MMA4_TOKENS)
     smem = {g: mma4_smem(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
-    groups, blocks = lut_mma4_config(n, smem, x.device)
+    groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks)
     in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
     launch(
         FILE,
         f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {'true' if in_table else 'false'}>",
-        (blocks, _cdiv(m, LUT_MMA4_MAX_M), 1),
+        (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
          *_epilogue_args(addend, epilogue, out, m, n)],
@@ -394,7 +401,7 @@ def mma4_smem(tokens: int, width: int, groups: int, warps: int) -> int:
     and x after them when it does not fit in the table."""
     slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
     x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
-    return (LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_MAX_M * 8 * groups * 4 + LUT_MMA4_ZERO_BYTES
+    return (LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_TOKENS * 8 * groups * 4 + LUT_MMA4_ZERO_BYTES
             + x_after)
 
 
@@ -405,10 +412,10 @@ def mma_x_stride(chunks: int) -> int:
 
 #: Shared memory of the replicated codebook (``qk_lut::MMA_TABLE_BYTES``).
 LUT_MMA_TABLE_BYTES = 256 * 16 * 8
-#: ``qk_lut_mma4``: tokens per block, the table (rows 256 bytes apart: 16 copies, then an x
+#: ``qk_lut_mma4``: tokens per block (more tokens: more blocks along grid y), the table (rows 256 bytes apart: 16 copies, then an x
 #: slot of 128 bytes), its x slots, and the zero slots after the partial sums
 #: (``qk_lut::MMA4_*``).
-LUT_MMA4_MAX_M = 4
+LUT_MMA4_TOKENS = 4
 LUT_MMA4_TABLE_BYTES = 256 * 256
 LUT_MMA4_X_SLOTS = 256
 LUT_MMA4_ZERO_BYTES = 1024
@@ -494,7 +501,7 @@ def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
     if m > LUT_GEMV_MAX_M:
         return ("dequant",)
     if w is None:
-        return LUT_PATHS if m <= LUT_MMA4_MAX_M else LUT_PATHS[1:]
+        return LUT_PATHS
     if mma_unsupported_reason(w) is not None:
         return ("gemv", "dequant")
     device = w.main.stage.codes.device

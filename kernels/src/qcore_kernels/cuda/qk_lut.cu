@@ -47,7 +47,7 @@
 // copied to shared memory when it fits (x_shared), skewed by 8 values per 64 columns so that
 // the 4 lanes of a row read 16 bytes from 4 different bank groups.
 //
-// Tensor-core GEMV for up to 4 tokens (qk_lut_mma4; the weights of qk_lut_mma): the table
+// Tensor-core GEMV in blocks of 4 tokens (qk_lut_mma4; M <= 16, the weights of qk_lut_mma): the table
 // rows are 256 bytes apart, the 16 copies of codebook row e in bytes [256e, 256e + 128), so
 // that the address of lane l's copy of row e is one byte permutation (__byte_perm of the
 // index word and l % 16 * 8: e << 8 | l % 16 * 8) and the read is one load with smem's base
@@ -100,7 +100,7 @@ __host__ __device__ constexpr int mma_x_stride(int chunks) { return (chunks * 28
 // operand, tokens its 8 columns) or of 8 rows (MT = 16: tokens are the 16 A rows).
 __host__ __device__ constexpr int mma_tile_rows(int mt, int g) { return (mt == 8 ? 16 : 8) * g; }
 __host__ __device__ constexpr int mma_red_bytes(int warps, int mt, int g) { return warps * mt * mma_tile_rows(mt, g) * 4; }
-// qk_lut_mma4 (tensor-core GEMV for up to 4 tokens, see the header): table rows 256 bytes
+// qk_lut_mma4 (tensor-core GEMV in blocks of 4 tokens, see the header): table rows 256 bytes
 // apart, the 16 copies of a codebook row in the first 128 bytes, x in the other 128.
 constexpr int MMA4_TOKENS = 4;                              // tokens per block (grid.y tiles)
 constexpr int MMA4_ROW_BYTES = 256;                         // table row stride
@@ -610,7 +610,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
     }
 }
 
-// Tensor-core LUT GEMV for up to 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
+// Tensor-core LUT GEMV in blocks of 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
 // one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (XT; the
 // host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots; same
 // epilogue and raw mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
