@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 LUT_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))  # (in, out)
 LUT_TOKENS = (1, 16)
+#: Also timed for the tensor-core GEMVs' weights (v4 i8): where qk_lut_mma4's blocks of 4
+#: tokens and qk_lut_mma's 8-token tiles meet.
+LUT_TOKENS_MMA = (4, 8)
 LUT_CONFIGS = (  # (label, vector size, index bits)
     ("v4 i8 (2 bits)", 4, 8),
     ("v6 i12 (2 bits)", 6, 12),
@@ -70,7 +73,8 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
             weight_bytes = sum(
                 t.numel() * t.element_size() for t in packed.tensors.values()
             )
-            for m in LUT_TOKENS:
+            tokens = sorted(LUT_TOKENS + (LUT_TOKENS_MMA if (v, bits) == (4, 8) else ()))
+            for m in tokens:
                 x = torch.randn(m, in_f, generator=gen).half().cuda()
                 base_ms = time_ms(lambda x=x, d=dense16: F.linear(x, d))
                 ref = F.linear(x.float(), dense)
