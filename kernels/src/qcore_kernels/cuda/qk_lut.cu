@@ -678,11 +678,12 @@ __global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma
     // The codebook row of this thread (read first: its latency overlaps the copy of x).
     const int e0 = threadIdx.x;
     const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
-    // x into its slots: slot (m * chunks + c) * 4 + j holds, at 16 s, lane slot s = 2t + h's B fragments of mmas 2j and 2j + 1 (the pairs h of
-    // vectors 16t + 4j .. 16t + 4j + 3 of chunk c); zeros past ldx. Item i is 32 bytes of x
-    // (4 vectors, two slots' 16 bytes); a thread's first XR items are loaded before the
-    // table is built and stored after it (their latency overlaps it). Then the zero slots
-    // that chunk steps past the last chunk read.
+    // x into its slots: slot (m * chunks + c) * 4 + j holds, at 16 s, lane slot s = 2t + h's
+    // B fragments of mmas 2j and 2j + 1 (the pairs h of vectors 16t + 4j .. 16t + 4j + 3 of
+    // chunk c); zeros past ldx. Item i is 32 bytes of x (4 vectors, two slots' 16 bytes); a
+    // thread's first XR items are loaded before the table is built and stored after it
+    // (their latency overlaps it). Then the zero slots that chunk steps past the last chunk
+    // read.
     const int items = rows_x * chunks * 16;
     auto x_load = [&](int i, uint4 (&u)[2]) {
         const int mc = i / 16, c = mc % chunks;
