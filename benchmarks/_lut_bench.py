@@ -201,9 +201,10 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
 
 
 #: qk_lut_mma4's launch parameters swept by ``sweep_mma4``: row groups per tile, warps per
-#: block, resident blocks per multiprocessor the persistent grid is sized for.
+#: block, blocks per multiprocessor the persistent grid is sized for (only settings whose
+#: blocks can all be resident: lut_ops.LUT_MMA4_WARPS_PER_SM).
 SWEEP4_GROUPS = (1, 2)
-SWEEP4_WARPS = (4, 8)
+SWEEP4_WARPS = (4, 8, 16)
 SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
 
 
@@ -218,7 +219,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     import qcore_kernels.lut_ops as lut_ops
     from qcore_kernels.testing import TOLERANCE
 
-    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS)
+    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     gen = torch.Generator().manual_seed(2)
@@ -229,9 +230,11 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             ref = F.linear(x.float(), dense)
             for g, warps, per_sm in itertools.product(
                     SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM):
+                if warps * per_sm > lut_ops.LUT_MMA4_WARPS_PER_SM[g]:
+                    continue
                 blocks = min(-(-out_f // (8 * g)), sms * per_sm)
-                lut_ops.lut_mma4_config = lambda n_, smem_, d_, y_=1, g=g, b=blocks: (g, b)
-                lut_ops.LUT_MMA_WARPS = warps
+                lut_ops.lut_mma4_config = lambda *_, g=g, b=blocks: (g, b)
+                lut_ops.LUT_MMA4_WARPS = warps
                 call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
                 entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
                          "blocks_per_sm": per_sm}
@@ -249,7 +252,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             del w, dense
             torch.cuda.empty_cache()
     finally:
-        lut_ops.lut_mma4_config, lut_ops.LUT_MMA_WARPS = saved
+        lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS = saved
     return rows
 
 

@@ -132,8 +132,8 @@ def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     picked = []
     config = lut_ops.lut_mma4_config
 
-    def forced(n, smem, device, token_blocks=1):
-        _, blocks = config(n, smem, device, token_blocks)
+    def forced(n, smem, device, token_blocks=1, warps=8):
+        _, blocks = config(n, smem, device, token_blocks, warps)
         picked.append((groups, token_blocks))
         return groups, min(blocks, lut_ops._cdiv(n, 8 * groups))
 
@@ -385,3 +385,26 @@ def test_mma4_config_balances_the_busiest_multiprocessor():
     # 16 tokens (4 blocks of 4 along grid y), one block per SM: 33 blocks along the rows,
     # 512 tiles of 16 rows, 17 of them taking 16 tiles
     assert _mma4_cost(8192, 2, 132, 1, 4) == (16 * 5, 33)
+
+
+def test_mma4_block_of_16_warps(launch, monkeypatch):
+    """A 512-thread qk_lut_mma4 block (one per multiprocessor: 16 warps, the most its
+    launch bound takes for 2 row groups): 16 chunks, one per warp, their partial sums added
+    in warp order; equal to 2-warp blocks within float rounding."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    case = LUTCase(1, 16, 4096, 4, 8, rows=None, dtype=F16, path="mma4")
+    y2, ref = run_lut_case(case, launch, "cpu")
+    monkeypatch.setattr(lut_ops, "CPU_THREADS", 512)
+    threads = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        threads.append(block[0])
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    y16, _ = run_lut_case(case, spy, "cpu")
+    assert threads == [512]
+    assert_close(y16, ref, case)
+    assert float((y16.float() - y2.float()).abs().max() / y2.float().abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="32 warps per block"):
+        lut_ops.lut_mma4_config(64, {1: 0, 2: 0}, torch.device("cpu"), 1, 32)

@@ -138,8 +138,8 @@ def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     x = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0)).half().cuda()
     y_auto = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
     config = lut_ops.lut_mma4_config
-    monkeypatch.setattr(lut_ops, "lut_mma4_config", lambda n, smem, device, token_blocks=1: (
-        groups, min(config(n, smem, device, token_blocks)[1], lut_ops._cdiv(n, 8 * groups))))
+    monkeypatch.setattr(lut_ops, "lut_mma4_config", lambda n, smem, device, *rest: (
+        groups, min(config(n, smem, device, *rest)[1], lut_ops._cdiv(n, 8 * groups))))
     y = lut_ops.lut_linear(x, w, None, launcher, path="mma4")
     assert torch.equal(y, y_auto)
     alone = torch.cat([lut_ops.lut_linear(x[i : i + 1], w, None, launcher, path="mma4")

@@ -152,7 +152,7 @@ def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) 
         return f"{m} tokens (the tensor-core GEMVs take at most {LUT_GEMV_MAX_M})"
     tokens = min(m, LUT_MMA4_TOKENS)
     width = max(part.width for part in w.parts)
-    need = mma4_smem(tokens, width, max(LUT_MMA4_GROUPS_ALL), LUT_MMA_WARPS)
+    need = mma4_smem(tokens, width, 2, LUT_MMA4_WARPS)  # (the larger of the row groups)
     limit = _device_limits(torch.device(device))[2]
     if need > limit:
         return (f"x of {tokens} token(s) x {width} columns: {need} bytes of shared memory, the "
@@ -182,33 +182,41 @@ def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
 
 
 def lut_mma4_config(
-    n: int, smem: dict[int, int], device: torch.device, token_blocks: int = 1
+    n: int, smem: dict[int, int], device: torch.device, token_blocks: int = 1,
+    warps: int = 8,
 ) -> tuple[int, int]:
     """(row groups per block tile, blocks along the rows) of ``qk_lut_mma4`` for ``n``
-    output rows and ``token_blocks`` blocks of 4 tokens; ``smem`` maps row groups to a
-    block's shared memory. Persistent blocks, as many as fit on the multiprocessors
-    (registers: ``LUT_MMA4_BLOCKS_PER_SM``; shared memory) shared by the token blocks, each
-    taking tiles of 8 * G rows in turn. G minimises the busiest multiprocessor's
-    shared-memory traffic (blocks placed round robin; a tile of G row groups reads 2G + 1
-    units: the table 2 per group, x 1), ties going to 2 groups."""
+    output rows, ``token_blocks`` blocks of 4 tokens and ``warps`` warps per block; ``smem``
+    maps row groups to a block's shared memory. Persistent blocks, as many as fit on the
+    multiprocessors (registers: ``LUT_MMA4_WARPS_PER_SM``; shared memory) shared by the
+    token blocks, each taking tiles of 8 * G rows in turn. G minimises the busiest
+    multiprocessor's shared-memory traffic (blocks placed round robin; a tile of G row
+    groups reads 2G + 1 units: the table 2 per group, x 1), ties going to 2 groups."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     sms, per_sm, _ = _device_limits(device)
     best = None
     for groups in sorted(LUT_MMA4_GROUPS, key=lambda g: (g != 2, -g)):
+        if warps > LUT_MMA4_WARPS_PER_SM[groups]:
+            continue  # beyond the instance's launch bound
         if device.type == "cuda":
             # 1 KB of every block's shared memory is reserved by the driver
-            fit = min(LUT_MMA4_BLOCKS_PER_SM[groups], per_sm // (smem[groups] + 1024))
+            fit = min(LUT_MMA4_WARPS_PER_SM[groups] // warps, per_sm // (smem[groups] + 1024))
             cost, blocks = _mma4_cost(n, groups, sms, max(1, fit), token_blocks)
         else:
             cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS, token_blocks)
         if best is None or cost < best[0]:
             best = (cost, groups, blocks)
+    if best is None:
+        raise ValueError(f"{warps} warps per block: more than any qk_lut_mma4 instance takes "
+                         f"({max(LUT_MMA4_WARPS_PER_SM.values())})")
     return best[1], best[2]
 
 
 @functools.cache
-def _mma4_cost(n: int, groups: int, sms: int, per_sm: int, token_blocks: int = 1) -> tuple[int, int]:
+def _mma4_cost(
+    n: int, groups: int, sms: int, per_sm: int, token_blocks: int = 1
+) -> tuple[int, int]:
     """(the busiest multiprocessor's traffic units, blocks along the rows) of ``qk_lut_mma4``
     tiles of ``groups`` row groups, ``token_blocks`` blocks of 4 tokens, over ``sms``
     multiprocessors holding ``per_sm`` blocks each (block (x, y) is block y * blocks + x)."""
@@ -312,13 +320,13 @@ def _gemv(
 
 
 def _mma_setup(
-    x: torch.Tensor, part: LUTPart, w: PreparedLUT
+    x: torch.Tensor, part: LUTPart, w: PreparedLUT, max_warps: int
 ) -> tuple[int, int, torch.Tensor, int, int, int]:
     """(M, N, the part's x, its row stride, 256-column chunks, warps per block) of a
-    tensor-core LUT GEMV launch: up to ``LUT_MMA_WARPS`` warps, no more than chunks."""
+    tensor-core LUT GEMV launch: up to ``max_warps`` warps, no more than chunks."""
     xp, ld = _part_input(x, part)
     chunks = _cdiv(part.n_vec(w.vector_size), 64)
-    warps = max(1, min(LUT_MMA_WARPS if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
+    warps = max(1, min(max_warps if x.device.type == "cuda" else CPU_THREADS // 32, chunks))
     return x.shape[0], w.out_features, xp, ld, chunks, warps
 
 
@@ -341,7 +349,7 @@ def _mma(
     """One ``qk_lut_mma`` launch over one part (see :func:`_gemv`)."""
     from qcore_kernels.sources import LUT_MMA_TILINGS
 
-    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
+    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA_WARPS)
     mt, groups = lut_mma_config(m, n, x.device)
     assert (mt, groups) in LUT_MMA_TILINGS
     rows_x = min(mt, m)
@@ -379,10 +387,10 @@ def _mma4(
     """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`)."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
-    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w)
+    m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA4_WARPS)
     tokens, token_blocks = min(m, LUT_MMA4_TOKENS), _cdiv(m, LUT_MMA4_TOKENS)
     smem = {g: mma4_smem(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
-    groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks)
+    groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks, warps)
     in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
     launch(
         FILE,
@@ -412,19 +420,19 @@ def mma_x_stride(chunks: int) -> int:
 
 #: Shared memory of the replicated codebook (``qk_lut::MMA_TABLE_BYTES``).
 LUT_MMA_TABLE_BYTES = 256 * 16 * 8
-#: ``qk_lut_mma4``: tokens per block (more tokens: more blocks along grid y), the table (rows 256 bytes apart: 16 copies, then an x
-#: slot of 128 bytes), its x slots, and the zero slots after the partial sums
-#: (``qk_lut::MMA4_*``).
+#: ``qk_lut_mma4``: tokens per block (more tokens: more blocks along grid y), the table
+#: (rows 256 bytes apart: 16 copies, then an x slot of 128 bytes), its x slots, and the
+#: zero slots after the partial sums (``qk_lut::MMA4_*``).
 LUT_MMA4_TOKENS = 4
 LUT_MMA4_TABLE_BYTES = 256 * 256
 LUT_MMA4_X_SLOTS = 256
 LUT_MMA4_ZERO_BYTES = 1024
-#: Resident ``qk_lut_mma4`` blocks per multiprocessor by row groups, as registers allow (the
-#: launch bounds, ``qk_lut::mma4_blocks_per_sm``: at most 80 and 128 registers per thread,
-#: 256 threads per block); shared memory may allow fewer.
-LUT_MMA4_BLOCKS_PER_SM = {1: 3, 2: 2}
-#: The row-group counts of the qk_lut_mma4 instances (``sources.LUT_MMA4_GROUPS``).
-LUT_MMA4_GROUPS_ALL = tuple(LUT_MMA4_BLOCKS_PER_SM)
+#: Resident ``qk_lut_mma4`` warps per multiprocessor by row groups, as registers allow (the
+#: launch bounds, ``qk_lut::mma4_warps_per_sm``: at most 80 and 128 registers per thread),
+#: and the most warps a block may have; shared memory may allow fewer blocks.
+LUT_MMA4_WARPS_PER_SM = {1: 24, 2: 16}
+#: Warps per ``qk_lut_mma4`` block (at most; fewer when a row has fewer 256-column chunks).
+LUT_MMA4_WARPS = 8
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:

@@ -108,9 +108,10 @@ constexpr int MMA4_TABLE_BYTES = MMA_ROWS * MMA4_ROW_BYTES; // 64 KB, x slots in
 constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots (4 per chunk and token)
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
 constexpr int MMA4_ZERO_BYTES = 1024;  // 4 zero x slots (after the partial sums) for empty chunk steps
-// Resident blocks per multiprocessor the launch bounds ask registers for (lut_ops'
-// LUT_MMA4_BLOCKS_PER_SM): 80 registers per thread for one row group, 128 for two.
-__host__ __device__ constexpr int mma4_blocks_per_sm(int g) { return g == 1 ? 3 : 2; }
+// Resident warps per multiprocessor the launch bounds ask registers for (lut_ops'
+// LUT_MMA4_WARPS_PER_SM): 24 of one row group (80 registers per thread), 16 of two (128),
+// as 3 or 2 blocks of 8 warps, or one block of them all.
+__host__ __device__ constexpr int mma4_warps_per_sm(int g) { return g == 1 ? 24 : 16; }
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -615,7 +616,7 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 // host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots; same
 // epilogue and raw mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
 template <typename T, int G, bool XT>
-__global__ void __launch_bounds__(256, qk_lut::mma4_blocks_per_sm(G)) qk_lut_mma4(
+__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows,
