@@ -149,21 +149,41 @@ def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
+@pytest.mark.parametrize("l2", [True, False])
+def test_mma4_index_stream_across_tiles(launch, monkeypatch, l2):
+    """qk_lut_mma4's asynchronous index stream (4 stages per warp, 3 chunk steps ahead)
+    matches the reference, with or without the L2 requests, bit for bit either way: one
+    chunk step per tile and 4-5 tiles per block (the first stages cross several tiles and run
+    past the block's last one), and 3 steps per tile over 5 tiles per block."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "LUT_MMA4_L2", l2)
+    for case in (LUTCase(3, 200, 512, 4, 8, rows=None, scale=True, dtype=F16, path="mma4"),
+                 LUTCase(2, 230, 1030, 4, 8, rows=150, offset=True, dtype=BF16, path="mma4")):
+        y, ref = run_lut_case(case, launch, "cpu")
+        assert_close(y, ref, case)
+        with monkeypatch.context() as mp:
+            mp.setattr(lut_ops, "LUT_MMA4_L2", not l2)
+            y_other, _ = run_lut_case(case, launch, "cpu")
+        assert torch.equal(y, y_other)
+
+
 def test_mma4_refuses_what_it_cannot_run(launch):
     from qcore_kernels.lut_ops import lut_linear, lut_path, lut_paths, mma4_unsupported_reason
 
-    # 30000 columns: 118 chunks of 256, 472 x slots of 128 bytes per token after the table:
-    # 3 tokens fit the harness's 256 KB of shared memory, 4 do not
+    # 30000 columns: 118 chunks of 256, 472 x slots of 128 bytes per token after the table,
+    # the partial sums, the zero slots and 8 warps' 4 index stages of 1 KB (103,424 bytes in all):
+    # 2 tokens fit the harness's 256 KB of shared memory, 3 do not
     w = to_lut(random_vq(LUTCase(5, 8, 30000, 4, 8, rows=None)), "cpu")
-    assert mma4_unsupported_reason(w, 3, "cpu") is None
-    why = mma4_unsupported_reason(w, 4, "cpu")
-    assert "x of 4 token(s) x 30000 columns: 310272 bytes of shared memory" in why
+    assert mma4_unsupported_reason(w, 2, "cpu") is None
+    why = mma4_unsupported_reason(w, 3, "cpu")
+    assert "x of 3 token(s) x 30000 columns: 284672 bytes of shared memory" in why
     assert "17 tokens" in mma4_unsupported_reason(w, 17, "cpu")
-    assert lut_path(4, w, "cpu") == "mma" and lut_path(3, w, "cpu") == "mma4"
-    assert lut_path(7, w, "cpu") == "mma"  # blocks of 4 tokens
-    assert lut_paths(4, w)[0] == "mma" and lut_paths(3, w)[0] == "mma4"
-    with pytest.raises(ValueError, match="mma4 path cannot run this weight: x of 4 token"):
-        lut_linear(torch.randn(4, 30000).half(), w, None, launch, path="mma4")
+    assert lut_path(3, w, "cpu") == "mma" and lut_path(2, w, "cpu") == "mma4"
+    assert lut_path(6, w, "cpu") == "mma"  # blocks of 4 tokens
+    assert lut_paths(3, w)[0] == "mma" and lut_paths(2, w)[0] == "mma4"
+    with pytest.raises(ValueError, match="mma4 path cannot run this weight: x of 3 token"):
+        lut_linear(torch.randn(3, 30000).half(), w, None, launch, path="mma4")
     v6 = to_lut(random_vq(LUTCase(1, 8, 64, 6, 8)), "cpu")
     with pytest.raises(ValueError, match="vector size 6"):
         lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")

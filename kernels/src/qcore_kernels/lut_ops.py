@@ -9,7 +9,7 @@ Paths by the number of tokens ``M``:
 * ``mma4`` (M <= 16 in blocks of 4 tokens; vector size 4, 8-bit indices, codebooks of at
   most 256 rows, no residual stage: VPTQ's 2-bit default; a block's x within shared memory:
   in the table's free halves up to 16384 columns for one token, 8192 for two, 4096 for
-  four, else after the table, about 20000 columns for four tokens on an H100): the
+  four, else after the table, about 16000 columns for four tokens on an H100): the
   tensor-core GEMV ``qk_lut_mma4``, the codebook held 16 times over in shared memory so
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
@@ -398,6 +398,7 @@ def _mma4(
         (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
+         np.int32(LUT_MMA4_L2),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
     )
@@ -405,12 +406,14 @@ def _mma4(
 
 def mma4_smem(tokens: int, width: int, groups: int, warps: int) -> int:
     """Shared memory of a ``qk_lut_mma4`` block: the table (x in its free halves when 4 slots
-    per token and 256-column chunk fit in its 256), the warps' partial sums, the zero slots,
-    and x after them when it does not fit in the table."""
+    per token and 256-column chunk fit in its 256), two buffers of the warps' partial sums,
+    the zero slots, each warp's index stages, and x after them when it does not fit in the
+    table."""
     slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
     x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
-    return (LUT_MMA4_TABLE_BYTES + warps * LUT_MMA4_TOKENS * 8 * groups * 4 + LUT_MMA4_ZERO_BYTES
-            + x_after)
+    stages = warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES
+    return (LUT_MMA4_TABLE_BYTES + 2 * warps * LUT_MMA4_TOKENS * 8 * groups * 4
+            + LUT_MMA4_ZERO_BYTES + stages + x_after)
 
 
 def mma_x_stride(chunks: int) -> int:
@@ -433,6 +436,13 @@ LUT_MMA4_ZERO_BYTES = 1024
 LUT_MMA4_WARPS_PER_SM = {1: 24, 2: 16}
 #: Warps per ``qk_lut_mma4`` block (at most; fewer when a row has fewer 256-column chunks).
 LUT_MMA4_WARPS = 8
+#: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::MMA4_STAGES``, ``MMA4_STAGE_BYTES``):
+#: stages per warp (3 chunk steps in flight ahead of the one computed), 512 bytes of shared
+#: memory per row group and stage; and whether the tile after the one being loaded is also
+#: requested into L2 (``l2``, a launch argument).
+LUT_MMA4_STAGES = 4
+LUT_MMA4_STAGE_BYTES = 512
+LUT_MMA4_L2 = True
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:

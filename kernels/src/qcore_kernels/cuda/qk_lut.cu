@@ -62,8 +62,9 @@
 // the free halves of the table rows when they hold it (1 token up to 16384 columns, 2 up
 // to 8192, 4 up to 4096), else after the table (shared memory grows). Lane t owns 16 consecutive indices (one 16-byte load) per chunk and
 // row group; every warp runs the same number of chunk steps (steps past the last chunk read
-// zero index words and zero x slots), which keeps the loop uniform, and two steps per
-// iteration swap the prefetch buffers instead of copying them.
+// zero index words and zero x slots), which keeps the loop uniform. The index words stream
+// into per-warp shared-memory stages by cp.async, 3 chunk steps ahead and across tiles;
+// the partial sums of consecutive tiles alternate between two buffers (one barrier a tile).
 //
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
@@ -108,6 +109,8 @@ constexpr int MMA4_TABLE_BYTES = MMA_ROWS * MMA4_ROW_BYTES; // 64 KB, x slots in
 constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots (4 per chunk and token)
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
 constexpr int MMA4_ZERO_BYTES = 1024;  // 4 zero x slots (after the partial sums) for empty chunk steps
+constexpr int MMA4_STAGE_BYTES = 512;  // a row group's index words of one chunk step of a warp (32 x 16)
+constexpr int MMA4_STAGES = 4;         // index stages per warp: 3 chunk steps in flight ahead
 // Resident warps per multiprocessor the launch bounds ask registers for (lut_ops'
 // LUT_MMA4_WARPS_PER_SM): 24 of one row group (80 registers per thread), 16 of two (128),
 // as 3 or 2 blocks of 8 warps, or one block of them all.
@@ -202,6 +205,31 @@ __device__ __forceinline__ void lut_prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
 #else
     (void)p;
+#endif
+}
+
+// 16 bytes from global src to shared byte `offset` of smem without a register (cp.async,
+// L1 bypassed), or 16 zero bytes when !full (nothing is read); the harness copies at once.
+__device__ __forceinline__ void lut_cp_async16(unsigned char* smem, unsigned offset, const void* src, bool full) {
+#ifndef QK_CPU_HARNESS
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem + offset));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" : : "r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
+#else
+    *reinterpret_cast<uint4*>(smem + offset) = full ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+// Closes this thread's group of async copies issued since the last commit.
+__device__ __forceinline__ void lut_cp_commit() {
+#ifndef QK_CPU_HARNESS
+    asm volatile("cp.async.commit_group;\n" : : : "memory");
+#endif
+}
+// Waits until at most N of this thread's committed groups of async copies are in flight:
+// the older ones' bytes are then visible to this thread.
+template <int N>
+__device__ __forceinline__ void lut_cp_wait() {
+#ifndef QK_CPU_HARNESS
+    asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory");
 #endif
 }
 
@@ -619,7 +647,7 @@ template <typename T, int G, bool XT>
 __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
-    const __half* __restrict__ codebook, int cb_rows,
+    const __half* __restrict__ codebook, int cb_rows, int l2,
     QK_LUT_EPILOGUE_PARAMS(T)) {
     using namespace qk_lut;
     constexpr int MT = MMA4_TOKENS, ROWS = 8 * G;
@@ -633,11 +661,17 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
     const int tiles = (N + ROWS - 1) / ROWS;
     const int m0 = blockIdx.y * MT;
     const int rows_x = min(MT, M - m0);
+    // Shared memory: the table (x in its free halves: XT), two buffers of the warps' partial
+    // sums (tiles alternate), the zero x slots, the index stages, x (!XT).
+    const int red_floats = mma4_red_bytes(warps, G) / 4;
     float* s_red = reinterpret_cast<float*>(smem + MMA4_TABLE_BYTES);
-    const unsigned zeros = MMA4_TABLE_BYTES + mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
+    const unsigned zeros = MMA4_TABLE_BYTES + 2 * mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
+    const unsigned stage0 = zeros + MMA4_ZERO_BYTES;
+    constexpr unsigned slot_bytes = G * MMA4_STAGE_BYTES;       // one chunk step of a warp
+    constexpr unsigned ring_bytes = MMA4_STAGES * slot_bytes;
     // x slots: in the table's free halves (XT: 256 bytes apart, from byte 128), or 128 bytes
-    // apart after the zeros (the host sized shared memory accordingly).
-    const unsigned x_base = XT ? 128u : zeros + MMA4_ZERO_BYTES;
+    // apart after the stages (the host sized shared memory accordingly).
+    const unsigned x_base = XT ? 128u : stage0 + static_cast<unsigned>(warps) * ring_bytes;
     constexpr unsigned x_slot = XT ? MMA4_ROW_BYTES : 128u;
 
     // The lane's index words of row group rg of a tile: the 16 bytes of chunk c are at
@@ -655,14 +689,8 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
         }
         return r;
     };
-    auto load_codes = [&](const Rows& r, int c, uint4 (&w)[G]) {
-#pragma unroll
-        for (int rg = 0; rg < G; ++rg)
-            w[rg] = 64 * c < r.lim[rg] ? __ldg(r.p[rg] + 4 * c) : make_uint4(0u, 0u, 0u, 0u);
-    };
     const int steps = (chunks + warps - 1) / warps;  // chunk steps per warp and tile
-    // Steps from..steps-1 of a tile into L2: the index stream of a whole tile is requested at
-    // once (deep enough to keep the memory busy) without holding registers.
+    // The warp's steps from..steps-1 of a tile into L2 (no registers held).
     auto prefetch = [&](const Rows& r, int from) {
         for (int s = from; s < steps; ++s)
 #pragma unroll
@@ -671,10 +699,47 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
                 if (64 * c < r.lim[rg]) lut_prefetch_l2(r.p[rg] + 4 * c);
             }
     };
-    Rows rows = rows_of(blockIdx.x);
-    uint4 cur[G], nxt[G];
-    load_codes(rows, warp, cur);  // in flight while the table is built, and the rest
-    prefetch(rows, 1);            // of the first tile on its way to L2
+    // The index stream, asynchronously: item q of a warp is step q % steps of the block's
+    // tile q / steps (the same count for every warp: the loop stays uniform), one commit
+    // group of G 16-byte copies per lane into stage slot q % MMA4_STAGES (row group rg at
+    // rg * 512, lane l at 16 l); items past the block's last tile are zeros. MMA4_STAGES - 1
+    // items are in flight ahead of the one being computed, across tile boundaries; with l2
+    // the tile after the one being issued is also requested into L2.
+    const int block_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+    const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes + 16u * lane;
+    // The next item to issue: step is of the block's tile ij; ip / ib: the lane's sources
+    // and 64 * its chunk (present while ib < lim), advanced a step at a time.
+    Rows ir = rows_of(blockIdx.x);
+    int is = 0, ij = 0, ib = 64 * warp;
+    const uint4* ip[G];
+#pragma unroll
+    for (int rg = 0; rg < G; ++rg) ip[rg] = ir.p[rg] + 4 * warp;
+    unsigned islot = 0;  // its slot (byte offset in the warp's ring)
+    auto issue = [&]() {
+#pragma unroll
+        for (int rg = 0; rg < G; ++rg) {
+            lut_cp_async16(smem, stage_lane + islot + rg * MMA4_STAGE_BYTES, ip[rg], ib < ir.lim[rg]);
+            ip[rg] += 4 * warps;
+        }
+        lut_cp_commit();
+        ib += 64 * warps;
+        islot = islot + slot_bytes == ring_bytes ? 0u : islot + slot_bytes;
+        if (++is == steps) {
+            is = 0;
+            ib = 64 * warp;
+            ++ij;
+            ir = rows_of(blockIdx.x + ij * gridDim.x);
+#pragma unroll
+            for (int rg = 0; rg < G; ++rg) ip[rg] = ir.p[rg] + 4 * warp;
+            if (l2) prefetch(rows_of(blockIdx.x + (ij + 1) * gridDim.x), 0);
+        }
+    };
+#pragma unroll
+    for (int q = 0; q + 1 < MMA4_STAGES; ++q) issue();  // in flight while the table is built
+    if (l2) {
+        prefetch(rows_of(blockIdx.x), MMA4_STAGES - 1);
+        prefetch(rows_of(blockIdx.x + gridDim.x), 0);
+    }
 
     // The codebook row of this thread (read first: its latency overlaps the copy of x).
     const int e0 = threadIdx.x;
@@ -738,23 +803,23 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
         + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * x_slot);
     const unsigned x_zero = zeros + 16 * (2 * t + g % 2);  // 4 zero slots x_slot apart
 
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const Rows next = rows_of(tile + gridDim.x);
-        prefetch(next, 0);  // the block's next tile, one tile ahead
+    unsigned cslot = 0;  // the slot of the item being computed
+    for (int j = 0; j < block_tiles; ++j) {
+        const int tile = blockIdx.x + j * gridDim.x;
         float acc[S][G][4] = {};
 
-        // Chunk c with index words w, loading chunk cp of rows r into pre: 8 mmas per row
-        // group. Lane (g, t) holds row g's codebook rows of vectors p = 16t + 2i and p + 1
-        // as the A quad {W[p] 0-1, W[p] 2-3, W[p+1] 0-1, W[p+1] 2-3} (A rows g and g + 8 at
-        // k 2t and 2t + 8), and as B column 2m + h the pairs h of token m's x at p and
-        // p + 1: C[g][2m] sums the pairs 0 of token m, C[g + 8][2m + 1] its pairs 1 (the
-        // other columns are dropped).
-        auto chunk = [&](int c, const uint4 (&w)[G], uint4 (&pre)[G], const Rows& r, int cp) {
-            load_codes(r, cp, pre);
+        // Chunk c with index words w: 8 mmas per row group. Lane (g, t) holds row g's
+        // codebook rows of vectors p = 16t + 2i and p + 1 as the A quad {W[p] 0-1, W[p] 2-3,
+        // W[p+1] 0-1, W[p+1] 2-3} (A rows g and g + 8 at k 2t and 2t + 8), and as B column
+        // 2m + h the pairs h of token m's x at p and p + 1: C[g][2m] sums the pairs 0 of
+        // token m, C[g + 8][2m + 1] its pairs 1 (the other columns are dropped). Steps past
+        // the last chunk (c >= chunks) have zero index words and read the zero x slots: they
+        // add nothing.
+        auto chunk = [&](int c, const uint4 (&w)[G]) {
             const unsigned xc = c < chunks ? x_lane + c * (4 * x_slot) : x_zero;
             uint4 b[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const uint4*>(smem + xc + j * x_slot);
+            for (int u = 0; u < 4; ++u) b[u] = *reinterpret_cast<const uint4*>(smem + xc + u * x_slot);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const unsigned bf[2] = {qk::word_of(b[i / 2], 2 * (i % 2)), qk::word_of(b[i / 2], 2 * (i % 2) + 1)};
@@ -769,29 +834,22 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
                 }
             }
         };
-        // Every warp runs the same number of chunk steps, so that the loop is uniform (the
-        // compiler then keeps smem's base in a uniform register: table reads are one byte
-        // permutation and one load). Steps past the last chunk (c >= chunks) read no index
-        // words (zeros) and the zero x slots: they add nothing. Two steps per iteration,
-        // the prefetch buffers swapping roles (no register copies); the last step loads
-        // the first chunk of the block's next tile.
-        int k = 0;
-        for (; k + 2 < steps; k += 2) {
-            chunk(warp + k * warps, cur, nxt, rows, warp + (k + 1) * warps);
-            chunk(warp + (k + 1) * warps, nxt, cur, rows, warp + (k + 2) * warps);
-        }
-        if (k + 1 < steps) {
-            chunk(warp + k * warps, cur, nxt, rows, warp + (k + 1) * warps);
-            chunk(warp + (k + 1) * warps, nxt, cur, next, warp);
-        } else {
-            chunk(warp + k * warps, cur, nxt, next, warp);
+        for (int s = 0; s < steps; ++s) {
+            lut_cp_wait<MMA4_STAGES - 2>();  // this item's group has landed
+            uint4 w[G];
 #pragma unroll
-            for (int rg = 0; rg < G; ++rg) cur[rg] = nxt[rg];
+            for (int rg = 0; rg < G; ++rg)
+                w[rg] = *reinterpret_cast<const uint4*>(smem + stage_lane + cslot + rg * MMA4_STAGE_BYTES);
+            issue();  // into the slot computed one item ago (its words are in registers)
+            cslot = cslot + slot_bytes == ring_bytes ? 0u : cslot + slot_bytes;
+            chunk(warp + s * warps, w);
         }
-        rows = next;
 
-        // Partial sums [warp][token][row] -> shared memory (lane (g, t): token t, row g).
-        float* red = s_red + warp * MT * ROWS;
+        // Partial sums [warp][token][row] -> this tile's buffer (lane (g, t): token t, row g);
+        // tiles alternate between two buffers, so one barrier per tile suffices (a buffer is
+        // rewritten two tiles later, after every thread has passed the next tile's barrier).
+        float* buf = s_red + (j % 2) * red_floats;
+        float* red = buf + warp * MT * ROWS;
 #pragma unroll
         for (int rg = 0; rg < G; ++rg) {
             float v = acc[0][rg][0] + acc[0][rg][3];
@@ -800,9 +858,9 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
             red[t * ROWS + rg * 8 + g] = v;
         }
         __syncthreads();
-        lut_tile_out<T>(s_red, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
-        __syncthreads();  // s_red is rewritten by the next tile
+        lut_tile_out<T>(buf, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
     }
+    lut_cp_wait<0>();  // the zero items past the last tile
 }
 
 // Decode one part to the dense weight w [N, ldw] in T: column col of the part goes to
