@@ -741,9 +741,17 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
         prefetch(rows_of(blockIdx.x + gridDim.x), 0);
     }
 
-    // The codebook row of this thread (read first: its latency overlaps the copy of x).
+    // The codebook rows of this thread, e0 + r * blockDim.x (all of them at once, before x:
+    // their latency overlaps the copy of x, and blocks of fewer than 8 warps do not wait
+    // for one row after another).
     const int e0 = threadIdx.x;
-    const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
+    constexpr int CB_RANGE = MMA_ROWS / 32;  // rows per thread in a block of one warp
+    uint2 h[CB_RANGE];
+#pragma unroll
+    for (int r = 0; r < CB_RANGE; ++r) {
+        const int e = e0 + r * blockDim.x;
+        h[r] = e < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e) : make_uint2(0u, 0u);
+    }
     // x into its slots: slot (m * chunks + c) * 4 + j holds, at 16 s, lane slot s = 2t + h's
     // B fragments of mmas 2j and 2j + 1 (the pairs h of vectors 16t + 4j .. 16t + 4j + 3 of
     // chunk c); zeros past ldx. Item i is 32 bytes of x (4 vectors, two slots' 16 bytes); a
@@ -778,10 +786,11 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
     // The codebook, converted to T, 16 times over (two copies per 16-byte store): at step r,
     // lane l writes copies 2 * ((r + l) % 8) and the next, so a quarter-warp's stores hit 8
     // different 16-byte bank groups.
-    for (int e = e0; e < MMA_ROWS; e += blockDim.x) {
-        const uint2 h = e == e0 ? h0
-            : e < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e) : make_uint2(0u, 0u);
-        const __half2 lo = qk::bits_as<__half2>(h.x), hi = qk::bits_as<__half2>(h.y);
+#pragma unroll
+    for (int q = 0; q < CB_RANGE; ++q) {
+        const int e = e0 + q * blockDim.x;
+        if (e >= MMA_ROWS) break;
+        const __half2 lo = qk::bits_as<__half2>(h[q].x), hi = qk::bits_as<__half2>(h[q].y);
         const unsigned v0 = qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(lo)), qk::from_float<T>(__high2float(lo))));
         const unsigned v1 = qk::as_bits(qk::Pair<T>::make(qk::from_float<T>(__low2float(hi)), qk::from_float<T>(__high2float(hi))));
         uint4* row = reinterpret_cast<uint4*>(smem + e * MMA4_ROW_BYTES);
