@@ -45,6 +45,54 @@ def _eager_ms(fn: Callable, runs: int = 50, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
+#: The timing protocol's floors for a GEMV that reads its index stream once: a kernel that
+#: does nothing, and one that only reads a buffer (16-byte loads, grid-stride, 8 blocks of
+#: 256 threads per multiprocessor).
+FLOOR_SOURCE = r"""
+extern "C" __global__ void qk_bench_empty(int n) { if (n == 12345) __trap(); }
+extern "C" __global__ void qk_bench_stream(const uint4* __restrict__ p, long long n16,
+                                           unsigned* out) {
+    unsigned acc = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16;
+         i += (long long)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) *out = acc;  // keeps the loads
+}
+"""
+
+
+def floor_timers(time_ms: Callable) -> tuple[Callable, Callable]:
+    """(empty() -> ms, stream(tensor) -> ms): the floors above, timed like the kernels, on
+    torch's stream."""
+    import cupy
+    import numpy as np
+    import torch
+
+    module = cupy.RawModule(code=FLOOR_SOURCE)
+    empty_k = module.get_function("qk_bench_empty")
+    stream_k = module.get_function("qk_bench_stream")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def on_torch(fn: Callable) -> Callable:
+        def call() -> None:
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                fn()
+        return call
+
+    def empty() -> float:
+        return time_ms(on_torch(lambda: empty_k((1,), (32,), (np.int32(0),))))
+
+    def stream(t: torch.Tensor) -> float:
+        n16 = t.numel() * t.element_size() // 16
+        return time_ms(on_torch(lambda: stream_k(
+            (sms * 8,), (256,), (t.data_ptr(), np.int64(n16), sink.data_ptr()))))
+
+    return empty, stream
+
+
 def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]:
     """The LUT rows; ``time_ms`` is the benchmark's timer (CUDA-graph replays), with an
     eager fallback (noted in the row) should a LUT call fail to be captured."""
@@ -61,6 +109,13 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
 
     rows = []
     gen = torch.Generator().manual_seed(0)
+    try:
+        empty_ms, stream_ms = floor_timers(time_ms)
+        empty = empty_ms()
+    except Exception as exc:  # noqa: BLE001 - the floors are extra; the rows go on
+        torch.cuda.synchronize()
+        print(f"floors not measured: {type(exc).__name__}: {exc}", flush=True)
+        stream_ms, empty = None, None
     for in_f, out_f in LUT_SHAPES:
         for label, v, bits in LUT_CONFIGS:
             q = random_vq_weight(out_f, in_f, v, bits, max_codebook_rows=None, seed=3)
@@ -81,6 +136,14 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                 row = {"in": in_f, "out": out_f, "m": m, "config": label, "vector_size": v,
                        "index_bits": bits, "bits_per_weight": bits_per_weight(packed),
                        "fp16_ms": base_ms, "lut": {}}
+                if stream_ms is not None and m == 1 and (v, bits) == (4, 8):
+                    # what any kernel reading this index stream once would take at best
+                    try:
+                        row["floor"] = {"empty_ms": empty,
+                                        "index_stream_ms": stream_ms(w.main.stage.codes)}
+                    except Exception as exc:  # noqa: BLE001 - extra; the row goes on
+                        torch.cuda.synchronize()
+                        row["floor_failed"] = f"{type(exc).__name__}: {exc}"[:200]
                 for path in lut_paths(m, w):
                     y = lut_linear(x, w, None, launch, path=path)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
@@ -109,29 +172,43 @@ def render_lut(result: dict) -> str:
 
     if not result.get("lut"):
         return ""
+    floors = any(r.get("floor") for r in result["lut"])
     lines = [
         "",
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
         "(v4 i8: 256 rows, VPTQ's 2-bit default; i12: 4096 rows), no residual or outliers; "
         "bits/weight counts every stored bit (indices, padding, codebook). mma4 = tensor-core "
         "LUT GEMV in blocks of 4 tokens (`qk_lut_mma4`: a codebook row read is half an mma A "
-        "operand as is; x in the table's free halves), mma = tensor-core LUT GEMV for up to 16 "
+        "operand as is; x in the table's free halves; index words streamed into shared "
+        "memory by cp.async), mma = tensor-core LUT GEMV for up to 16 "
         "tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
         "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
-        "+ cuBLAS; bw counts indices, codebook, x and y.",
+        "+ cuBLAS; bw counts indices, codebook, x and y."
+        + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
+           "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
+           "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else ""),
         "",
-        "| in × out | M | vq | bits/weight | fp16 F.linear | LUT mma4 | LUT mma | LUT gemv | "
-        "LUT dequant+cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
+        + "LUT mma4 | LUT mma | LUT gemv | LUT dequant+cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else ""),
     ]
     for r in result["lut"]:
+        floor = r.get("floor")
+        floor_cell = "" if not floors else " | " if not floor else (
+            f"{floor['index_stream_ms'] * 1e3:.1f} µs "
+            f"({r['fp16_ms'] / floor['index_stream_ms']:.2f}×) | ")
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
-            f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | "
+            f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
             f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
             f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _empty_note(rows: list[dict]) -> str:
+    empties = [r["floor"]["empty_ms"] for r in rows if r.get("floor")]
+    return f" (an empty kernel: {min(empties) * 1e3:.2f} µs)" if empties else ""
 
 
 #: The tensor-core LUT GEMV's launch parameters swept by ``sweep_mma`` (8-row groups per

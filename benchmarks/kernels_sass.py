@@ -2,10 +2,11 @@
 
     python benchmarks/kernels_sass.py [--arch sm_90] [--no-write]
 
-The LUT GEMVs are issue-bound (Nsight Compute on an H200, BENCHMARKS.md), so the
-instructions their main loop issues per codebook index and lane are the number to lower
-between GPU sessions. This compiles ``qk_lut.cu`` with NVRTC (``qcore_kernels.nvrtc``, as
-the compile check does), disassembles the cubin with ``cuobjdump -sass`` and, for every
+``qk_lut_mma`` was issue-bound (Nsight Compute on an H200, BENCHMARKS.md), so the
+instructions a main loop issues per codebook index and lane were the number to lower
+between GPU sessions (``qk_lut_mma4`` then turned out latency-bound). This compiles
+``qk_lut.cu`` with NVRTC (``qcore_kernels.nvrtc``, as the compile check does),
+disassembles the cubin with ``cuobjdump -sass`` and, for every
 ``qk_lut_mma``/``qk_lut_mma4`` instance, finds the innermost loop holding its ``HMMA``
 instructions. One ``LDS.64`` there is one table read, i.e. one index of one lane, so
 instructions / ``LDS.64`` is the cost per index. Results go to
@@ -118,7 +119,10 @@ def render(result: dict) -> str:
     lines = [
         f"NVRTC {result['nvrtc']}, {result['arch']}, cuobjdump {result['cuobjdump']}; "
         f"{result['date']}. The main loop of each tensor-core LUT GEMV instance: instructions "
-        "per table read (one index of one lane), and the loop's make-up.",
+        "per table read (one index of one lane), and the loop's make-up. Static counts: "
+        "`qk_lut_mma4`'s loop (one chunk step) also holds the move to the next tile, taken "
+        "once per tile (about 220 of the 348 instructions with 2 row groups; a step runs "
+        "126, 3.9 per index).",
         "",
         "| instance | registers | loop instructions | table reads (LDS.64) | per index | HMMA | "
         "LDS (all) | PRMT | other |",

@@ -13,9 +13,12 @@ Paths by the number of tokens ``M``:
   tensor-core GEMV ``qk_lut_mma4``, the codebook held 16 times over in shared memory so
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
-  columns per token), and a table read costs one byte permutation and one load.
-* ``mma`` (M <= 16, the same weights; what ``mma4`` cannot hold): the tensor-core GEMV
-  ``qk_lut_mma``, weights as the A operand (up to 8 tokens) or the B operand (16).
+  columns per token), and a table read costs one byte permutation and one load; the index
+  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked above 8 tokens,
+  and from 2 to 8 tokens for at most 4096 output rows (:func:`mma4_preferred`).
+* ``mma`` (M <= 16, the same weights; one token, 2-8 tokens of more output rows, and what
+  ``mma4`` cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up
+  to 8 tokens) or the B operand (16).
 * ``gemv`` (M <= ``LUT_GEMV_MAX_M``, vector sizes 4, 6, 8, codebooks that fit in shared
   memory): the codebooks in shared memory, indices decoded inside the GEMV, up to 16
   tokens per block. Outlier columns run first (into a float32 buffer), the main columns
@@ -161,13 +164,29 @@ def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) 
 
 
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
-    if mma4_unsupported_reason(w, m, device) is None:
+    """The fastest path that can run ``m`` tokens of ``w`` (the H200 benchmark's choice
+    between the tensor-core GEMVs: :func:`mma4_preferred`)."""
+    mma4 = mma4_unsupported_reason(w, m, device) is None
+    mma = m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None
+    if mma4 and (not mma or mma4_preferred(m, w.out_features)):
         return "mma4"
-    if m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None:
+    if mma:
         return "mma"
     if m <= LUT_GEMV_MAX_M and gemv_unsupported_reason(w, device) is None:
         return "gemv"
     return "dequant"
+
+
+def mma4_preferred(m: int, n: int) -> bool:
+    """Whether ``qk_lut_mma4`` beats ``qk_lut_mma`` at ``m`` tokens and ``n`` output rows
+    (v4 i8 weights on the H200, BENCHMARKS.md): above 8 tokens always (``qk_lut_mma``'s
+    16-token tile is the slow one, 15-30% behind); never at one token (level at best);
+    from 2 to 8 tokens up to ``LUT_MMA4_MAX_ROWS`` output rows (14336 x 4096 at M = 4:
+    14.9 against 18.1 us), and not beyond (8192 x 8192 at M = 8: 23.5 against 19.2 us, where
+    ``qk_lut_mma`` reads each index once for all 8 tokens)."""
+    if m > 8:
+        return True
+    return m > 1 and n <= LUT_MMA4_MAX_ROWS
 
 
 def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -436,6 +455,8 @@ LUT_MMA4_ZERO_BYTES = 1024
 LUT_MMA4_WARPS_PER_SM = {1: 24, 2: 16}
 #: Warps per ``qk_lut_mma4`` block (at most; fewer when a row has fewer 256-column chunks).
 LUT_MMA4_WARPS = 8
+#: The most output rows for which :func:`mma4_preferred` picks ``qk_lut_mma4`` at 2-8 tokens.
+LUT_MMA4_MAX_ROWS = 4096
 #: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::MMA4_STAGES``, ``MMA4_STAGE_BYTES``):
 #: stages per warp (3 chunk steps in flight ahead of the one computed), 512 bytes of shared
 #: memory per row group and stage; and whether the tile after the one being loaded is also
