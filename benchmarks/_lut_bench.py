@@ -279,10 +279,13 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
 
 #: qk_lut_mma4's launch parameters swept by ``sweep_mma4``: row groups per tile, warps per
 #: block, blocks per multiprocessor the persistent grid is sized for (only settings whose
-#: blocks can all be resident: lut_ops.LUT_MMA4_WARPS_PER_SM).
+#: blocks can all be resident: lut_ops.mma4_warps_per_sm), where the index stages are (after
+#: the table, or in its free halves where x leaves room) and the L2 requests on or off.
 SWEEP4_GROUPS = (1, 2)
 SWEEP4_WARPS = (4, 8, 16)
 SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
+SWEEP4_STAGES = ("after", "table")
+SWEEP4_L2 = (True, False)
 
 
 def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
@@ -296,7 +299,8 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     import qcore_kernels.lut_ops as lut_ops
     from qcore_kernels.testing import TOLERANCE
 
-    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS)
+    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
+             lut_ops.LUT_MMA4_L2)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     gen = torch.Generator().manual_seed(2)
@@ -305,16 +309,21 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             w, dense = _v4_weight(in_f, out_f, seed=5)
             x = torch.randn(1, in_f, generator=gen).half().cuda()
             ref = F.linear(x.float(), dense)
-            for g, warps, per_sm in itertools.product(
-                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM):
-                if warps * per_sm > lut_ops.LUT_MMA4_WARPS_PER_SM[g]:
+            for g, warps, per_sm, stages, l2 in itertools.product(
+                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2):
+                in_table = stages == "table"
+                if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
+                    continue
+                if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table):
                     continue
                 blocks = min(-(-out_f // (8 * g)), sms * per_sm)
                 lut_ops.lut_mma4_config = lambda *_, g=g, b=blocks: (g, b)
                 lut_ops.LUT_MMA4_WARPS = warps
+                lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
+                lut_ops.LUT_MMA4_L2 = l2
                 call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
                 entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
-                         "blocks_per_sm": per_sm}
+                         "blocks_per_sm": per_sm, "stages": stages, "l2": l2}
                 try:
                     y = call()
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
@@ -329,12 +338,14 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             del w, dense
             torch.cuda.empty_cache()
     finally:
-        lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS = saved
+        (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
+         lut_ops.LUT_MMA4_L2) = saved
     return rows
 
 
 def render_sweep4(result: dict) -> str:
-    """qk_lut_mma4's launch-parameter sweep, one line per shape and row-group count."""
+    """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count, stage
+    layout and L2 setting (runs before the last two were swept: after the table, L2 on)."""
     sweep = result.get("lut_mma4_sweep")
     if not sweep:
         return ""
@@ -343,26 +354,33 @@ def render_sweep4(result: dict) -> str:
         "",
         "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
         "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
-        "persistent grid is sized for. Bold: the fastest per shape.",
+        "persistent grid is sized for; index stages after the table (4 per warp) or in its "
+        "free halves next to x (2 per warp; only where they fit); L2 requests of the next "
+        "tile on or off. Bold: the fastest per shape.",
         "",
-        "| in × out | groups | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
-        "|---|---|" + "---|" * len(settings),
+        "| in × out | groups | stages | L2 | "
+        + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
+        "|---|---|---|---|" + "---|" * len(settings),
     ]
     shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
     for shape in shapes:
         rows = [r for r in sweep if (r["in"], r["out"]) == shape]
         best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        for g in sorted({r["groups"] for r in rows}):
+        variants = sorted({(r["groups"], r.get("stages", "after"), r.get("l2", True))
+                           for r in rows}, key=lambda v: (v[0], v[1], not v[2]))
+        for g, stages, l2 in variants:
             cells = []
             for warps, per_sm in settings:
                 hit = [r for r in rows if r["groups"] == g and r["warps"] == warps
-                       and r["blocks_per_sm"] == per_sm]
+                       and r["blocks_per_sm"] == per_sm and r.get("stages", "after") == stages
+                       and r.get("l2", True) == l2]
                 if not hit or not hit[0].get("ok"):
                     cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
                     continue
                 text = f"{hit[0]['ms'] * 1e3:.1f} µs"
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
-            lines.append(f"| {shape[0]} × {shape[1]} | {g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {shape[0]} × {shape[1]} | {g} | {stages} | {'on' if l2 else 'off'} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

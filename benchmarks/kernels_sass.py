@@ -121,8 +121,8 @@ def render(result: dict) -> str:
         f"{result['date']}. The main loop of each tensor-core LUT GEMV instance: instructions "
         "per table read (one index of one lane), and the loop's make-up. Static counts: "
         "`qk_lut_mma4`'s loop (one chunk step) also holds the move to the next tile, taken "
-        "once per tile (about 220 of the 348 instructions with 2 row groups; a step runs "
-        "126, 3.9 per index).",
+        "once per tile: with 2 row groups a chunk step runs about 130 of the loop's 353 "
+        "instructions (4.1 per index; 145 with the stages in the table), counted by hand.",
         "",
         "| instance | registers | loop instructions | table reads (LDS.64) | per index | HMMA | "
         "LDS (all) | PRMT | other |",

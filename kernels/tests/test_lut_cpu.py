@@ -145,8 +145,8 @@ def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     picked = []
     config = lut_ops.lut_mma4_config
 
-    def forced(n, smem, device, token_blocks=1, warps=8):
-        _, blocks = config(n, smem, device, token_blocks, warps)
+    def forced(n, smem, device, token_blocks=1, warps=8, warps_per_sm=None):
+        _, blocks = config(n, smem, device, token_blocks, warps, warps_per_sm)
         picked.append((groups, token_blocks))
         return groups, min(blocks, lut_ops._cdiv(n, 8 * groups))
 
@@ -179,6 +179,59 @@ def test_mma4_index_stream_across_tiles(launch, monkeypatch, l2):
             mp.setattr(lut_ops, "LUT_MMA4_L2", not l2)
             y_other, _ = run_lut_case(case, launch, "cpu")
         assert torch.equal(y, y_other)
+
+
+@pytest.mark.parametrize("threads", [64, 256])
+def test_mma4_stages_in_the_table(launch, monkeypatch, threads):
+    """qk_lut_mma4 with its index stages in the table's free halves next to x (2 per warp, 4
+    halves per row group) gives the outputs of the default layout bit for bit, and is
+    launched exactly where x leaves room: 1 token of 2048 columns (32 x slots), 3 of 1030
+    (60), not 4 of 4096 (all 256 slots are x; that weight's 9 outlier columns do fit)."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "CPU_THREADS", threads)
+    cases = [
+        (LUTCase(1, 40, 2048, 4, 8, rows=None, dtype=F16, path="mma4"), ["true"]),
+        (LUTCase(3, 200, 1030, 4, 8, rows=150, scale=True, offset=True, dtype=BF16,
+                 path="mma4"), ["true"]),
+        (LUTCase(4, 37, 4096, 4, 8, rows=None, outliers=9, dtype=F16, path="mma4"),
+         ["true", "false"]),
+    ]
+    instances = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        instances.append(instance)
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    for case, want in cases:
+        y_default, ref = run_lut_case(case, launch, "cpu")
+        instances.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", True)
+            y, _ = run_lut_case(case, spy, "cpu")
+        assert [i.rsplit(", ", 1)[1].rstrip(">") for i in instances] == want, instances
+        assert torch.equal(y, y_default)
+        assert_close(y, ref, case)
+
+
+def test_mma4_stages_in_the_table_sizes():
+    """Shared memory and resident warps of the two stage layouts (8 warps, 2 row groups):
+    103,424 bytes and 16 warps with the stages after the table, 70,656 bytes and 24 warps
+    (three blocks per multiprocessor) with them in the table; where they fit there."""
+    from qcore_kernels.lut_ops import (
+        mma4_smem,
+        mma4_stages_fit_in_table,
+        mma4_warps_per_sm,
+    )
+
+    assert mma4_smem(1, 8192, 2, 8) == 65536 + 4096 + 1024 + 32768
+    assert mma4_smem(1, 8192, 2, 8, stages_in_table=True) == 65536 + 4096 + 1024
+    assert (mma4_warps_per_sm(2), mma4_warps_per_sm(2, True), mma4_warps_per_sm(1)) == (16, 24, 24)
+    # 8 warps x 2 stages x 2 row groups x 4 halves = 128: x may take the other 128
+    assert mma4_stages_fit_in_table(1, 8192, 2, 8)  # 32 chunks x 4 = 128 slots
+    assert not mma4_stages_fit_in_table(1, 8193, 2, 8)
+    assert mma4_stages_fit_in_table(2, 4096, 2, 8) and not mma4_stages_fit_in_table(4, 4096, 2, 8)
+    assert mma4_stages_fit_in_table(1, 12288, 1, 8)  # 1 row group: 64 halves of stages
 
 
 def test_mma4_refuses_what_it_cannot_run(launch):

@@ -124,6 +124,31 @@ def test_mma_tiles_agree_with_each_other(launcher):
     assert torch.equal(lut_linear(x.roll(5, 0), w, None, launcher, path="mma"), y.roll(5, 0))
 
 
+@pytest.mark.parametrize("case", [
+    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
+    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),  # x and stages fill the table
+    LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
+    LUTCase(2, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
+], ids=lambda c: c.id)
+def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
+    """qk_lut_mma4 with its index stages in the table's free halves (three 8-warp blocks per
+    multiprocessor) gives the outputs of the default layout bit for bit."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    y_default, ref = run_lut_case(case, launcher, "cuda")
+    instances = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        instances.append(instance)
+        launcher(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    monkeypatch.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", True)
+    y, _ = run_lut_case(case, spy, "cuda")
+    assert instances[-1].endswith(", true>"), instances  # the main columns' launch
+    assert torch.equal(y, y_default)
+    assert_close(y, ref, case)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     """qk_lut_mma4: 1 and 2 row groups per tile give the same outputs bit for bit, a token's

@@ -202,25 +202,28 @@ def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
 
 def lut_mma4_config(
     n: int, smem: dict[int, int], device: torch.device, token_blocks: int = 1,
-    warps: int = 8,
+    warps: int = 8, warps_per_sm: dict[int, int] | None = None,
 ) -> tuple[int, int]:
     """(row groups per block tile, blocks along the rows) of ``qk_lut_mma4`` for ``n``
     output rows, ``token_blocks`` blocks of 4 tokens and ``warps`` warps per block; ``smem``
-    maps row groups to a block's shared memory. Persistent blocks, as many as fit on the
-    multiprocessors (registers: ``LUT_MMA4_WARPS_PER_SM``; shared memory) shared by the
+    maps row groups to a block's shared memory, ``warps_per_sm`` to the instance's resident
+    warps (:func:`mma4_warps_per_sm` of the stages after the table by default). Persistent
+    blocks, as many as fit on the multiprocessors (registers; shared memory) shared by the
     token blocks, each taking tiles of 8 * G rows in turn. G minimises the busiest
     multiprocessor's shared-memory traffic (blocks placed round robin; a tile of G row
     groups reads 2G + 1 units: the table 2 per group, x 1), ties going to 2 groups."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
+    if warps_per_sm is None:
+        warps_per_sm = {g: mma4_warps_per_sm(g) for g in LUT_MMA4_GROUPS}
     sms, per_sm, _ = _device_limits(device)
     best = None
     for groups in sorted(LUT_MMA4_GROUPS, key=lambda g: (g != 2, -g)):
-        if warps > LUT_MMA4_WARPS_PER_SM[groups]:
+        if warps > warps_per_sm[groups]:
             continue  # beyond the instance's launch bound
         if device.type == "cuda":
             # 1 KB of every block's shared memory is reserved by the driver
-            fit = min(LUT_MMA4_WARPS_PER_SM[groups] // warps, per_sm // (smem[groups] + 1024))
+            fit = min(warps_per_sm[groups] // warps, per_sm // (smem[groups] + 1024))
             cost, blocks = _mma4_cost(n, groups, sms, max(1, fit), token_blocks)
         else:
             cost, blocks = _mma4_cost(n, groups, 1, CPU_BLOCKS, token_blocks)
@@ -228,7 +231,7 @@ def lut_mma4_config(
             best = (cost, groups, blocks)
     if best is None:
         raise ValueError(f"{warps} warps per block: more than any qk_lut_mma4 instance takes "
-                         f"({max(LUT_MMA4_WARPS_PER_SM.values())})")
+                         f"({max(warps_per_sm.values())})")
     return best[1], best[2]
 
 
@@ -408,12 +411,17 @@ def _mma4(
 
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA4_WARPS)
     tokens, token_blocks = min(m, LUT_MMA4_TOKENS), _cdiv(m, LUT_MMA4_TOKENS)
-    smem = {g: mma4_smem(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
-    groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks, warps)
     in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
+    # the index stages in the table too, where asked for and x leaves room
+    sh = {g: LUT_MMA4_STAGES_IN_TABLE and mma4_stages_fit_in_table(tokens, part.width, g, warps)
+          for g in LUT_MMA4_GROUPS}
+    smem = {g: mma4_smem(tokens, part.width, g, warps, sh[g]) for g in LUT_MMA4_GROUPS}
+    groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks, warps,
+                                     {g: mma4_warps_per_sm(g, sh[g]) for g in LUT_MMA4_GROUPS})
+    flag = {True: "true", False: "false"}
     launch(
         FILE,
-        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {'true' if in_table else 'false'}>",
+        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {flag[in_table]}, {flag[sh[groups]]}>",
         (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
@@ -423,16 +431,34 @@ def _mma4(
     )
 
 
-def mma4_smem(tokens: int, width: int, groups: int, warps: int) -> int:
+def mma4_smem(
+    tokens: int, width: int, groups: int, warps: int, stages_in_table: bool = False
+) -> int:
     """Shared memory of a ``qk_lut_mma4`` block: the table (x in its free halves when 4 slots
     per token and 256-column chunk fit in its 256), two buffers of the warps' partial sums,
-    the zero slots, each warp's index stages, and x after them when it does not fit in the
-    table."""
+    the zero slots, each warp's index stages (unless they are in the table's free halves
+    too), and x after them when it does not fit in the table."""
     slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
     x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
-    stages = warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES
+    stages = 0 if stages_in_table else (
+        warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES)
     return (LUT_MMA4_TABLE_BYTES + 2 * warps * LUT_MMA4_TOKENS * 8 * groups * 4
             + LUT_MMA4_ZERO_BYTES + stages + x_after)
+
+
+def mma4_stages_fit_in_table(tokens: int, width: int, groups: int, warps: int) -> bool:
+    """Whether x and the index stages (2 per warp, 4 free halves per row group) share the
+    table's 256 free halves (``qk_lut_mma4<..., SH = true>``)."""
+    slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
+    return slots + warps * LUT_MMA4_STAGES_SH * groups * 4 <= LUT_MMA4_X_SLOTS
+
+
+def mma4_warps_per_sm(groups: int, stages_in_table: bool = False) -> int:
+    """Resident ``qk_lut_mma4`` warps per multiprocessor that the instance's launch bounds
+    leave registers for (``qk_lut::mma4_warps_per_sm``): 24 with one row group or with the
+    stages in the table (80 registers per thread), else 16 (128); also the most warps a
+    block may have. Shared memory may allow fewer blocks."""
+    return 24 if groups == 1 or stages_in_table else 16
 
 
 def mma_x_stride(chunks: int) -> int:
@@ -449,21 +475,21 @@ LUT_MMA4_TOKENS = 4
 LUT_MMA4_TABLE_BYTES = 256 * 256
 LUT_MMA4_X_SLOTS = 256
 LUT_MMA4_ZERO_BYTES = 1024
-#: Resident ``qk_lut_mma4`` warps per multiprocessor by row groups, as registers allow (the
-#: launch bounds, ``qk_lut::mma4_warps_per_sm``: at most 80 and 128 registers per thread),
-#: and the most warps a block may have; shared memory may allow fewer blocks.
-LUT_MMA4_WARPS_PER_SM = {1: 24, 2: 16}
 #: Warps per ``qk_lut_mma4`` block (at most; fewer when a row has fewer 256-column chunks).
 LUT_MMA4_WARPS = 8
 #: The most output rows for which :func:`mma4_preferred` picks ``qk_lut_mma4`` at 2-8 tokens.
 LUT_MMA4_MAX_ROWS = 4096
-#: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::MMA4_STAGES``, ``MMA4_STAGE_BYTES``):
-#: stages per warp (3 chunk steps in flight ahead of the one computed), 512 bytes of shared
-#: memory per row group and stage; and whether the tile after the one being loaded is also
-#: requested into L2 (``l2``, a launch argument).
+#: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::mma4_stages``, ``MMA4_STAGE_BYTES``):
+#: stages per warp after the table (3 chunk steps in flight ahead of the one computed), 512
+#: bytes of shared memory per row group and stage; whether the tile after the one being
+#: loaded is also requested into L2 (``l2``, a launch argument); and, not measured yet on a
+#: GPU so off by default (the launch sweep tries it), 2 stages per warp in the table's free
+#: halves next to x where they fit: a 69 KB block of 8 warps, three per multiprocessor.
 LUT_MMA4_STAGES = 4
 LUT_MMA4_STAGE_BYTES = 512
 LUT_MMA4_L2 = True
+LUT_MMA4_STAGES_IN_TABLE = False
+LUT_MMA4_STAGES_SH = 2
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:

@@ -97,10 +97,12 @@ SOURCES: tuple[KernelSource, ...] = (
             for mt, g in LUT_MMA_TILINGS
         )
         + tuple(
-            f"qk_lut_mma4<{t}, {g}, {xt}>"
+            f"qk_lut_mma4<{t}, {g}, {xt}, {sh}>"
             for t in ("__half", "__nv_bfloat16")
             for g in LUT_MMA4_GROUPS
-            for xt in ("true", "false")  # x in the table's free halves, or after it
+            # x in the table's free halves, or after it; the index stages after the table,
+            # or (with x there) in its free halves too
+            for xt, sh in (("true", "false"), ("false", "false"), ("true", "true"))
         )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),

@@ -63,7 +63,8 @@
 // to 8192, 4 up to 4096), else after the table (shared memory grows). Lane t owns 16 consecutive indices (one 16-byte load) per chunk and
 // row group; every warp runs the same number of chunk steps (steps past the last chunk read
 // zero index words and zero x slots), which keeps the loop uniform. The index words stream
-// into per-warp shared-memory stages by cp.async, 3 chunk steps ahead and across tiles;
+// into per-warp shared-memory stages by cp.async, 3 chunk steps ahead and across tiles (or,
+// SH, 2 stages in the table's free halves next to x: one step ahead, three blocks per SM);
 // the partial sums of consecutive tiles alternate between two buffers (one barrier a tile).
 //
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
@@ -110,11 +111,14 @@ constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots 
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
 constexpr int MMA4_ZERO_BYTES = 1024;  // 4 zero x slots (after the partial sums) for empty chunk steps
 constexpr int MMA4_STAGE_BYTES = 512;  // a row group's index words of one chunk step of a warp (32 x 16)
-constexpr int MMA4_STAGES = 4;         // index stages per warp: 3 chunk steps in flight ahead
+// Index stages per warp: 4 after the table (3 chunk steps in flight ahead), or 2 in the
+// table's free halves (SH: one step ahead; the block is then 69 KB, three fit on a
+// multiprocessor), each row group's 512 bytes in 4 consecutive halves (8 lanes per half).
+__host__ __device__ constexpr int mma4_stages(bool sh) { return sh ? 2 : 4; }
 // Resident warps per multiprocessor the launch bounds ask registers for (lut_ops'
-// LUT_MMA4_WARPS_PER_SM): 24 of one row group (80 registers per thread), 16 of two (128),
-// as 3 or 2 blocks of 8 warps, or one block of them all.
-__host__ __device__ constexpr int mma4_warps_per_sm(int g) { return g == 1 ? 24 : 16; }
+// mma4_warps_per_sm): 24 of one row group, or of two with the stages in the table (80
+// registers per thread), else 16 (128), as 3 or 2 blocks of 8 warps, or one block of them all.
+__host__ __device__ constexpr int mma4_warps_per_sm(int g, bool sh) { return g == 1 || sh ? 24 : 16; }
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -641,10 +645,12 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 
 // Tensor-core LUT GEMV in blocks of 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
 // one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (XT; the
-// host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots; same
-// epilogue and raw mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
-template <typename T, int G, bool XT>
-__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_mma4(
+// host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots, the index
+// stages after the zero slots or (SH, with XT) in the table's last free halves (the host
+// checks that x's and the stages' halves fit in its 256); same epilogue and raw mode as
+// qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
+template <typename T, int G, bool XT, bool SH>
+__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows, int l2,
@@ -661,14 +667,21 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
     const int tiles = (N + ROWS - 1) / ROWS;
     const int m0 = blockIdx.y * MT;
     const int rows_x = min(MT, M - m0);
-    // Shared memory: the table (x in its free halves: XT), two buffers of the warps' partial
-    // sums (tiles alternate), the zero x slots, the index stages, x (!XT).
+    static_assert(XT || !SH, "stages in the table's free halves need x there too");
+    constexpr int STAGES = mma4_stages(SH);
+    // Shared memory: the table (x in its free halves: XT; the stages in its last ones: SH),
+    // two buffers of the warps' partial sums (tiles alternate), the zero x slots, the index
+    // stages (!SH), x (!XT).
     const int red_floats = mma4_red_bytes(warps, G) / 4;
     float* s_red = reinterpret_cast<float*>(smem + MMA4_TABLE_BYTES);
     const unsigned zeros = MMA4_TABLE_BYTES + 2 * mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
-    const unsigned stage0 = zeros + MMA4_ZERO_BYTES;
-    constexpr unsigned slot_bytes = G * MMA4_STAGE_BYTES;       // one chunk step of a warp
-    constexpr unsigned ring_bytes = MMA4_STAGES * slot_bytes;
+    // A row group's stage: 512 bytes after the zero slots, or 4 free halves (1024 bytes
+    // apart in all: 8 lanes' 16 bytes in each half) ending at the table's last.
+    constexpr unsigned rg_bytes = SH ? 4 * MMA4_ROW_BYTES : MMA4_STAGE_BYTES;
+    constexpr unsigned slot_bytes = G * rg_bytes;               // one chunk step of a warp
+    constexpr unsigned ring_bytes = STAGES * slot_bytes;
+    const unsigned stage0 = SH ? MMA4_TABLE_BYTES - static_cast<unsigned>(warps) * ring_bytes
+                               : zeros + MMA4_ZERO_BYTES;
     // x slots: in the table's free halves (XT: 256 bytes apart, from byte 128), or 128 bytes
     // apart after the stages (the host sized shared memory accordingly).
     const unsigned x_base = XT ? 128u : stage0 + static_cast<unsigned>(warps) * ring_bytes;
@@ -701,12 +714,14 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
     };
     // The index stream, asynchronously: item q of a warp is step q % steps of the block's
     // tile q / steps (the same count for every warp: the loop stays uniform), one commit
-    // group of G 16-byte copies per lane into stage slot q % MMA4_STAGES (row group rg at
-    // rg * 512, lane l at 16 l); items past the block's last tile are zeros. MMA4_STAGES - 1
+    // group of G 16-byte copies per lane into stage slot q % STAGES (row group rg at
+    // rg * rg_bytes, lane l at 16 l or, SH, in half l / 8 at 128 + 16 (l % 8)); items past
+    // the block's last tile are zeros. STAGES - 1
     // items are in flight ahead of the one being computed, across tile boundaries; with l2
     // the tile after the one being issued is also requested into L2.
     const int block_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-    const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes + 16u * lane;
+    const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes
+        + (SH ? MMA4_ROW_BYTES * (lane / 8) + 128u + 16u * (lane % 8) : 16u * lane);
     // The next item to issue: step is of the block's tile ij; ip / ib: the lane's sources
     // and 64 * its chunk (present while ib < lim), advanced a step at a time.
     Rows ir = rows_of(blockIdx.x);
@@ -718,7 +733,7 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
     auto issue = [&]() {
 #pragma unroll
         for (int rg = 0; rg < G; ++rg) {
-            lut_cp_async16(smem, stage_lane + islot + rg * MMA4_STAGE_BYTES, ip[rg], ib < ir.lim[rg]);
+            lut_cp_async16(smem, stage_lane + islot + rg * rg_bytes, ip[rg], ib < ir.lim[rg]);
             ip[rg] += 4 * warps;
         }
         lut_cp_commit();
@@ -735,9 +750,9 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
         }
     };
 #pragma unroll
-    for (int q = 0; q + 1 < MMA4_STAGES; ++q) issue();  // in flight while the table is built
+    for (int q = 0; q + 1 < STAGES; ++q) issue();  // in flight while the table is built
     if (l2) {
-        prefetch(rows_of(blockIdx.x), MMA4_STAGES - 1);
+        prefetch(rows_of(blockIdx.x), STAGES - 1);
         prefetch(rows_of(blockIdx.x + gridDim.x), 0);
     }
 
@@ -844,11 +859,11 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G), 1) qk_lut_m
             }
         };
         for (int s = 0; s < steps; ++s) {
-            lut_cp_wait<MMA4_STAGES - 2>();  // this item's group has landed
+            lut_cp_wait<STAGES - 2>();  // this item's group has landed
             uint4 w[G];
 #pragma unroll
             for (int rg = 0; rg < G; ++rg)
-                w[rg] = *reinterpret_cast<const uint4*>(smem + stage_lane + cslot + rg * MMA4_STAGE_BYTES);
+                w[rg] = *reinterpret_cast<const uint4*>(smem + stage_lane + cslot + rg * rg_bytes);
             issue();  // into the slot computed one item ago (its words are in registers)
             cslot = cslot + slot_bytes == ring_bytes ? 0u : cslot + slot_bytes;
             chunk(warp + s * warps, w);
