@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, quantize_and_evaluate, settings_main, write_section  # noqa: E402,I001
 
-#: GPTQ as it was measured here: act-order, each group's range from its min and max
-#: (``shrink_steps=1``, GPTQ's default until its range search became the default; the
-#: GPTQ section of BENCHMARKS.md has the range-search rows).
+#: GPTQ with each group's range from its min and max (``shrink_steps=1``, GPTQ's default
+#: until its range search became the default), next to GPTQ's defaults (act-order, range
+#: search over 20 shrink factors).
 MINMAX_GPTQ = {"act_order": True, "shrink_steps": 1}
 #: name -> (quantizer, scheme, options). GPTQ and VPTQ calibrate in bf16 (the GPTQ rows
 #: of BENCHMARKS.md show it costs no accuracy); RTN reads no calibration data.
@@ -28,23 +28,27 @@ SETTINGS = {
     "vptq W2 (v4, 256 entries)": ("vptq", dict(bits=2), {}),
     "gptq W2 g64 asym, act-order, min-max grid": ("gptq", dict(bits=2, group_size=64),
                                                   MINMAX_GPTQ),
+    "gptq W2 g64 asym, act-order, range search (its default)": (
+        "gptq", dict(bits=2, group_size=64), {}),
     "rtn W2 g64 asym": ("rtn", dict(bits=2, group_size=64), {}),
     "vptq W3 (v3, 512 entries)": ("vptq", dict(bits=3), {}),
     "gptq W3 g64 asym, act-order, min-max grid": ("gptq", dict(bits=3, group_size=64),
                                                   MINMAX_GPTQ),
+    "gptq W3 g64 asym, act-order, range search (its default)": (
+        "gptq", dict(bits=3, group_size=64), {}),
     "rtn W3 g64 asym": ("rtn", dict(bits=3, group_size=64), {}),
 }
 FP32_PPL = 14.934
 #: What the machine was doing during the recorded run (shared machine: see BENCHMARKS.md).
-RUN_NOTE = ("Recorded 2026-11-27 14:57-16:03 UTC while another session's GPTQ benchmark "
-            "and profiler ran on the same 2 cores most of the time (load average 4 to 80): "
-            "the times are inflated, GPTQ's most (its W2 row took 1178 s; the GPTQ section "
-            "above measured about 100 s per setting on a quieter machine), so compare them "
-            "only loosely. Perplexity and bits per weight do not depend on the load; GPTQ W3 "
-            "reproduces the GPTQ section's earlier bf16 W3 row (30.912) "
-            "exactly. GPTQ here uses min-max group ranges, its default when this was "
-            "measured; its range search (`shrink_steps=20`, being made its default by "
-            "another session, which reports W3 at 22.4) was not rerun here.")
+RUN_NOTE = ("Recorded 2026-11-27 21:04-21:31 UTC, one setting after another with nothing else "
+            "running on this 2-core machine (1-minute load average at most 2.26, logged every "
+            "10 s). An earlier run of this table (14:57-16:03 UTC, under load from other "
+            "sessions) took 294 s and 350 s for VPTQ W2 and W3 and measured 47.348 and 20.457 "
+            "(GPTQ min-max: 5813.6 and 30.912). The calibrated rows moved in between, as the "
+            "`hessian` observer changed: it now rounds the float32 inputs of q/k/v and gate/up "
+            "to bf16 as those linears do and centres each chunk before its bf16 product (GPTQ "
+            "section). GPTQ W3 with its range search reproduces the GPTQ section's row "
+            "(22.481) exactly.")
 
 
 def child(setting: str) -> dict:
