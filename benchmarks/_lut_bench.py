@@ -109,6 +109,7 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
 
     rows = []
     gen = torch.Generator().manual_seed(0)
+    pdl = torch.cuda.get_device_capability()[0] >= 9
     try:
         empty_ms, stream_ms = floor_timers(time_ms)
         empty = empty_ms()
@@ -160,11 +161,44 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                         entry.update(ms=ms, speedup=base_ms / ms,
                                      bandwidth_fraction=moved / (ms / 1e3) / bandwidth)
                     row["lut"][path] = entry
+                if (v, bits) == (4, 8) and pdl:
+                    row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del q, packed, w, dense, dense16
             torch.cuda.empty_cache()
     return rows
+
+
+def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
+    """The tensor-core GEMVs with programmatic dependent launch (``lut_ops.LUT_PDL``): each
+    timed call may start while the call before it still runs (checked against the float32
+    reference first; a failure is recorded, not raised)."""
+    import torch
+
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.testing import TOLERANCE
+
+    out = {}
+    saved = lut_ops.LUT_PDL
+    try:
+        lut_ops.LUT_PDL = True
+        for path in ("mma4", "mma"):
+            if path not in lut_ops.lut_paths(m, w):
+                continue
+            call = lambda p=path: lut_ops.lut_linear(x, w, None, launch, path=p)  # noqa: E731
+            try:
+                err = float((call().float() - ref).abs().max() / ref.abs().max())
+                entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
+                if entry["ok"]:
+                    entry["ms"] = time_ms(call)
+            except Exception as exc:  # noqa: BLE001 - extra; the rows go on
+                torch.cuda.synchronize()
+                entry = {"ok": False, "failed": f"{type(exc).__name__}: {exc}"[:200]}
+            out[path] = entry
+    finally:
+        lut_ops.LUT_PDL = saved
+    return out
 
 
 def render_lut(result: dict) -> str:
@@ -173,6 +207,7 @@ def render_lut(result: dict) -> str:
     if not result.get("lut"):
         return ""
     floors = any(r.get("floor") for r in result["lut"])
+    pdl = any(r.get("pdl") for r in result["lut"])
     lines = [
         "",
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
@@ -186,11 +221,17 @@ def render_lut(result: dict) -> str:
         "+ cuBLAS; bw counts indices, codebook, x and y."
         + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
            "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
-           "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else ""),
+           "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else "")
+        + (" LUT PDL (v4 i8): the faster of mma4 and mma launched with programmatic dependent "
+           "launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table build may "
+           "overlap the end of the call before it (its x is read after griddepcontrol.wait); "
+           "fp16 F.linear as cuBLAS launches it." if pdl else ""),
         "",
         "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
-        + "LUT mma4 | LUT mma | LUT gemv | LUT dequant+cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else ""),
+        + "LUT mma4 | LUT mma | " + ("LUT PDL | " if pdl else "")
+        + "LUT gemv | LUT dequant+cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else "")
+        + ("---|" if pdl else ""),
     ]
     for r in result["lut"]:
         floor = r.get("floor")
@@ -201,9 +242,22 @@ def render_lut(result: dict) -> str:
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
             f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
-            f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
+            + (f"{_pdl_cell(r)} | " if pdl else "")
+            + f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _pdl_cell(row: dict) -> str:
+    """The faster tensor-core GEMV with programmatic dependent launch, and which."""
+    entries = row.get("pdl") or {}
+    timed = {p: e for p, e in entries.items() if e.get("ok") and "ms" in e}
+    if not timed:
+        failed = [p for p, e in entries.items() if not e.get("ok")]
+        return f"failed ({', '.join(failed)})" if failed else ""
+    path = min(timed, key=lambda p: timed[p]["ms"])
+    ms = timed[path]["ms"]
+    return f"{ms * 1e3:.1f} µs ({row['fp16_ms'] / ms:.2f}×) [{path}]"
 
 
 def _empty_note(rows: list[dict]) -> str:

@@ -255,6 +255,38 @@ def test_mma4_refuses_what_it_cannot_run(launch):
         lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")
 
 
+def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypatch):
+    """LUT_PDL asks the launcher for a programmatic dependent launch of the tensor-core
+    GEMVs on CUDA devices of compute capability 9.0 and above only; the harness (a CPU
+    device) launches as before and gives the same outputs."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert lut_ops._programmatic(cuda) == {}  # off by default
+    monkeypatch.setattr(lut_ops, "LUT_PDL", True)
+    assert lut_ops._programmatic(cuda) == {"programmatic": True}
+    assert lut_ops._programmatic(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert lut_ops._programmatic(cuda) == {}
+
+    case = LUTCase(2, 40, 300, 4, 8, rows=None, outliers=8, scale=True)
+    calls = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):
+        calls.append(kw)
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    for path in ("mma4", "mma"):
+        monkeypatch.setattr(lut_ops, "LUT_PDL", True)
+        y_on, ref = run_lut_case(dataclasses.replace(case, path=path), spy, "cpu")
+        monkeypatch.setattr(lut_ops, "LUT_PDL", False)
+        y_off, _ = run_lut_case(dataclasses.replace(case, path=path), launch, "cpu")
+        assert torch.equal(y_on, y_off)
+        assert_close(y_on, ref, case)
+    assert calls == [{}] * 4  # outliers and main columns, two paths: no keyword on a CPU
+
+
 def test_mma_path_rows_equal_the_gemv_path_within_rounding(launch):
     """The two GEMVs on the same weight: the same sums in another order (float32), so they
     agree far inside the tolerance. A token's outputs do not depend on the other tokens:

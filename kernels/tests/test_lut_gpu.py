@@ -174,6 +174,83 @@ def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
+_SLOW_COPY = r"""
+extern "C" __global__ void slow_copy(const unsigned short* src, unsigned short* dst, int n,
+                                     long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+"""
+
+
+def _slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) -> None:
+    """dst <- src (16-bit elements) by a kernel on torch's stream that first spins for
+    ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late."""
+    import cupy
+    import numpy as np
+
+    kernel = cupy.RawKernel(_SLOW_COPY, "slow_copy")
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        kernel((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
+                              np.int32(src.numel()), np.int64(cycles)))
+
+
+@pytest.mark.parametrize("path", ["mma4", "mma"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "outliers-scale-offset"])
+def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher, monkeypatch):
+    """With LUT_PDL (sm_90+), each call's x is written late by the kernel launched just
+    before it (plain weights: that kernel is the GEMV's predecessor), or the main columns'
+    launch adds the sums of the outlier launch before it: the outputs equal plain launches
+    bit for bit, eagerly and replayed from a CUDA graph. A GEMV that read x or its addend
+    before its griddepcontrol wait would see the previous call's x (or garbage)."""
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.lut_layout import to_lut
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    case = LUTCase(2, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
+        2, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
+    w = to_lut(random_vq(case), "cuda")
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, case.k, generator=gen).half().cuda() for _ in range(3)]
+    bias = torch.randn(1000, generator=gen).half().cuda()
+    plain = [lut_ops.lut_linear(x, w, bias, launcher, path=path) for x in xs]
+    flags = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):
+        flags.append(kw.get("programmatic", False))
+        launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
+
+    monkeypatch.setattr(lut_ops, "LUT_PDL", True)
+    buf = torch.zeros_like(xs[0])
+
+    def calls() -> list[torch.Tensor]:
+        out = []
+        for x in xs:
+            _slow_copy(x, buf)
+            out.append(lut_ops.lut_linear(buf, w, bias, spy, path=path))
+        return out
+
+    eager = calls()
+    torch.cuda.synchronize()
+    assert flags and all(flags)
+    for y, y_plain in zip(eager, plain, strict=True):
+        assert torch.equal(y, y_plain)
+
+    buf.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = calls()
+    for _ in range(2):
+        buf.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for y, y_plain in zip(replayed, plain, strict=True):
+            assert torch.equal(y, y_plain)
+
+
 def test_lut_kernels_launch_on_torchs_current_stream(launcher):
     """The input is written on a side stream after a long sleep; a kernel launched on any
     other stream would read it before it is written (the outlier pass included)."""

@@ -187,7 +187,7 @@ def to_lut(weight: PackedWeight | QuantizedWeight, device: torch.device | str) -
         t = tensors.get(key)
         return None if t is None else t.to(device=device, dtype=torch.float16).contiguous()
 
-    return PreparedLUT(
+    prepared = PreparedLUT(
         main=main,
         outliers=outliers,
         scale=channel("scale"),
@@ -196,3 +196,9 @@ def to_lut(weight: PackedWeight | QuantizedWeight, device: torch.device | str) -
         in_features=in_f,
         out_features=out_f,
     )
+    if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        # the copies and casts above are done before any GEMV reads these tensors early
+        # (a programmatically launched GEMV reads its weights before the kernel ahead of it
+        # in the stream has ended: lut_ops.LUT_PDL)
+        torch.cuda.synchronize(device)
+    return prepared

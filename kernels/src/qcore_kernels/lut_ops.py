@@ -2,7 +2,8 @@
 
 Like :mod:`qcore_kernels.ops` (which re-exports :func:`lut_linear`), every function takes a
 ``launch(file, instance, grid, block, args, shared_mem=bytes)`` callable: CuPy on a GPU, the
-CPU harness in the tests.
+CPU harness in the tests (and ``programmatic=True`` for the tensor-core GEMVs when
+:data:`LUT_PDL` is on, on sm_90+).
 
 Paths by the number of tokens ``M``:
 
@@ -58,6 +59,21 @@ CPU_SMEM = 256 * 1024
 CPU_THREADS = 64
 #: Blocks of the persistent GEMV grid in the CPU harness (several channels per warp).
 CPU_BLOCKS = 3
+#: Programmatic dependent launch of the tensor-core GEMVs on sm_90+ (``launch(...,
+#: programmatic=True)``): a launch may start while the kernel before it in the stream still
+#: runs, loading its index words and codebook and building its table, and waits for that
+#: kernel (griddepcontrol) before it reads x, the addend or the epilogue's tensors. The
+#: weights must therefore not be written by the kernel launched just before a call (``to_lut``
+#: waits for its own copies). Not measured yet on a GPU, so off by default (the benchmark
+#: times both).
+LUT_PDL = False
+
+
+def _programmatic(device: torch.device) -> dict[str, bool]:
+    """The launch keyword of :data:`LUT_PDL` on ``device`` (none where it does not apply)."""
+    if not LUT_PDL or device.type != "cuda":
+        return {}
+    return {"programmatic": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -393,6 +409,7 @@ def _mma(
         [xp, np.int32(ld), np.int32(part.width), np.int32(x_shared), *_mma_stage_args(part),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem,
+        **_programmatic(x.device),
     )
 
 
@@ -428,6 +445,7 @@ def _mma4(
          np.int32(LUT_MMA4_L2),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
+        **_programmatic(x.device),
     )
 
 

@@ -10,6 +10,7 @@ current CUDA stream, so they order correctly with torch's own work.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 from collections.abc import Sequence
@@ -88,9 +89,80 @@ def _as_arg(value: Any) -> Any:
     return value
 
 
+#: CUlaunchAttributeID CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (cuda.h).
+PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class LaunchAttribute(ctypes.Structure):
+    """cuda.h's CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (its
+    first int: the programmatic-serialization flag)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_pad", ctypes.c_char * 60)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """cuda.h's CUlaunchConfig."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+def programmatic_config(
+    grid: Sequence[int], block: Sequence[int], shared_mem: int, stream: int
+) -> tuple[LaunchConfig, LaunchAttribute]:
+    """A cuLaunchKernelEx configuration with programmatic stream serialization on (keep the
+    returned attribute alive while the config is used)."""
+    attr = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    g = (tuple(grid) + (1, 1))[:3]
+    b = (tuple(block) + (1, 1))[:3]
+    config = LaunchConfig(*g, *b, shared_mem, ctypes.c_void_p(stream or None),
+                          ctypes.pointer(attr), 1)
+    return config, attr
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> Any:
+    """libcuda with cuLaunchKernelEx (CUDA 12.0+ drivers)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernelEx
+    fn.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+    fn.restype = ctypes.c_int
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuGetErrorString.restype = ctypes.c_int
+    return lib
+
+
+def launch_programmatic(
+    function: int, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
+    shared_mem: int, stream: int,
+) -> None:
+    """Launch CUfunction ``function`` with programmatic stream serialization: it may start
+    before the kernel ahead of it in ``stream`` ends, and must wait for it (griddepcontrol)
+    before reading that kernel's results. ``args``: numpy scalars (``_as_arg``)."""
+    values = [np.asarray(a) for a in args]  # each argument's bytes, kept alive here
+    params = (ctypes.c_void_p * max(1, len(values)))(*[v.ctypes.data for v in values])
+    config, attr = programmatic_config(grid, block, shared_mem, stream)
+    lib = _driver()
+    err = lib.cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(function), params, None)
+    del attr
+    if err != 0:
+        text = ctypes.c_char_p()
+        lib.cuGetErrorString(err, ctypes.byref(text))
+        name = text.value.decode() if text.value else "unknown error"
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed: {err} "
+                           f"({name}); launch without it (lut_ops.LUT_PDL = False)")
+
+
 class CupyLauncher:
     """Launches catalogue kernels on torch CUDA tensors: ``launcher(file, instance, grid,
-    block, args, shared_mem=0)`` (``shared_mem``: dynamic shared memory, bytes).
+    block, args, shared_mem=0, programmatic=False)`` (``shared_mem``: dynamic shared memory,
+    bytes; ``programmatic``: programmatic dependent launch, for kernels that wait for the
+    kernel before them with griddepcontrol before reading its results, on sm_90+).
     Arguments: tensors (device pointers), None (null), numpy scalars, and
     Python ints/floats (as int32/float32)."""
 
@@ -139,6 +211,7 @@ class CupyLauncher:
         block: Sequence[int],
         args: Sequence[Any],
         shared_mem: int = 0,
+        programmatic: bool = False,
     ) -> None:
         import cupy
         import torch
@@ -157,7 +230,11 @@ class CupyLauncher:
                 # Dynamic shared memory beyond 48 KB is opt-in, per kernel and device.
                 fn.max_dynamic_shared_size_bytes = shared_mem
                 self._dynamic_smem[id(fn)] = shared_mem
-            fn(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args), shared_mem=shared_mem)
+            values = tuple(_as_arg(a) for a in args)
+            if programmatic:
+                launch_programmatic(fn.kernel.ptr, grid, block, values, shared_mem, handle)
+            else:
+                fn(tuple(grid), tuple(block), values, shared_mem=shared_mem)
 
 
 @functools.lru_cache(maxsize=1)

@@ -67,6 +67,9 @@
 // SH, 2 stages in the table's free halves next to x: one step ahead, three blocks per SM);
 // the partial sums of consecutive tiles alternate between two buffers (one barrier a tile).
 //
+// Both tensor-core GEMVs may be launched programmatically (lut_ops.LUT_PDL, sm_90+): they load
+// their index words and codebook before lut_grid_wait(), everything else after it.
+//
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
 #include "qk_common.cuh"
@@ -234,6 +237,24 @@ template <int N>
 __device__ __forceinline__ void lut_cp_wait() {
 #ifndef QK_CPU_HARNESS
     asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90+; lut_ops.LUT_PDL): a grid launched with the
+// programmatic-serialization attribute may start while the kernel before it in the stream
+// still runs. lut_grid_wait() blocks until that kernel has completed and its writes are
+// visible: the tensor-core GEMVs read only the weights (index streams, codebook) before it,
+// never x, the addend, the epilogue's tensors or y. lut_grid_trigger() lets the next such
+// grid start (its blocks take multiprocessors as ours leave). Without the attribute both
+// return at once; older architectures and the harness have neither.
+__device__ __forceinline__ void lut_grid_wait() {
+#if !defined(QK_CPU_HARNESS) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" : : : "memory");
+#endif
+}
+__device__ __forceinline__ void lut_grid_trigger() {
+#if !defined(QK_CPU_HARNESS) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" : : : "memory");
 #endif
 }
 
@@ -536,6 +557,8 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
     const int e0 = threadIdx.x;
     const uint2 h0 = e0 < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e0) : make_uint2(0u, 0u);
     const int rows_x = min(MT, M - m0);
+    lut_grid_wait();  // x and the epilogue's tensors may come from the kernel before
+    lut_grid_trigger();
     if (x_shared) {  // ldx is a multiple of 8: 16-byte copies; zeros up to the last chunk's end
         const int row16 = chunks * MMA_CHUNK * MMA_V / 8;
         for (int i = threadIdx.x; i < rows_x * row16; i += blockDim.x) {
@@ -767,6 +790,8 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
         const int e = e0 + r * blockDim.x;
         h[r] = e < cb_rows ? __ldg(reinterpret_cast<const uint2*>(codebook) + e) : make_uint2(0u, 0u);
     }
+    lut_grid_wait();  // x and the epilogue's tensors may come from the kernel before
+    lut_grid_trigger();
     // x into its slots: slot (m * chunks + c) * 4 + j holds, at 16 s, lane slot s = 2t + h's
     // B fragments of mmas 2j and 2j + 1 (the pairs h of vectors 16t + 4j .. 16t + 4j + 3 of
     // chunk c); zeros past ldx. Item i is 32 bytes of x (4 vectors, two slots' 16 bytes); a
