@@ -9,6 +9,8 @@ Skipped without CuPy and a CUDA device; ``kernels/gpu_check.sh`` runs them on a 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -185,16 +187,24 @@ extern "C" __global__ void slow_copy(const unsigned short* src, unsigned short* 
 """
 
 
+@functools.cache
+def _slow_copy_kernel():
+    import cupy
+
+    return cupy.RawKernel(_SLOW_COPY, "slow_copy")
+
+
 def _slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) -> None:
     """dst <- src (16-bit elements) by a kernel on torch's stream that first spins for
-    ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late."""
+    ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late.
+    One RawKernel for the process: it is loaded by the first (eager) call, never while a
+    CUDA graph is being captured."""
     import cupy
     import numpy as np
 
-    kernel = cupy.RawKernel(_SLOW_COPY, "slow_copy")
     with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        kernel((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
-                              np.int32(src.numel()), np.int64(cycles)))
+        _slow_copy_kernel()((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
+                                           np.int32(src.numel()), np.int64(cycles)))
 
 
 @pytest.mark.parametrize("path", ["mma4", "mma"])
