@@ -340,6 +340,9 @@ SWEEP4_WARPS = (4, 8, 16)
 SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
 SWEEP4_STAGES = ("after", "table")
 SWEEP4_L2 = (True, False)
+#: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only), tried with the L2
+#: requests on.
+SWEEP4_PDL = (False, True)
 
 
 def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
@@ -354,8 +357,9 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     from qcore_kernels.testing import TOLERANCE
 
     saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-             lut_ops.LUT_MMA4_L2)
+             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pdl_capable = torch.cuda.get_device_capability()[0] >= 9
     rows = []
     gen = torch.Generator().manual_seed(2)
     try:
@@ -363,8 +367,11 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             w, dense = _v4_weight(in_f, out_f, seed=5)
             x = torch.randn(1, in_f, generator=gen).half().cuda()
             ref = F.linear(x.float(), dense)
-            for g, warps, per_sm, stages, l2 in itertools.product(
-                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2):
+            for g, warps, per_sm, stages, l2, pdl in itertools.product(
+                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
+                    SWEEP4_PDL):
+                if pdl and (not l2 or not pdl_capable):
+                    continue
                 in_table = stages == "table"
                 if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
                     continue
@@ -375,9 +382,10 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
                 lut_ops.LUT_MMA4_WARPS = warps
                 lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
                 lut_ops.LUT_MMA4_L2 = l2
+                lut_ops.LUT_PDL = pdl
                 call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
                 entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
-                         "blocks_per_sm": per_sm, "stages": stages, "l2": l2}
+                         "blocks_per_sm": per_sm, "stages": stages, "l2": l2, "pdl": pdl}
                 try:
                     y = call()
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
@@ -393,47 +401,53 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             torch.cuda.empty_cache()
     finally:
         (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-         lut_ops.LUT_MMA4_L2) = saved
+         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL) = saved
     return rows
 
 
 def render_sweep4(result: dict) -> str:
     """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count, stage
-    layout and L2 setting (runs before the last two were swept: after the table, L2 on)."""
+    layout, L2 setting and PDL (runs before these were swept: after the table, L2 on, no
+    PDL)."""
     sweep = result.get("lut_mma4_sweep")
     if not sweep:
         return ""
     settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
+    pdls = any(r.get("pdl") for r in sweep)
     lines = [
         "",
         "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
         "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
         "persistent grid is sized for; index stages after the table (4 per warp) or in its "
         "free halves next to x (2 per warp; only where they fit); L2 requests of the next "
-        "tile on or off. Bold: the fastest per shape.",
+        "tile on or off"
+        + ("; programmatic dependent launch (PDL, with the L2 requests) on or off" if pdls
+           else "") + ". Bold: the fastest per shape.",
         "",
-        "| in × out | groups | stages | L2 | "
+        "| in × out | groups | stages | L2 | " + ("PDL | " if pdls else "")
         + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
-        "|---|---|---|---|" + "---|" * len(settings),
+        "|---|---|---|---|" + ("---|" if pdls else "") + "---|" * len(settings),
     ]
     shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
     for shape in shapes:
         rows = [r for r in sweep if (r["in"], r["out"]) == shape]
         best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        variants = sorted({(r["groups"], r.get("stages", "after"), r.get("l2", True))
-                           for r in rows}, key=lambda v: (v[0], v[1], not v[2]))
-        for g, stages, l2 in variants:
+        variants = sorted({(r["groups"], r.get("stages", "after"), r.get("l2", True),
+                            r.get("pdl", False)) for r in rows},
+                          key=lambda v: (v[0], v[1], not v[2], v[3]))
+        for g, stages, l2, pdl in variants:
             cells = []
             for warps, per_sm in settings:
                 hit = [r for r in rows if r["groups"] == g and r["warps"] == warps
                        and r["blocks_per_sm"] == per_sm and r.get("stages", "after") == stages
-                       and r.get("l2", True) == l2]
+                       and r.get("l2", True) == l2 and r.get("pdl", False) == pdl]
                 if not hit or not hit[0].get("ok"):
                     cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
                     continue
                 text = f"{hit[0]['ms'] * 1e3:.1f} µs"
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
             lines.append(f"| {shape[0]} × {shape[1]} | {g} | {stages} | {'on' if l2 else 'off'} | "
+                         + ("" if not pdls else f"{'on' if pdl else 'off'} | ")
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
