@@ -171,9 +171,9 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
 
 
 def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
-    """The tensor-core GEMVs with programmatic dependent launch (``lut_ops.LUT_PDL``): each
-    timed call may start while the call before it still runs (checked against the float32
-    reference first; a failure is recorded, not raised)."""
+    """The tensor-core and table GEMVs with programmatic dependent launch
+    (``lut_ops.LUT_PDL``): each timed call may start while the call before it still runs
+    (checked against the float32 reference first; a failure is recorded, not raised)."""
     import torch
 
     import qcore_kernels.lut_ops as lut_ops
@@ -183,7 +183,7 @@ def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
     saved = lut_ops.LUT_PDL
     try:
         lut_ops.LUT_PDL = True
-        for path in ("mma4", "mma"):
+        for path in ("mma4", "mma", "table"):
             if path not in lut_ops.lut_paths(m, w):
                 continue
             call = lambda p=path: lut_ops.lut_linear(x, w, None, launch, path=p)  # noqa: E731
@@ -208,6 +208,7 @@ def render_lut(result: dict) -> str:
         return ""
     floors = any(r.get("floor") for r in result["lut"])
     pdl = any(r.get("pdl") for r in result["lut"])
+    table = any(r["lut"].get("table") for r in result["lut"])
     lines = [
         "",
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
@@ -222,16 +223,21 @@ def render_lut(result: dict) -> str:
         + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
            "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
            "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else "")
-        + (" LUT PDL (v4 i8): the faster of mma4 and mma launched with programmatic dependent "
+        + (" LUT table (v4 i8, M = 1): the dot-product-table GEMV (`qk_lut_table`: per slice "
+           "of 32 Q vectors, every codebook row's dot product with x in float32 tables that "
+           "each lane reads in its own bank, 4 bytes per index; the slices' partial sums added "
+           "by the warp that completes a row group)." if table else "")
+        + (" LUT PDL (v4 i8): the fastest of mma4, mma" + (" and table" if table else "")
+           + " launched with programmatic dependent "
            "launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table build may "
            "overlap the end of the call before it (its x is read after griddepcontrol.wait); "
            "fp16 F.linear as cuBLAS launches it." if pdl else ""),
         "",
         "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
-        + "LUT mma4 | LUT mma | " + ("LUT PDL | " if pdl else "")
-        + "LUT gemv | LUT dequant+cuBLAS |",
+        + "LUT mma4 | LUT mma | " + ("LUT table | " if table else "")
+        + ("LUT PDL | " if pdl else "") + "LUT gemv | LUT dequant+cuBLAS |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else "")
-        + ("---|" if pdl else ""),
+        + ("---|" if table else "") + ("---|" if pdl else ""),
     ]
     for r in result["lut"]:
         floor = r.get("floor")
@@ -242,6 +248,7 @@ def render_lut(result: dict) -> str:
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
             f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
+            + (f"{cell(r['lut'].get('table'), True, 1)} | " if table else "")
             + (f"{_pdl_cell(r)} | " if pdl else "")
             + f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
@@ -484,5 +491,112 @@ def render_sweep(result: dict) -> str:
                 text = f"{hit[0]['ms'] * 1e3:.1f} µs"
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
             lines.append(f"| {shape[0]} × {shape[1]} | {shape[2]} | {tiling[0]}, {tiling[1]} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: qk_lut_table's launch parameters swept by ``sweep_table`` (M = 1): vectors per lane Q,
+#: warps per block, and blocks per multiprocessor the grid (slices x row ranges) is sized for
+#: (2 only where two blocks fit: 8 warps, and registers for 16 per multiprocessor); with and
+#: without programmatic dependent launch (sm_90+).
+SWEEP_TABLE_Q = (2, 4)
+SWEEP_TABLE_WARPS = (8, 16)
+SWEEP_TABLE_BLOCKS_PER_SM = (1, 2)
+SWEEP_TABLE_PDL = (False, True)
+
+
+def table_grid(n_vec: int, n: int, q: int, blocks: int, warps: int) -> tuple[int, int, int, int]:
+    """(Q, slices, rows per block, warps) of a qk_lut_table grid of about ``blocks`` blocks."""
+    slices = -(-n_vec // (32 * q))
+    groups = -(-n // 32)
+    ranges = max(1, min(groups, blocks // slices))
+    per_range = -(-groups // ranges)
+    return q, slices, 32 * per_range, min(warps, per_range)
+
+
+def sweep_table(launch: Callable, time_ms: Callable) -> list[dict]:
+    """qk_lut_table at M = 1 on the benchmark shapes over its launch parameters (v4 i8
+    weights); each setting checked against the float32 reference first."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.testing import TOLERANCE
+
+    saved = (lut_ops.lut_table_config, lut_ops.LUT_PDL)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pdl_capable = torch.cuda.get_device_capability()[0] >= 9
+    rows = []
+    gen = torch.Generator().manual_seed(6)
+    try:
+        for in_f, out_f in LUT_SHAPES:
+            w, dense = _v4_weight(in_f, out_f, seed=7)
+            x = torch.randn(1, in_f, generator=gen).half().cuda()
+            ref = F.linear(x.float(), dense)
+            for q, warps, per_sm, pdl in itertools.product(
+                    SWEEP_TABLE_Q, SWEEP_TABLE_WARPS, SWEEP_TABLE_BLOCKS_PER_SM, SWEEP_TABLE_PDL):
+                if (pdl and not pdl_capable) or warps * per_sm > lut_ops.LUT_TABLE_WARPS:
+                    continue
+                if per_sm > 1 and q == 4:  # two 132 KB blocks do not fit a multiprocessor
+                    continue
+                lut_ops.lut_table_config = (
+                    lambda n_vec, n, device, q=q, b=sms * per_sm, wp=warps:
+                    table_grid(n_vec, n, q, b, wp))
+                lut_ops.LUT_PDL = pdl
+                call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="table")  # noqa: E731
+                entry = {"in": in_f, "out": out_f, "m": 1, "q": q, "warps": warps,
+                         "blocks_per_sm": per_sm, "pdl": pdl}
+                try:
+                    y = call()
+                    err = float((y.float() - ref).abs().max() / ref.abs().max())
+                    entry.update(error=err, ok=err <= TOLERANCE["float16"])
+                    if entry["ok"]:
+                        entry["ms"] = time_ms(call)
+                except Exception as exc:  # noqa: BLE001 - e.g. a launch that does not fit
+                    torch.cuda.synchronize()
+                    entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
+            del w, dense
+            torch.cuda.empty_cache()
+    finally:
+        lut_ops.lut_table_config, lut_ops.LUT_PDL = saved
+    return rows
+
+
+def render_sweep_table(result: dict) -> str:
+    """qk_lut_table's launch-parameter sweep, one line per shape, Q and PDL setting."""
+    sweep = result.get("lut_table_sweep")
+    if not sweep:
+        return ""
+    settings = [(w, b) for w in SWEEP_TABLE_WARPS for b in SWEEP_TABLE_BLOCKS_PER_SM
+                if w * b <= 16]
+    lines = [
+        "",
+        "`qk_lut_table` launch sweep (`--lut-sweep table`, v4 i8, fp16, M = 1): vectors per "
+        "lane Q (tables of 64 or 128 KB); warps per block; blocks per multiprocessor the "
+        "grid of slices x row ranges is sized for; programmatic dependent launch on or off. "
+        "Bold: the fastest per shape.",
+        "",
+        "| in × out | Q | PDL | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
+        "|---|---|---|" + "---|" * len(settings),
+    ]
+    shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
+    for shape in shapes:
+        rows = [r for r in sweep if (r["in"], r["out"]) == shape]
+        best = min((r["ms"] for r in rows if r.get("ok")), default=None)
+        for q, pdl in sorted({(r["q"], r["pdl"]) for r in rows}):
+            cells = []
+            for warps, per_sm in settings:
+                hit = [r for r in rows if r["q"] == q and r["pdl"] == pdl and r["warps"] == warps
+                       and r["blocks_per_sm"] == per_sm]
+                if not hit or not hit[0].get("ok"):
+                    cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
+                    continue
+                text = f"{hit[0]['ms'] * 1e3:.1f} µs"
+                cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
+            lines.append(f"| {shape[0]} × {shape[1]} | {q} | {'on' if pdl else 'off'} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

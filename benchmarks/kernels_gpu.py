@@ -180,15 +180,20 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
     from _lut_bench import run_lut
 
     lut_rows = run_lut(launch, bw, time_ms)
-    sweep, sweep4 = [], []
-    if lut_sweep in ("mma", "all"):
+    sweep, sweep4, sweep_t = [], [], []
+    sweeps = set(LUT_SWEEPS if lut_sweep == "all" else (lut_sweep or "").split(",")) - {""}
+    if "mma" in sweeps:
         from _lut_bench import sweep_mma
 
         sweep = sweep_mma(launch, time_ms)
-    if lut_sweep in ("mma4", "all"):
+    if "mma4" in sweeps:
         from _lut_bench import sweep_mma4
 
         sweep4 = sweep_mma4(launch, time_ms)
+    if "table" in sweeps:
+        from _lut_bench import sweep_table
+
+        sweep_t = sweep_table(launch, time_ms)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": f"torch {torch.__version__}, cupy {cupy.__version__}, CUDA runtime "
@@ -203,6 +208,8 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         result["lut_mma_sweep"] = sweep
     if sweep4:
         result["lut_mma4_sweep"] = sweep4
+    if sweep_t:
+        result["lut_table_sweep"] = sweep_t
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "kernels_gpu.md").write_text(render(result))
@@ -251,10 +258,10 @@ def render(result: dict) -> str:
             f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
             f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
-    from _lut_bench import render_lut, render_sweep, render_sweep4
+    from _lut_bench import render_lut, render_sweep, render_sweep4, render_sweep_table
 
-    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep4(result)
-            + render_sweep(result))
+    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep_table(result)
+            + render_sweep4(result) + render_sweep(result))
 
 
 def record(path: Path) -> None:
@@ -280,6 +287,19 @@ def record(path: Path) -> None:
     )
 
 
+#: The LUT GEMVs whose launch parameters ``--lut-sweep`` can sweep.
+LUT_SWEEPS = ("mma4", "mma", "table")
+
+
+def _lut_sweeps(text: str) -> str:
+    names = text.split(",")
+    unknown = [n for n in names if n not in LUT_SWEEPS + ("all",)]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown sweep {', '.join(unknown)}; one or more of {', '.join(LUT_SWEEPS)}, or all")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,9 +307,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run")
     p_run.add_argument("--out", type=Path, required=True)
-    p_run.add_argument("--lut-sweep", nargs="?", const="mma4", choices=("mma4", "mma", "all"),
-                       help="also sweep a tensor-core LUT GEMV's launch parameters "
-                       "(qk_lut_mma4 when given alone)")
+    p_run.add_argument("--lut-sweep", nargs="?", const="mma4", type=_lut_sweeps,
+                       help="also sweep LUT GEMVs' launch parameters: a comma-separated list "
+                       f"of {', '.join(LUT_SWEEPS)}, or all (qk_lut_mma4 when given alone)")
     p_run.add_argument("--only-lut", action="store_true",
                        help="the codebook rows alone (record keeps the other rows on file)")
     p_rec = sub.add_parser("record")

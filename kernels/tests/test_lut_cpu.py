@@ -78,6 +78,22 @@ MMA4_CASES = [dataclasses.replace(c, path="mma4") for c in MMA4_CASES] + [
     dataclasses.replace(MMA4_CASES[2], path=None),  # auto picks mma4
     dataclasses.replace(MMA4_CASES[-2], path=None),  # 9 tokens too
 ]
+# The dot-product-table GEMV (qk_lut_table; one token, the weights of the tensor-core GEMVs).
+# On the harness: blocks of at most 2 warps, row ranges sized for 4 multiprocessors; Q = 4
+# unless forced (test_table_gemv_vectors_per_lane...).
+TABLE_CASES = [
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 1 slice (Q = 4), 2 ranges of 32 rows
+    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
+    # a partial last vector (130 = 32 * 4 + 2), rows ending inside a group; scale and offset
+    LUTCase(1, 70, 130, 4, 8, rows=200, scale=True, offset=True, dtype=BF16),
+    # 3 slices (258 vectors: the last slice's lanes 8-31 past the row's words) x 1 range of
+    # 10 groups over 2 warps (5 each: the next group's indices load during one), 150 rows
+    LUTCase(1, 300, 1030, 4, 8, rows=150, scale=True, dtype=F16),
+    # outliers (their own launch into the float buffer, which the main launch adds)
+    LUTCase(1, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
+    LUTCase(1, 9, 8, 4, 8, rows=3, dtype=F16, bias=False),  # k = 8: 2 vectors of one slice
+]
+TABLE_CASES = [dataclasses.replace(c, path="table") for c in TABLE_CASES]
 DEQUANT_CASES = [
     LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
             dtype=F16, path="dequant"),
@@ -106,7 +122,7 @@ def launch():
     return run
 
 
-@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + MMA4_CASES + DEQUANT_CASES,
+@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + MMA4_CASES + TABLE_CASES + DEQUANT_CASES,
                          ids=lambda c: c.id)
 def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     from qcore_kernels.lut_ops import lut_path
@@ -255,10 +271,106 @@ def test_mma4_refuses_what_it_cannot_run(launch):
         lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")
 
 
+@pytest.mark.parametrize("q", [2, 4])
+def test_table_gemv_vectors_per_lane_and_repeated_calls(launch, monkeypatch, q):
+    """qk_lut_table with 2 and 4 vectors per lane (64 or 128 KB of tables): slices and row
+    ranges as configured, the reference matched, the mma path agreed with far inside the
+    tolerance, and a second call (the row-group counters reset by the warps that completed
+    them) equal to the first bit for bit, with every counter back at zero."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", q)
+    case = LUTCase(1, 200, 1300, 4, 8, rows=None, outliers=5, scale=True, offset=True,
+                   dtype=F16, path="table")
+    w = to_lut(random_vq(case), "cpu")
+    x = torch.randn(1, 1300, generator=torch.Generator().manual_seed(2)).half()
+    grids = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        grids.append((instance, grid, block[0] // 32, shared_mem))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    y = lut_ops.lut_linear(x, w, None, spy, path="table")
+    # main columns: 1295 -> 324 vectors (slices of 64 or 128); 200 rows = 7 groups of 32,
+    # over 4 // slices ranges (at least 1: 7 groups over 2 warps); outliers: 5 columns, 2
+    # vectors, one slice, 4 ranges of 2 groups
+    main = {2: (6, 1, 2), 4: (3, 1, 2)}[q]
+    assert grids == [
+        (f"qk_lut_table<__half, {q}>", (1, 4, 1), 2, q * 32768 + 4096),
+        (f"qk_lut_table<__half, {q}>", main[:2] + (1,), main[2], q * 32768 + 4096),
+    ]
+    ref = torch.nn.functional.linear(x.float(), dequantize_vq(random_vq(case)))
+    y_again = lut_ops.lut_linear(x, w, None, launch, path="table")
+    assert torch.equal(y, y_again)
+    mma = lut_ops.lut_linear(x, w, None, launch, path="mma").float()
+    assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
+    assert float((y.float() - ref).abs().max() / ref.abs().max()) < 2e-3
+    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
+        assert int(counters.abs().sum()) == 0
+
+
+def test_table_gemv_config_on_an_h100_like_device(monkeypatch):
+    """lut_table_config on 132 multiprocessors with 227 KB per block: (4096, 4096) takes
+    Q = 2 (16 slices x 8 ranges of 512 rows: every warp of a 16-warp block has a group),
+    (8192, 8192) Q = 4 (16 x 8 ranges of 1024 rows); 99 KB per block (sm_86/89) leaves
+    Q = 2; LUT_TABLE_Q forces it."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    cuda = torch.device("cuda", 0)
+    limits = {"value": (132, 228 * 1024, 227 * 1024)}
+    monkeypatch.setattr(lut_ops, "_device_limits", lambda device: limits["value"])
+    assert lut_ops.lut_table_config(1024, 4096, cuda) == (2, 16, 512, 16)
+    assert lut_ops.lut_table_config(2048, 8192, cuda) == (4, 16, 1024, 16)
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 2)
+    assert lut_ops.lut_table_config(2048, 8192, cuda) == (2, 32, 2048, 16)
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 4)
+    limits["value"] = (84, 100 * 1024, 99 * 1024)
+    with pytest.raises(ValueError, match="no qk_lut_table instance fits"):
+        lut_ops.lut_table_config(2048, 8192, cuda)
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", None)
+    assert lut_ops.lut_table_config(2048, 8192, cuda)[0] == 2
+
+
+def test_table_gemv_is_picked_only_when_asked_for(launch, monkeypatch):
+    """lut_path takes the table GEMV for one token with LUT_TABLE on, never for more tokens
+    or other weights; lut_paths offers it for one token; forcing it elsewhere is refused."""
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.sources import LUT_TABLE_VECTORS
+
+    assert tuple(sorted(lut_ops.LUT_TABLE_BYTES)) == LUT_TABLE_VECTORS
+    w = to_lut(random_vq(LUTCase(1, 64, 512, 4, 8, rows=None)), "cpu")
+    assert lut_ops.lut_path(1, w, "cpu") == "mma" and "table" in lut_ops.lut_paths(1, w)
+    assert "table" not in lut_ops.lut_paths(2, w)
+    monkeypatch.setattr(lut_ops, "LUT_TABLE", True)
+    assert lut_ops.lut_path(1, w, "cpu") == "table" and lut_ops.lut_path(2, w, "cpu") == "mma4"
+    with pytest.raises(ValueError, match="table path cannot run this weight: 2 tokens"):
+        lut_ops.lut_linear(torch.randn(2, 512).half(), w, None, launch, path="table")
+    v6 = to_lut(random_vq(LUTCase(1, 8, 64, 6, 8)), "cpu")
+    assert lut_ops.lut_path(1, v6, "cpu") == "gemv"
+    with pytest.raises(ValueError, match="table path cannot run this weight: vector size 6"):
+        lut_ops.lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="table")
+
+
+def test_table_workspace_per_stream_grows_and_keeps_what_it_replaced():
+    """The table GEMV's workspace: one (partial sums, counters) pair per device and stream,
+    counters zeroed when made; it grows at least twofold and keeps the pair it replaced (a
+    captured CUDA graph may still use it)."""
+    from qcore_kernels.lut_ops import _TableWorkspaces
+
+    ws = _TableWorkspaces()
+    cpu = torch.device("cpu")
+    a = ws.get(cpu, 100, 4)
+    assert a[0].numel() == 100 and a[1].dtype == torch.int32 and int(a[1].abs().sum()) == 0
+    assert ws.get(cpu, 50, 2) is a
+    b = ws.get(cpu, 150, 3)
+    assert (b[0].numel(), b[1].numel()) == (200, 8) and ws.retired == [a]
+    assert ws.get(cpu, 200, 8) is b
+
+
 def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypatch):
     """LUT_PDL asks the launcher for a programmatic dependent launch of the tensor-core
-    GEMVs on CUDA devices of compute capability 9.0 and above only; the harness (a CPU
-    device) launches as before and gives the same outputs."""
+    GEMVs and the table GEMV on CUDA devices of compute capability 9.0 and above only; the
+    harness (a CPU device) launches as before and gives the same outputs."""
     import qcore_kernels.lut_ops as lut_ops
 
     cuda = torch.device("cuda")
@@ -277,14 +389,15 @@ def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypa
         calls.append(kw)
         launch(file, instance, grid, block, args, shared_mem=shared_mem)
 
-    for path in ("mma4", "mma"):
+    for path in ("mma4", "mma", "table"):
+        one = dataclasses.replace(case, path=path, m=1 if path == "table" else case.m)
         monkeypatch.setattr(lut_ops, "LUT_PDL", True)
-        y_on, ref = run_lut_case(dataclasses.replace(case, path=path), spy, "cpu")
+        y_on, ref = run_lut_case(one, spy, "cpu")
         monkeypatch.setattr(lut_ops, "LUT_PDL", False)
-        y_off, _ = run_lut_case(dataclasses.replace(case, path=path), launch, "cpu")
+        y_off, _ = run_lut_case(one, launch, "cpu")
         assert torch.equal(y_on, y_off)
-        assert_close(y_on, ref, case)
-    assert calls == [{}] * 4  # outliers and main columns, two paths: no keyword on a CPU
+        assert_close(y_on, ref, one)
+    assert calls == [{}] * 6  # outliers and main columns, three paths: no keyword on a CPU
 
 
 def test_mma_path_rows_equal_the_gemv_path_within_rounding(launch):

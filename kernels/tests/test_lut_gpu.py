@@ -61,6 +61,16 @@ def _cases() -> list[LUTCase]:
         ("mma4", 16, 8192, 8192, 4, 8, None, {}),
         ("mma4", 9, 1002, 4100, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
         (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4
+        # the dot-product-table GEMV (one token, same weights): the benchmark shapes, a
+        # partial vector with scale and offset, outliers with a 200-row codebook, rows that
+        # end inside a 32-row group, and K past one slice per multiprocessor
+        ("table", 1, 4096, 4096, 4, 8, None, {}),
+        ("table", 1, 8192, 8192, 4, 8, None, {}),
+        ("table", 1, 1000, 4100, 4, 8, None, {"scale": True, "offset": True}),
+        ("table", 1, 1002, 4098, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
+        ("table", 1, 14336, 4096, 4, 8, None, {"scale": True}),
+        ("table", 1, 4096, 14336, 4, 8, None, {}),
+        ("table", 1, 512, 65536, 4, 8, None, {}),
     ]
     return [
         LUTCase(m, n, k, v, bits, rows=rows, dtype=dtype, path=path, **extra)
@@ -207,7 +217,7 @@ def _slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) ->
                                            np.int32(src.numel()), np.int64(cycles)))
 
 
-@pytest.mark.parametrize("path", ["mma4", "mma"])
+@pytest.mark.parametrize("path", ["mma4", "mma", "table"])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "outliers-scale-offset"])
 def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher, monkeypatch):
     """With LUT_PDL (sm_90+), each call's x is written late by the kernel launched just
@@ -220,11 +230,12 @@ def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher,
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    case = LUTCase(2, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
-        2, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
+    m = 1 if path == "table" else 2
+    case = LUTCase(m, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
+        m, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
     w = to_lut(random_vq(case), "cuda")
     gen = torch.Generator().manual_seed(3)
-    xs = [torch.randn(2, case.k, generator=gen).half().cuda() for _ in range(3)]
+    xs = [torch.randn(m, case.k, generator=gen).half().cuda() for _ in range(3)]
     bias = torch.randn(1000, generator=gen).half().cuda()
     plain = [lut_ops.lut_linear(x, w, bias, launcher, path=path) for x in xs]
     flags = []
@@ -259,6 +270,44 @@ def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher,
         torch.cuda.synchronize()
         for y, y_plain in zip(replayed, plain, strict=True):
             assert torch.equal(y, y_plain)
+
+
+@pytest.mark.parametrize("q", [2, 4])
+def test_table_gemv_repeats_in_graphs_and_on_other_streams(q, launcher, monkeypatch):
+    """qk_lut_table's slices meet in a per-stream workspace whose row-group counters the
+    completing warp resets: repeated calls, CUDA-graph replays and calls on a side stream
+    give the first call's outputs bit for bit, and the counters are zero afterwards."""
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.lut_layout import to_lut
+
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", q)
+    case = LUTCase(1, 3000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
+    w = to_lut(random_vq(case), "cuda")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, case.k, generator=gen).half().cuda() for _ in range(3)]
+    bias = torch.randn(3000, generator=gen).half().cuda()
+    first = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
+    again = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(first, replayed, strict=True):
+            assert torch.equal(a, b)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
+    side.synchronize()
+    for a, b in zip(first, other, strict=True):
+        assert torch.equal(a, b)
+    torch.cuda.synchronize()
+    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
+        assert int(counters.abs().sum()) == 0
 
 
 def test_lut_kernels_launch_on_torchs_current_stream(launcher):

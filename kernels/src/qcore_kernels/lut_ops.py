@@ -20,6 +20,14 @@ Paths by the number of tokens ``M``:
 * ``mma`` (M <= 16, the same weights; one token, 2-8 tokens of more output rows, and what
   ``mma4`` cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up
   to 8 tokens) or the B operand (16).
+* ``table`` (one token, the same weights; picked by :func:`lut_path` only with
+  :data:`LUT_TABLE` on): ``qk_lut_table``, which replaces the codebook reads by dot-product
+  tables. A block takes a slice of 32 Q vectors (Q = 2 or 4 per lane) and computes, for each
+  of them and each codebook row, the row's dot product with x's 4 columns (float32, 64 or
+  128 KB of tables); lane l reads only the tables of its own vectors, all in bank l (no
+  conflicts, no copies), 4 bytes per index instead of the codebook row's 8 plus x. The
+  slices' partial sums meet in a per-stream workspace, where the warp that completes a
+  group of 32 rows adds them in slice order and applies the epilogue.
 * ``gemv`` (M <= ``LUT_GEMV_MAX_M``, vector sizes 4, 6, 8, codebooks that fit in shared
   memory): the codebooks in shared memory, indices decoded inside the GEMV, up to 16
   tokens per block. Outlier columns run first (into a float32 buffer), the main columns
@@ -45,7 +53,7 @@ FILE = "qk_lut.cu"
 CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 LUT_TILES = (1, 4, 8, 16)
 LUT_GEMV_MAX_M = 16
-LUT_PATHS = ("mma4", "mma", "gemv", "dequant")
+LUT_PATHS = ("mma4", "mma", "table", "gemv", "dequant")
 #: Shared memory a qk_lut_mma block may use for its copy of x (beyond it, x is read from
 #: global memory): the table (32 KB) and this leave room for two blocks per multiprocessor.
 LUT_MMA_X_SHARED_MAX = 64 * 1024
@@ -59,9 +67,9 @@ CPU_SMEM = 256 * 1024
 CPU_THREADS = 64
 #: Blocks of the persistent GEMV grid in the CPU harness (several channels per warp).
 CPU_BLOCKS = 3
-#: Programmatic dependent launch of the tensor-core GEMVs on sm_90+ (``launch(...,
-#: programmatic=True)``): a launch may start while the kernel before it in the stream still
-#: runs, loading its index words and codebook and building its table, and waits for that
+#: Programmatic dependent launch of the tensor-core GEMVs and the table GEMV on sm_90+
+#: (``launch(..., programmatic=True)``): a launch may start while the kernel before it in the
+#: stream still runs, loading its weights (the table GEMV: its codebook only), and waits for that
 #: kernel (griddepcontrol) before it reads x, the addend or the epilogue's tensors. The
 #: weights must therefore not be written by the kernel launched just before a call (``to_lut``
 #: waits for its own copies). Not measured yet on a GPU, so off by default (the benchmark
@@ -182,6 +190,8 @@ def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) 
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
     """The fastest path that can run ``m`` tokens of ``w`` (the H200 benchmark's choice
     between the tensor-core GEMVs: :func:`mma4_preferred`)."""
+    if LUT_TABLE and table_unsupported_reason(w, m, device) is None:
+        return "table"
     mma4 = mma4_unsupported_reason(w, m, device) is None
     mma = m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None
     if mma4 and (not mma or mma4_preferred(m, w.out_features)):
@@ -449,6 +459,112 @@ def _mma4(
     )
 
 
+def table_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) -> str | None:
+    """Why the dot-product-table GEMV (``qk_lut_table``) cannot run ``m`` tokens of ``w`` on
+    ``device``."""
+    reason = mma_unsupported_reason(w)
+    if reason is not None:
+        return reason
+    if m != 1:
+        return f"{m} tokens (the table GEMV takes one)"
+    limit = _device_limits(torch.device(device))[2]
+    need = min(LUT_TABLE_BYTES.values()) + LUT_TABLE_CODEBOOK_BYTES
+    if need > limit:
+        return f"its tables need {need} bytes of shared memory, the device offers {limit}"
+    return None
+
+
+def lut_table_config(n_vec: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(vectors per lane Q, slices, rows per block, warps per block) of ``qk_lut_table`` for
+    ``n_vec`` vectors per row and ``n`` output rows. Blocks of one slice (32 Q vectors) and
+    a range of 32-row groups, about one per multiprocessor (the instances' launch bound);
+    Q minimises a block's shared-memory work over the waves of blocks: per row Q lookups
+    and about one exchange, per block 512 Q for the tables (their stores and the float
+    multiply-adds that make them). :data:`LUT_TABLE_Q` forces Q (the launch sweep)."""
+    sms, _, optin = _device_limits(device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        sms = CPU_TABLE_BLOCKS
+    groups = _cdiv(n, 32)
+    best = None
+    for q in sorted(LUT_TABLE_BYTES, reverse=True):
+        if LUT_TABLE_Q is not None and q != LUT_TABLE_Q:
+            continue
+        if LUT_TABLE_BYTES[q] + LUT_TABLE_CODEBOOK_BYTES > optin:
+            continue
+        slices = _cdiv(n_vec, 32 * q)
+        ranges = max(1, min(groups, sms // slices))
+        per_range = _cdiv(groups, ranges)
+        ranges = _cdiv(groups, per_range)
+        waves = _cdiv(slices * ranges, sms)
+        cost = waves * (per_range * 32 * (q + 1) + 512 * q)
+        warps = min(LUT_TABLE_WARPS if cuda else CPU_THREADS // 32, per_range)
+        if best is None or cost < best[0]:
+            best = (cost, q, slices, 32 * per_range, warps)
+    if best is None:
+        raise ValueError(f"no qk_lut_table instance fits this device (Q = {LUT_TABLE_Q})")
+    return best[1:]
+
+
+class _TableWorkspaces:
+    """``qk_lut_table``'s partial sums and row-group counters, one pair per (device, stream):
+    calls on one stream run one after another, so they share it (the counters are zero
+    between calls: the warp that completes a group resets it), and calls on different
+    streams never meet. It grows geometrically; replaced pairs are kept, because a CUDA graph
+    captured earlier still writes into them."""
+
+    def __init__(self) -> None:
+        self.current: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(
+        self, device: torch.device, floats: int, groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (str(device), stream)
+        ws = self.current.get(key)
+        if ws is not None and ws[0].numel() >= floats and ws[1].numel() >= groups:
+            return ws
+        if ws is not None:
+            self.retired.append(ws)
+            floats = max(floats, 2 * ws[0].numel())
+            groups = max(groups, 2 * ws[1].numel())
+        ws = (torch.empty(floats, dtype=torch.float32, device=device),
+              torch.zeros(groups, dtype=torch.int32, device=device))
+        self.current[key] = ws
+        return ws
+
+
+_TABLE_WORKSPACES = _TableWorkspaces()
+
+
+def _table(
+    x: torch.Tensor,
+    part: LUTPart,
+    w: PreparedLUT,
+    launch: Any,
+    *,
+    addend: torch.Tensor | None,
+    epilogue: dict[str, torch.Tensor | None] | None,
+    out: torch.Tensor,
+) -> None:
+    """One ``qk_lut_table`` launch over one part (see :func:`_gemv`)."""
+    n = w.out_features
+    xp, _ = _part_input(x, part)
+    q, slices, rows, warps = lut_table_config(part.n_vec(w.vector_size), n, x.device)
+    partial, counters = _TABLE_WORKSPACES.get(x.device, slices * n, _cdiv(n, 32))
+    launch(
+        FILE,
+        f"qk_lut_table<{_ctype(x.dtype)}, {q}>",
+        (slices, _cdiv(n, rows), 1),
+        (warps * 32, 1, 1),
+        [xp, np.int32(part.width), *_mma_stage_args(part), np.int32(rows), partial, counters,
+         *_epilogue_args(addend, epilogue, out, 1, n)],
+        shared_mem=LUT_TABLE_BYTES[q] + LUT_TABLE_CODEBOOK_BYTES,
+        **_programmatic(x.device),
+    )
+
+
 def mma4_smem(
     tokens: int, width: int, groups: int, warps: int, stages_in_table: bool = False
 ) -> int:
@@ -510,6 +626,18 @@ LUT_MMA4_STAGES_IN_TABLE = False
 LUT_MMA4_STAGES_SH = 2
 
 
+#: ``qk_lut_table``: its tables' shared memory by vectors per lane (``qk_lut::table_bytes``),
+#: warps per block (at most; the instances' launch bound), the pseudo multiprocessors the CPU
+#: harness sizes its grid for (several row ranges), and Q forced (None: lut_table_config's
+#: choice). Not measured yet on a GPU, so :func:`lut_path` picks it only with ``LUT_TABLE``.
+LUT_TABLE_BYTES = {2: 64 * 1024, 4: 128 * 1024}
+LUT_TABLE_CODEBOOK_BYTES = 256 * 16  # the codebook as float32, after the tables
+LUT_TABLE_WARPS = 16
+CPU_TABLE_BLOCKS = 4
+LUT_TABLE_Q: int | None = None
+LUT_TABLE = False
+
+
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (scale and offset applied), by the kernels."""
     t = _ctype(dtype)
@@ -562,6 +690,9 @@ def lut_linear(
     elif path == "mma":
         reason = mma_unsupported_reason(w)
         run = _mma
+    elif path == "table":
+        reason = table_unsupported_reason(w, m, x.device)
+        run = _table
     else:
         reason = gemv_unsupported_reason(w, x.device)
         run = _gemv
@@ -588,4 +719,8 @@ def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
     if mma_unsupported_reason(w) is not None:
         return ("gemv", "dequant")
     device = w.main.stage.codes.device
-    return LUT_PATHS if mma4_unsupported_reason(w, m, device) is None else LUT_PATHS[1:]
+    return tuple(
+        p for p in LUT_PATHS
+        if (p != "mma4" or mma4_unsupported_reason(w, m, device) is None)
+        and (p != "table" or table_unsupported_reason(w, m, device) is None)
+    )

@@ -54,6 +54,10 @@ LUT_MMA_TILINGS: tuple[tuple[int, int], ...] = ((8, 1), (8, 2), (16, 2))
 #: tokens; qcore_kernels.lut_ops.lut_mma4_groups picks among them).
 LUT_MMA4_GROUPS: tuple[int, ...] = (1, 2)
 
+#: Vectors per lane of the qk_lut_table instances (one token; tables of 64 or 128 KB;
+#: qcore_kernels.lut_ops.lut_table_config picks).
+LUT_TABLE_VECTORS: tuple[int, ...] = (2, 4)
+
 
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
     simt, tc = [], []
@@ -103,6 +107,11 @@ SOURCES: tuple[KernelSource, ...] = (
             # x in the table's free halves, or after it; the index stages after the table,
             # or (with x there) in its free halves too
             for xt, sh in (("true", "false"), ("false", "false"), ("true", "true"))
+        )
+        + tuple(
+            f"qk_lut_table<{t}, {q}>"
+            for t in ("__half", "__nv_bfloat16")
+            for q in LUT_TABLE_VECTORS
         )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),

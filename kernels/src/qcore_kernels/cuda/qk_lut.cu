@@ -67,8 +67,15 @@
 // SH, 2 stages in the table's free halves next to x: one step ahead, three blocks per SM);
 // the partial sums of consecutive tiles alternate between two buffers (one barrier a tile).
 //
-// Both tensor-core GEMVs may be launched programmatically (lut_ops.LUT_PDL, sm_90+): they load
-// their index words and codebook before lut_grid_wait(), everything else after it.
+// Both tensor-core GEMVs and qk_lut_table may be launched programmatically (lut_ops.LUT_PDL,
+// sm_90+): they load their index words and codebook before lut_grid_wait(), everything else
+// after it.
+//
+// Dot-product-table GEMV (qk_lut_table; M = 1, the weights of the tensor-core GEMVs; see its
+// definition): per slice of the vectors, every codebook row's dot product with x's 4 columns
+// in float32 tables that each lane reads in its own bank (4 bytes per index instead of the
+// codebook row's 8 and x's), the slices' partial sums added by the warp that completes a
+// group of 32 rows.
 //
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
@@ -266,6 +273,22 @@ __device__ __forceinline__ void lut_grid_trigger() {
         const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ y_raw, int M, int N
 #define QK_LUT_EPILOGUE_ARGS addend, scale, offset, xsum, bias, y, y_raw, M, N
 
+// Output (m, row) of a GEMV from its float dot product v: the addend added, then the epilogue
+// (scale, offset times the token's sum of x, bias) into y, or the raw sum to y_raw.
+template <typename T>
+__device__ __forceinline__ void lut_out(float v, int m, int row, QK_LUT_EPILOGUE_PARAMS(T)) {
+    const size_t o = static_cast<size_t>(m) * N + row;
+    if (addend != nullptr) v += addend[o];
+    if (y_raw != nullptr) {
+        y_raw[o] = v;
+    } else {
+        if (scale != nullptr) v *= __half2float(scale[row]);
+        if (offset != nullptr) v = fmaf(__half2float(offset[row]), xsum[m], v);
+        if (bias != nullptr) v += qk::to_float(bias[row]);
+        y[o] = qk::from_float<T>(v);
+    }
+}
+
 // A tensor-core GEMV tile's outputs: the warps' partial sums s_red [warp][token][row] (mt
 // tokens, rows rows) added in warp order (deterministic), then the addend and the epilogue
 // (scale, offset times the token's sum of x, bias), or the raw sum to y_raw.
@@ -277,16 +300,7 @@ __device__ __forceinline__ void lut_tile_out(const float* s_red, int warps, int 
         if (tok >= rows_x || row >= N) continue;
         float v = 0.f;
         for (int w = 0; w < warps; ++w) v += s_red[w * mt * rows + i];
-        const size_t o = static_cast<size_t>(m) * N + row;
-        if (addend != nullptr) v += addend[o];
-        if (y_raw != nullptr) {
-            y_raw[o] = v;
-        } else {
-            if (scale != nullptr) v *= __half2float(scale[row]);
-            if (offset != nullptr) v = fmaf(__half2float(offset[row]), xsum[m], v);
-            if (bias != nullptr) v += qk::to_float(bias[row]);
-            y[o] = qk::from_float<T>(v);
-        }
+        lut_out(v, m, row, QK_LUT_EPILOGUE_ARGS);
     }
 }
 
@@ -910,6 +924,173 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
         lut_tile_out<T>(buf, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
     }
     lut_cp_wait<0>();  // the zero items past the last tile
+}
+
+// Dot-product-table GEMV (qk_lut_table; M = 1, the weights of the tensor-core GEMVs): block
+// (s, r) computes slice s of the vectors (32 Q of them) for the rows of range r, lane l of
+// every warp owning vectors 32 Q s + Q l .. + Q - 1 of the slice. The block first fills
+// T[p][e] = codebook[e] . x[4p .. 4p + 3] (float32; fmaf in column order) for its vectors p
+// and codebook rows e, in shared memory at byte (k / 2) << 16 | e << 8 | (k % 2) << 7 | l << 2
+// for lane l's k-th vector: a lane reads only its own tables, always in bank l, so random
+// rows never conflict without any copies, and one byte permutation of the index word with a
+// lane constant is a lookup's whole address. A warp then takes groups of 32 output rows of
+// its range: per row one Q-byte load of the lane's indices (the warp's 32 Q bytes are
+// contiguous) and Q lookups added into the row's float; after 32 rows a butterfly exchange
+// leaves lane j with row j's sum over the lanes, written to the slice's partial sums. The
+// warp that completes a row group's last slice (a counter per group of 32 rows, which it
+// resets for the next call) adds the slices' partial sums in slice order (deterministic)
+// and applies the epilogue of qk_lut_gemv. Grid: (slices, row ranges); `rows` (a multiple
+// of 32) rows per range; partial [slices, N] float32 and counters [ceil(N / 32)] int32 (zero
+// between calls) are the host's workspace. Shared memory: the tables, then the codebook as
+// float32 (4 KB). With a programmatic launch (lut_ops.LUT_PDL) only the codebook is read
+// before lut_grid_wait().
+namespace qk_lut {
+__host__ __device__ constexpr int table_bytes(int q) { return q == 4 ? 128 * 1024 : 64 * 1024; }
+}  // namespace qk_lut
+
+// Butterfly sum of 2 O rows over the warp's lanes (O = 16: 32 rows): at distance O the lanes
+// with bit O keep the upper half of their rows and add their partner's, and so on down to 1;
+// then lane j holds row j's sum in acc[0]. Compile-time steps keep acc in registers.
+template <int O>
+__device__ __forceinline__ void lut_butterfly(float (&acc)[32], int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int i = 0; i < O; ++i) {
+        const float send = upper ? acc[i] : acc[i + O];
+        const float keep = upper ? acc[i + O] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    if constexpr (O > 1) lut_butterfly<O / 2>(acc, lane);
+}
+
+// qk_lut_table: the Q index bytes of row j from p (the lane's bytes of a group's first row).
+template <int Q>
+__device__ __forceinline__ unsigned lut_table_word(const unsigned char* p, unsigned row_bytes, int j) {
+    const unsigned char* q = p + static_cast<unsigned long long>(row_bytes) * static_cast<unsigned>(j);
+    if constexpr (Q == 4) return __ldg(reinterpret_cast<const unsigned*>(q));
+    else return __ldg(reinterpret_cast<const unsigned short*>(q));
+}
+
+// qk_lut_table: the 32 rows of a group, Q lookups each (the lane's tables: constants lc) into
+// acc, each row's word replaced in w by the next group's (its first `present` rows from
+// `next`, unpredicated when FULL): those loads overlap this group's lookups without more
+// registers.
+template <bool FULL, int Q>
+__device__ __forceinline__ void lut_table_rows(const unsigned char* smem, const unsigned (&lc)[Q],
+                                               unsigned (&w)[32], float (&acc)[32],
+                                               const unsigned char* next, unsigned row_bytes,
+                                               int present) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        unsigned address[Q];  // byte 0 and 2 from the lane constant, byte 1 = index k of the word
+#pragma unroll
+        for (int k = 0; k < Q; ++k) address[k] = __byte_perm(w[j], lc[k], 0x7604u | (k << 4));
+        if constexpr (FULL) w[j] = lut_table_word<Q>(next, row_bytes, j);
+        else w[j] = j < present ? lut_table_word<Q>(next, row_bytes, j) : 0u;
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < Q; ++k) v += *reinterpret_cast<const float*>(smem + address[k]);
+        acc[j] = v;
+    }
+}
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(512, 1) qk_lut_table(
+    const T* __restrict__ x, int K,
+    const unsigned* __restrict__ codes, int row_words,
+    const __half* __restrict__ codebook, int cb_rows, int rows,
+    float* __restrict__ partial, int* __restrict__ counters,
+    QK_LUT_EPILOGUE_PARAMS(T)) {
+    static_assert(Q == 2 || Q == 4, "2 or 4 vectors per lane (tables of 64 or 128 KB)");
+    QK_LUT_SHARED_MEMORY(smem);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int slice = blockIdx.x, slices = gridDim.x;
+    // This lane's table k: byte (k / 2) << 16 | (k % 2) << 7 | lane << 2, entry e at + e << 8.
+    unsigned lc[Q];
+#pragma unroll
+    for (int k = 0; k < Q; ++k) lc[k] = (k / 2) << 16 | (k % 2) << 7 | lane << 2;
+
+    // The tables: the codebook as float32 after them (one row per thread), x of the lane's
+    // vectors (zeros past K; both loads in flight together), then, for e = warp, warp +
+    // warps, ..., codebook row e (a broadcast read) times each of the lane's vectors: one
+    // 4-byte store per table, in bank `lane`.
+    float4* s_cb = reinterpret_cast<float4*>(smem + qk_lut::table_bytes(Q));
+    for (int e = threadIdx.x; e < cb_rows; e += blockDim.x) {
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(codebook) + e);
+        const __half2 lo = qk::bits_as<__half2>(raw.x), hi = qk::bits_as<__half2>(raw.y);
+        s_cb[e] = make_float4(__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi));
+    }
+    lut_grid_wait();  // x, the workspace and the epilogue's tensors may come from the kernel before
+    lut_grid_trigger();
+    float xv[Q][4];
+#pragma unroll
+    for (int k = 0; k < Q; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = 4 * (32 * Q * slice + Q * lane + k) + j;
+            xv[k][j] = col < K ? qk::to_float(x[col]) : 0.f;
+        }
+    __syncthreads();
+#pragma unroll 4
+    for (int e = warp; e < cb_rows; e += warps) {
+        const float4 c = s_cb[e];
+        float* row = reinterpret_cast<float*>(smem + (lane << 2) + (e << 8));  // table 0's entry e
+#pragma unroll
+        for (int k = 0; k < Q; ++k) {
+            float t = c.x * xv[k][0];
+            t = fmaf(c.y, xv[k][1], t);
+            t = fmaf(c.z, xv[k][2], t);
+            t = fmaf(c.w, xv[k][3], t);
+            row[(k / 2) * 16384 + (k % 2) * 32] = t;  // + lc[k] - lc[0] bytes
+        }
+    }
+    __syncthreads();
+
+    // The lane's indices of a row: Q bytes at unit 32 * slice + lane of the row's stream.
+    // A lane whose unit is past the row's words reads unit 0 instead: its vectors are past
+    // K, where every table entry is zero. Rows past N are not read (their words are 0).
+    const int unit = 32 * slice + lane;
+    const unsigned row_bytes = static_cast<unsigned>(row_words) * 4u;
+    const unsigned char* lane_codes = reinterpret_cast<const unsigned char*>(codes)
+        + (unit < row_words * 4 / Q ? unit * Q : 0);
+    const int groups = (N + 31) / 32;
+    const int g_end = min(groups, (static_cast<int>(blockIdx.y) + 1) * (rows / 32));
+    auto group_rows = [&](int g) { return g < g_end ? min(32, N - 32 * g) : 0; };
+    auto group_codes = [&](int g) { return lane_codes + static_cast<size_t>(32 * g) * row_bytes; };
+    int gi = blockIdx.y * (rows / 32) + warp;
+    unsigned w[32];
+    {
+        const int present = group_rows(gi);
+        const unsigned char* p = group_codes(gi);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) w[j] = j < present ? lut_table_word<Q>(p, row_bytes, j) : 0u;
+    }
+    for (; gi < g_end; gi += warps) {
+        const int gn = gi + warps, present = group_rows(gn);
+        float acc[32];
+        if (present == 32)
+            lut_table_rows<true, Q>(smem, lc, w, acc, group_codes(gn), row_bytes, 32);
+        else
+            lut_table_rows<false, Q>(smem, lc, w, acc, group_codes(gn), row_bytes, present);
+        lut_butterfly<16>(acc, lane);
+        const int row = 32 * gi + lane;
+        if (row < N) partial[static_cast<size_t>(slice) * N + row] = acc[0];
+        // The last slice's warp of this group adds the slices in order.
+        __threadfence();
+        __syncwarp();
+        int last = 0;
+        if (lane == 0) last = atomicAdd(counters + gi, 1) == slices - 1;
+        last = __shfl_sync(0xffffffffu, last, 0);
+        if (last) {
+            __threadfence();
+            if (row < N) {
+                float v = 0.f;
+                for (int s = 0; s < slices; ++s) v += __ldcg(partial + static_cast<size_t>(s) * N + row);
+                lut_out(v, 0, row, QK_LUT_EPILOGUE_ARGS);
+            }
+            if (lane == 0) counters[gi] = 0;  // for the next call
+        }
+    }
 }
 
 // Decode one part to the dense weight w [N, ldw] in T: column col of the part goes to
