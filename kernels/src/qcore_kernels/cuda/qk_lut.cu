@@ -265,6 +265,18 @@ __device__ __forceinline__ void lut_grid_trigger() {
 #endif
 }
 
+// A release/acquire fence at GPU scope (PTX fence.acq_rel.gpu: with a relaxed atomic after
+// it, this thread's and, through __syncwarp, its warp's earlier writes are visible to whoever
+// observes the atomic and fences in turn); lighter than __threadfence's sequentially
+// consistent fence. The harness's memory is one process's: a full fence.
+__device__ __forceinline__ void lut_fence() {
+#ifndef QK_CPU_HARNESS
+    asm volatile("fence.acq_rel.gpu;\n" : : : "memory");
+#else
+    __threadfence();
+#endif
+}
+
 // The epilogue arguments every GEMV takes last (addend: raw sums of an earlier launch to add;
 // y_raw non-null: write raw float sums there instead of the epilogue into y).
 #define QK_LUT_EPILOGUE_PARAMS(T)                                                              \
@@ -1076,13 +1088,13 @@ __global__ void __launch_bounds__(512, 1) qk_lut_table(
         const int row = 32 * gi + lane;
         if (row < N) partial[static_cast<size_t>(slice) * N + row] = acc[0];
         // The last slice's warp of this group adds the slices in order.
-        __threadfence();
+        lut_fence();
         __syncwarp();
         int last = 0;
         if (lane == 0) last = atomicAdd(counters + gi, 1) == slices - 1;
         last = __shfl_sync(0xffffffffu, last, 0);
         if (last) {
-            __threadfence();
+            lut_fence();
             if (row < N) {
                 float v = 0.f;
                 for (int s = 0; s < slices; ++s) v += __ldcg(partial + static_cast<size_t>(s) * N + row);
