@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(harness_unavailable_reason() is not None,
 SAMPLE = Path(__file__).parent / "harness_samples" / "sample_simt.cu"
 INSTANCES = (
     "block_sum", "warp_rows", "round_trip<__half>", "round_trip<__nv_bfloat16>", "dp4a",
-    "affine_2d", "transpose<16, __half>", "histogram", "hello", "divergent_barrier",
-    "split_barriers", "missing_lane", "crossed_barriers", "spin", "check_positive",
+    "affine_2d", "transpose<16, __half>", "histogram", "arrival_order", "hello",
+    "divergent_barrier", "split_barriers", "missing_lane", "crossed_barriers", "spin",
+    "check_positive",
 )
 
 
@@ -153,6 +154,21 @@ def test_atomics_and_a_partial_warp(harness):
     assert torch.equal(counts, torch.bincount(x, minlength=10).int())
     i = torch.arange(n, dtype=torch.int32)
     assert torch.equal(lane0, i - (i % 48) % 32)
+
+
+@pytest.mark.parametrize("order", [None, "forward", "reverse"])
+def test_block_order(harness, monkeypatch, order):
+    """Blocks run in the grid's linear order (x fastest), or in reverse with
+    QK_CPU_BLOCK_ORDER=reverse, read at each launch."""
+    if order is None:
+        monkeypatch.delenv("QK_CPU_BLOCK_ORDER", raising=False)
+    else:
+        monkeypatch.setenv("QK_CPU_BLOCK_ORDER", order)
+    counter = torch.zeros(1, dtype=torch.int32)
+    arrivals = torch.full((12,), -1, dtype=torch.int32)
+    harness.launch("arrival_order", (4, 3), 32, [counter, arrivals])
+    linear = torch.arange(12, dtype=torch.int32)
+    assert torch.equal(arrivals, linear.flip(0) if order == "reverse" else linear)
 
 
 def test_printf_reaches_stdout(harness, capfd):

@@ -7,6 +7,7 @@ operands with warp shuffles; WarpTile computes wmma's contract); the GPU tests
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qcore_kernels.testing import Case, assert_close, run_w8a8_case, run_wq_case
 
@@ -86,6 +87,21 @@ def test_weight_only_kernels_on_the_cpu_match_the_reference(case, launch):
 @pytest.mark.parametrize("case", _w8a8_cases(), ids=lambda c: c.id)
 def test_w8a8_kernels_on_the_cpu_match_the_reference(case, launch):
     y, ref = run_w8a8_case(case, launch, "cpu")
+    assert_close(y, ref, case)
+
+
+@pytest.mark.parametrize("tiling", [t for t in MMA_TILINGS if t[4][3] > 1], ids=str)
+def test_split_k_does_not_depend_on_which_block_finishes_last(tiling, launch, monkeypatch):
+    """qk_wq_mma with K split over blocks: the last block of a tile adds the splits' partial
+    sums in split order, so blocks run in reverse (another block is last) give the same
+    outputs bit for bit."""
+    m, n, k, group, mma = tiling
+    case = Case(m, n, k, 4, group, False, False, "float16", "mma", mma=mma)
+    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "forward")
+    y, ref = run_wq_case(case, launch, "cpu")
+    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "reverse")
+    y_reversed, _ = run_wq_case(case, launch, "cpu")
+    assert torch.equal(y, y_reversed)
     assert_close(y, ref, case)
 
 

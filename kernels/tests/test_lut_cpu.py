@@ -309,6 +309,25 @@ def test_table_gemv_vectors_per_lane_and_repeated_calls(launch, monkeypatch, q):
         assert int(counters.abs().sum()) == 0
 
 
+def test_table_gemv_does_not_depend_on_which_block_finishes_last(launch, monkeypatch):
+    """The table GEMV's slices meet in the workspace, where the warp that completes a row
+    group adds them in slice order: blocks run in reverse (another warp completes each
+    group) give the same outputs bit for bit, counters back at zero."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 2)
+    case = LUTCase(1, 150, 1500, 4, 8, rows=None, outliers=9, scale=True, offset=True,
+                   dtype=BF16, path="table")
+    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "forward")
+    y, ref = run_lut_case(case, launch, "cpu")
+    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "reverse")
+    y_reversed, _ = run_lut_case(case, launch, "cpu")
+    assert torch.equal(y, y_reversed)
+    assert_close(y, ref, case)
+    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
+        assert int(counters.abs().sum()) == 0
+
+
 def test_table_gemv_config_on_an_h100_like_device(monkeypatch):
     """lut_table_config on 132 multiprocessors with 227 KB per block: (4096, 4096) takes
     Q = 2 (16 slices x 8 ranges of 512 rows: every warp of a 16-warp block has a group),

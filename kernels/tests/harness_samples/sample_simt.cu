@@ -101,6 +101,11 @@ __global__ void histogram(const int* __restrict__ x, int* __restrict__ counts, i
     lane0[i] = __shfl_sync(FULL, i, 0);
 }
 
+// The order blocks run in: block (x, y) records how many blocks arrived before it.
+__global__ void arrival_order(int* counter, int* order) {
+    if (threadIdx.x == 0) order[blockIdx.y * gridDim.x + blockIdx.x] = atomicAdd(counter, 1);
+}
+
 __global__ void hello(int value) {
     if (threadIdx.x == 0 && blockIdx.x == 1) printf("hello %d from block %d\n", value, blockIdx.x);
 }

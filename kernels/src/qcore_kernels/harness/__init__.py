@@ -37,6 +37,11 @@ host memory, or crash the process); ``--use_fast_math`` effects (flush-to-zero, 
 ``expf`` and division: the CPU computes IEEE results, so compare with a tolerance);
 performance.
 
+Blocks run in the grid's linear order (x fastest), or in reverse with
+``QK_CPU_BLOCK_ORDER=reverse`` in the environment at launch time: a kernel whose blocks
+communicate (an ordered split-K reduction, a counter the last block reads) should give the
+same result either way.
+
 Rules for kernel authors: blocks of up to 1024 threads, any shape; a partial last warp is
 allowed (its absent lanes are left out of warp collectives, and reading one returns the
 reader's own value). Every thread of a block must reach each ``__syncthreads`` (no early

@@ -24,6 +24,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -413,11 +414,19 @@ struct Warp {
     uint64_t exchange[2][32] = {};
 };
 
+// The order blocks run in: the grid's linear order, or (QK_CPU_BLOCK_ORDER=reverse in the
+// environment at launch time) the reverse, so that a test can check that a kernel's result
+// does not depend on which block runs, or finishes, first.
+inline bool blocks_reversed() {
+    const char* order = std::getenv("QK_CPU_BLOCK_ORDER");
+    return order != nullptr && std::strcmp(order, "reverse") == 0;
+}
+
 struct Launch {
     Launch(dim3 grid_, dim3 block_, std::function<void()> kernel_)
         : grid(grid_), block(block_), kernel(std::move(kernel_)),
           nthreads(block_.x * block_.y * block_.z), warps((nthreads + 31) / 32),
-          running(nthreads) {
+          running(nthreads), reversed(blocks_reversed()) {
         for (unsigned w = 0; w < warps.size(); ++w)
             warps[w].present = nthreads - 32 * w >= 32 ? 0xffffffffu : (1u << (nthreads - 32 * w)) - 1u;
     }
@@ -437,8 +446,11 @@ struct Launch {
     unsigned finished_threads = 0;
     std::atomic<bool> aborted{false};
     std::string error;
+    const bool reversed;  // blocks run in reverse linear order
 
+    // The index of the b-th block to run.
     uint3 block_idx(unsigned long long b) const {
+        if (reversed) b = 1ull * grid.x * grid.y * grid.z - 1 - b;
         return {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                 static_cast<unsigned>(b / grid.x / grid.y)};
     }
