@@ -1022,6 +1022,27 @@ __global__ void __launch_bounds__(512, 1) qk_lut_table(
 #pragma unroll
     for (int k = 0; k < Q; ++k) lc[k] = (k / 2) << 16 | (k % 2) << 7 | lane << 2;
 
+    // The lane's indices of a row: Q bytes at unit 32 * slice + lane of the row's stream.
+    // A lane whose unit is past the row's words reads unit 0 instead: its vectors are past
+    // K, where every table entry is zero. Rows past N are not read (their words are 0).
+    const int unit = 32 * slice + lane;
+    const unsigned row_bytes = static_cast<unsigned>(row_words) * 4u;
+    const unsigned char* lane_codes = reinterpret_cast<const unsigned char*>(codes)
+        + (unit < row_words * 4 / Q ? unit * Q : 0);
+    const int groups = (N + 31) / 32;
+    const int g_end = min(groups, (static_cast<int>(blockIdx.y) + 1) * (rows / 32));
+    auto group_rows = [&](int g) { return g < g_end ? min(32, N - 32 * g) : 0; };
+    auto group_codes = [&](int g) { return lane_codes + static_cast<size_t>(32 * g) * row_bytes; };
+    // The warp's first group loads while the tables are made (weights: before the PDL wait).
+    int gi = blockIdx.y * (rows / 32) + warp;
+    unsigned w[32];
+    {
+        const int present = group_rows(gi);
+        const unsigned char* p = group_codes(gi);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) w[j] = j < present ? lut_table_word<Q>(p, row_bytes, j) : 0u;
+    }
+
     // The tables: the codebook as float32 after them (one row per thread), x of the lane's
     // vectors (zeros past K; both loads in flight together), then, for e = warp, warp +
     // warps, ..., codebook row e (a broadcast read) times each of the lane's vectors: one
@@ -1058,25 +1079,6 @@ __global__ void __launch_bounds__(512, 1) qk_lut_table(
     }
     __syncthreads();
 
-    // The lane's indices of a row: Q bytes at unit 32 * slice + lane of the row's stream.
-    // A lane whose unit is past the row's words reads unit 0 instead: its vectors are past
-    // K, where every table entry is zero. Rows past N are not read (their words are 0).
-    const int unit = 32 * slice + lane;
-    const unsigned row_bytes = static_cast<unsigned>(row_words) * 4u;
-    const unsigned char* lane_codes = reinterpret_cast<const unsigned char*>(codes)
-        + (unit < row_words * 4 / Q ? unit * Q : 0);
-    const int groups = (N + 31) / 32;
-    const int g_end = min(groups, (static_cast<int>(blockIdx.y) + 1) * (rows / 32));
-    auto group_rows = [&](int g) { return g < g_end ? min(32, N - 32 * g) : 0; };
-    auto group_codes = [&](int g) { return lane_codes + static_cast<size_t>(32 * g) * row_bytes; };
-    int gi = blockIdx.y * (rows / 32) + warp;
-    unsigned w[32];
-    {
-        const int present = group_rows(gi);
-        const unsigned char* p = group_codes(gi);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) w[j] = j < present ? lut_table_word<Q>(p, row_bytes, j) : 0u;
-    }
     for (; gi < g_end; gi += warps) {
         const int gn = gi + warps, present = group_rows(gn);
         float acc[32];
