@@ -1089,14 +1089,19 @@ __global__ void __launch_bounds__(512, 1) qk_lut_table(
         lut_butterfly<16>(acc, lane);
         const int row = 32 * gi + lane;
         if (row < N) partial[static_cast<size_t>(slice) * N + row] = acc[0];
-        // The last slice's warp of this group adds the slices in order.
+        // The last slice's warp of this group adds the slices in order. Release: every lane's
+        // partial sum before lane 0's count; acquire: lane 0's fence after it, then the warp
+        // barrier orders the lanes' reads after that.
         lut_fence();
         __syncwarp();
         int last = 0;
-        if (lane == 0) last = atomicAdd(counters + gi, 1) == slices - 1;
+        if (lane == 0) {
+            last = atomicAdd(counters + gi, 1) == slices - 1;
+            if (last) lut_fence();
+        }
         last = __shfl_sync(0xffffffffu, last, 0);
         if (last) {
-            lut_fence();
+            __syncwarp();
             if (row < N) {
                 float v = 0.f;
                 for (int s = 0; s < slices; ++s) v += __ldcg(partial + static_cast<size_t>(s) * N + row);
