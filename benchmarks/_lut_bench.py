@@ -93,9 +93,59 @@ def floor_timers(time_ms: Callable) -> tuple[Callable, Callable]:
     return empty, stream
 
 
-def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]:
+#: A first call of the table GEMV (never run on a GPU before this benchmark had it), in a
+#: process of its own: a fault there (an illegal address poisons the CUDA context) must not
+#: cost the rest of the run. Exits 0 when both the plain and the programmatic launch match
+#: the float32 reference.
+TABLE_CANARY = r"""
+import sys, torch
+import torch.nn.functional as F
+import qcore_kernels.lut_ops as lut_ops
+sys.path.insert(0, sys.argv[1])
+from _lut_bench import _v4_weight
+from qcore_kernels.runtime import cupy_launcher
+from qcore_kernels.testing import TOLERANCE
+launch = cupy_launcher()
+for k, n in ((1024, 1000), (4096, 4096)):
+    w, dense = _v4_weight(k, n, seed=8)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(9)).half().cuda()
+    ref = F.linear(x.float(), dense)
+    for pdl in (False, torch.cuda.get_device_capability()[0] >= 9):
+        lut_ops.LUT_PDL = pdl
+        for _ in range(2):
+            y = lut_ops.lut_linear(x, w, None, launch, path="table")
+        torch.cuda.synchronize()
+        err = float((y.float() - ref).abs().max() / ref.abs().max())
+        print(f"table canary {k} x {n} pdl={pdl}: error {err:.2e}", flush=True)
+        if not err <= TOLERANCE["float16"]:
+            sys.exit(1)
+"""
+
+
+def table_canary() -> str | None:
+    """None when the table GEMV ran correctly in a process of its own, else why not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        done = subprocess.run([sys.executable, "-c", TABLE_CANARY, str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "the table canary timed out (300 s)"
+    print(done.stdout + done.stderr[-2000:], flush=True)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        return f"the table canary failed (exit {done.returncode}): {' / '.join(tail)}"[:400]
+    return None
+
+
+def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
+            table_failed: str | None = None) -> list[dict]:
     """The LUT rows; ``time_ms`` is the benchmark's timer (CUDA-graph replays), with an
-    eager fallback (noted in the row) should a LUT call fail to be captured."""
+    eager fallback (noted in the row) should a LUT call fail to be captured. With
+    ``table_failed`` (the canary's message) the table GEMV is left out and the message
+    recorded in its place."""
     import torch
     import torch.nn.functional as F
 
@@ -146,6 +196,9 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                         torch.cuda.synchronize()
                         row["floor_failed"] = f"{type(exc).__name__}: {exc}"[:200]
                 for path in lut_paths(m, w):
+                    if path == "table" and table_failed:
+                        row["lut"][path] = {"ok": False, "failed": table_failed}
+                        continue
                     y = lut_linear(x, w, None, launch, path=path)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
                     entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
@@ -162,7 +215,8 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
                                      bandwidth_fraction=moved / (ms / 1e3) / bandwidth)
                     row["lut"][path] = entry
                 if (v, bits) == (4, 8) and pdl:
-                    row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m)
+                    row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m,
+                                           skip=("table",) if table_failed else ())
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del q, packed, w, dense, dense16
@@ -170,7 +224,8 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]
     return rows
 
 
-def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
+def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int,
+              skip: tuple[str, ...] = ()) -> dict:
     """The tensor-core and table GEMVs with programmatic dependent launch
     (``lut_ops.LUT_PDL``): each timed call may start while the call before it still runs
     (checked against the float32 reference first; a failure is recorded, not raised)."""
@@ -184,7 +239,7 @@ def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
     try:
         lut_ops.LUT_PDL = True
         for path in ("mma4", "mma", "table"):
-            if path not in lut_ops.lut_paths(m, w):
+            if path not in lut_ops.lut_paths(m, w) or path in skip:
                 continue
             call = lambda p=path: lut_ops.lut_linear(x, w, None, launch, path=p)  # noqa: E731
             try:
@@ -227,6 +282,8 @@ def render_lut(result: dict) -> str:
            "of 32 Q vectors, every codebook row's dot product with x in float32 tables that "
            "each lane reads in its own bank, 4 bytes per index; the slices' partial sums added "
            "by the warp that completes a row group)." if table else "")
+        + (f" The table GEMV was left out: {result['table_canary']}."
+           if result.get("table_canary") else "")
         + (" LUT PDL (v4 i8): the fastest of mma4, mma" + (" and table" if table else "")
            + " launched with programmatic dependent "
            "launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table build may "

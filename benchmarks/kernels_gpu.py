@@ -177,9 +177,10 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
             row["w8a8"]["auto"] = dict(row["w8a8"][auto8], path=auto8)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    from _lut_bench import run_lut
+    from _lut_bench import run_lut, table_canary
 
-    lut_rows = run_lut(launch, bw, time_ms)
+    table_failed = table_canary()
+    lut_rows = run_lut(launch, bw, time_ms, table_failed)
     sweep, sweep4, sweep_t = [], [], []
     sweeps = set(LUT_SWEEPS if lut_sweep == "all" else (lut_sweep or "").split(",")) - {""}
     if "mma" in sweeps:
@@ -190,7 +191,7 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         from _lut_bench import sweep_mma4
 
         sweep4 = sweep_mma4(launch, time_ms)
-    if "table" in sweeps:
+    if "table" in sweeps and not table_failed:
         from _lut_bench import sweep_table
 
         sweep_t = sweep_table(launch, time_ms)
@@ -204,6 +205,8 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         "rows": rows,
         "lut": lut_rows,
     }
+    if table_failed:
+        result["table_canary"] = table_failed
     if sweep:
         result["lut_mma_sweep"] = sweep
     if sweep4:
@@ -221,7 +224,7 @@ def cell(entry: dict | None, bandwidth: bool = False, digits: int = 0) -> str:
     if not entry:
         return ""
     if not entry.get("ok"):
-        return f"WRONG (err {entry['error']:.1e})"
+        return "failed" if "failed" in entry else f"WRONG (err {entry['error']:.1e})"
     text = f"{entry['ms'] * 1e3:.{digits}f} µs ({entry['speedup']:.2f}×)"
     if bandwidth:
         text += f", {entry['bandwidth_fraction']:.0%} bw"
