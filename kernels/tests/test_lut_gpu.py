@@ -9,8 +9,6 @@ Skipped without CuPy and a CUDA device; ``kernels/gpu_check.sh`` runs them on a 
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -61,16 +59,6 @@ def _cases() -> list[LUTCase]:
         ("mma4", 16, 8192, 8192, 4, 8, None, {}),
         ("mma4", 9, 1002, 4100, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
         (None, 3, 512, 1024, 4, 8, None, {"outliers": 10}),  # auto: mma4
-        # the dot-product-table GEMV (one token, same weights): the benchmark shapes, a
-        # partial vector with scale and offset, outliers with a 200-row codebook, rows that
-        # end inside a 32-row group, and K past one slice per multiprocessor
-        ("table", 1, 4096, 4096, 4, 8, None, {}),
-        ("table", 1, 8192, 8192, 4, 8, None, {}),
-        ("table", 1, 1000, 4100, 4, 8, None, {"scale": True, "offset": True}),
-        ("table", 1, 1002, 4098, 4, 8, 200, {"outliers": 64, "scale": True, "offset": True}),
-        ("table", 1, 14336, 4096, 4, 8, None, {"scale": True}),
-        ("table", 1, 4096, 14336, 4, 8, None, {}),
-        ("table", 1, 512, 65536, 4, 8, None, {}),
     ]
     return [
         LUTCase(m, n, k, v, bits, rows=rows, dtype=dtype, path=path, **extra)
@@ -186,128 +174,18 @@ def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
-_SLOW_COPY = r"""
-extern "C" __global__ void slow_copy(const unsigned short* src, unsigned short* dst, int n,
-                                     long long cycles) {
-    const long long start = clock64();
-    while (clock64() - start < cycles) {}
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        dst[i] = src[i];
-}
-"""
-
-
-@functools.cache
-def _slow_copy_kernel():
-    import cupy
-
-    return cupy.RawKernel(_SLOW_COPY, "slow_copy")
-
-
-def _slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) -> None:
-    """dst <- src (16-bit elements) by a kernel on torch's stream that first spins for
-    ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late.
-    One RawKernel for the process: it is loaded by the first (eager) call, never while a
-    CUDA graph is being captured."""
-    import cupy
-    import numpy as np
-
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        _slow_copy_kernel()((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
-                                           np.int32(src.numel()), np.int64(cycles)))
-
-
-@pytest.mark.parametrize("path", ["mma4", "mma", "table"])
+@pytest.mark.parametrize("path", ["mma4", "mma"])  # the table GEMV: test_lut_table_gpu.py
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "outliers-scale-offset"])
-def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher, monkeypatch):
+def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher):
     """With LUT_PDL (sm_90+), each call's x is written late by the kernel launched just
-    before it (plain weights: that kernel is the GEMV's predecessor), or the main columns'
-    launch adds the sums of the outlier launch before it: the outputs equal plain launches
-    bit for bit, eagerly and replayed from a CUDA graph. A GEMV that read x or its addend
-    before its griddepcontrol wait would see the previous call's x (or garbage)."""
-    import qcore_kernels.lut_ops as lut_ops
-    from qcore_kernels.lut_layout import to_lut
+    before it, or the main columns' launch adds the sums of the outlier launch before it:
+    the outputs equal plain launches bit for bit, eagerly and replayed from a CUDA graph
+    (qcore_kernels.testing.check_programmatic_launch)."""
+    from qcore_kernels.testing import check_programmatic_launch
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    m = 1 if path == "table" else 2
-    case = LUTCase(m, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
-        m, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
-    w = to_lut(random_vq(case), "cuda")
-    gen = torch.Generator().manual_seed(3)
-    xs = [torch.randn(m, case.k, generator=gen).half().cuda() for _ in range(3)]
-    bias = torch.randn(1000, generator=gen).half().cuda()
-    plain = [lut_ops.lut_linear(x, w, bias, launcher, path=path) for x in xs]
-    flags = []
-
-    def spy(file, instance, grid, block, args, shared_mem=0, **kw):
-        flags.append(kw.get("programmatic", False))
-        launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
-
-    monkeypatch.setattr(lut_ops, "LUT_PDL", True)
-    buf = torch.zeros_like(xs[0])
-
-    def calls() -> list[torch.Tensor]:
-        out = []
-        for x in xs:
-            _slow_copy(x, buf)
-            out.append(lut_ops.lut_linear(buf, w, bias, spy, path=path))
-        return out
-
-    eager = calls()
-    torch.cuda.synchronize()
-    assert flags and all(flags)
-    for y, y_plain in zip(eager, plain, strict=True):
-        assert torch.equal(y, y_plain)
-
-    buf.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = calls()
-    for _ in range(2):
-        buf.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        for y, y_plain in zip(replayed, plain, strict=True):
-            assert torch.equal(y, y_plain)
-
-
-@pytest.mark.parametrize("q", [2, 4])
-def test_table_gemv_repeats_in_graphs_and_on_other_streams(q, launcher, monkeypatch):
-    """qk_lut_table's slices meet in a per-stream workspace whose row-group counters the
-    completing warp resets: repeated calls, CUDA-graph replays and calls on a side stream
-    give the first call's outputs bit for bit, and the counters are zero afterwards."""
-    import qcore_kernels.lut_ops as lut_ops
-    from qcore_kernels.lut_layout import to_lut
-
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", q)
-    case = LUTCase(1, 3000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
-    w = to_lut(random_vq(case), "cuda")
-    gen = torch.Generator().manual_seed(5)
-    xs = [torch.randn(1, case.k, generator=gen).half().cuda() for _ in range(3)]
-    bias = torch.randn(3000, generator=gen).half().cuda()
-    first = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
-    again = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
-    for a, b in zip(first, again, strict=True):
-        assert torch.equal(a, b)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(first, replayed, strict=True):
-            assert torch.equal(a, b)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        other = [lut_ops.lut_linear(x, w, bias, launcher, path="table") for x in xs]
-    side.synchronize()
-    for a, b in zip(first, other, strict=True):
-        assert torch.equal(a, b)
-    torch.cuda.synchronize()
-    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
-        assert int(counters.abs().sum()) == 0
+    check_programmatic_launch(path, extras, launcher)
 
 
 def test_lut_kernels_launch_on_torchs_current_stream(launcher):

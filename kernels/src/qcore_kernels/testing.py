@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,3 +214,92 @@ def run_lut_case(case: LUTCase, launch: Any, device: Any) -> tuple[torch.Tensor,
         x.float(), dequantize_vq(qweight).to(device), None if bias is None else bias.float()
     )
     return y, ref
+
+
+_SLOW_COPY = r"""
+extern "C" __global__ void slow_copy(const unsigned short* src, unsigned short* dst, int n,
+                                     long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+"""
+
+
+@functools.cache
+def _slow_copy_kernel() -> Any:
+    import cupy
+
+    return cupy.RawKernel(_SLOW_COPY, "slow_copy")
+
+
+def slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) -> None:
+    """dst <- src (16-bit elements, CUDA) by a kernel on torch's stream that first spins for
+    ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late.
+    One RawKernel for the process: it is loaded by the first (eager) call, never while a
+    CUDA graph is being captured."""
+    import cupy
+    import numpy as np
+
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        _slow_copy_kernel()((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
+                                           np.int32(src.numel()), np.int64(cycles)))
+
+
+def check_programmatic_launch(path: str, extras: bool, launch: Any) -> None:
+    """With ``lut_ops.LUT_PDL`` (CUDA, compute capability 9.0+), each call of ``path`` has
+    its x written late by the kernel launched just before it (plain weights: that kernel is
+    the GEMV's predecessor), or (``extras``: outliers, scale, offset) the main columns'
+    launch adds the sums of the outlier launch before it. Asserts that every launch asked
+    for the programmatic attribute and that the outputs equal plain launches bit for bit,
+    eagerly and replayed from a CUDA graph: a GEMV that read x or its addend before its
+    griddepcontrol wait would see the previous call's x (or garbage). Two tokens (one for
+    the table GEMV)."""
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.lut_layout import to_lut
+
+    m = 1 if path == "table" else 2
+    case = LUTCase(m, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
+        m, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
+    w = to_lut(random_vq(case), "cuda")
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(m, case.k, generator=gen).half().cuda() for _ in range(3)]
+    bias = torch.randn(1000, generator=gen).half().cuda()
+    plain = [lut_ops.lut_linear(x, w, bias, launch, path=path) for x in xs]
+    flags = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):  # noqa: ANN001
+        flags.append(kw.get("programmatic", False))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
+
+    buf = torch.zeros_like(xs[0])
+
+    def calls() -> list[torch.Tensor]:
+        out = []
+        for x in xs:
+            slow_copy(x, buf)
+            out.append(lut_ops.lut_linear(buf, w, bias, spy, path=path))
+        return out
+
+    saved = lut_ops.LUT_PDL
+    try:
+        lut_ops.LUT_PDL = True
+        eager = calls()
+        torch.cuda.synchronize()
+        assert flags and all(flags), flags
+        for y, y_plain in zip(eager, plain, strict=True):
+            assert torch.equal(y, y_plain)
+
+        buf.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = calls()
+    finally:
+        lut_ops.LUT_PDL = saved
+    for _ in range(2):
+        buf.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for y, y_plain in zip(replayed, plain, strict=True):
+            assert torch.equal(y, y_plain)
