@@ -92,6 +92,8 @@ TABLE_CASES = [
     # outliers (their own launch into the float buffer, which the main launch adds)
     LUTCase(1, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
     LUTCase(1, 9, 8, 4, 8, rows=3, dtype=F16, bias=False),  # k = 8: 2 vectors of one slice
+    # every column an outlier: the main part has no columns (one slice of zero tables)
+    LUTCase(1, 8, 16, 4, 8, rows=None, outliers=16, scale=True, dtype=BF16),
 ]
 TABLE_CASES = [dataclasses.replace(c, path="table") for c in TABLE_CASES]
 DEQUANT_CASES = [

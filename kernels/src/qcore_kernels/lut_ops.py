@@ -492,7 +492,7 @@ def lut_table_config(n_vec: int, n: int, device: torch.device) -> tuple[int, int
             continue
         if LUT_TABLE_BYTES[q] + LUT_TABLE_CODEBOOK_BYTES > optin:
             continue
-        slices = _cdiv(n_vec, 32 * q)
+        slices = max(1, _cdiv(n_vec, 32 * q))  # one (of zero tables) for a part of no columns
         ranges = max(1, min(groups, sms // slices))
         per_range = _cdiv(groups, ranges)
         ranges = _cdiv(groups, per_range)

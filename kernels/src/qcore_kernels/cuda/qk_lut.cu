@@ -1024,14 +1024,15 @@ __global__ void __launch_bounds__(512, 1) qk_lut_table(
 
     // The lane's indices of a row: Q bytes at unit 32 * slice + lane of the row's stream.
     // A lane whose unit is past the row's words reads unit 0 instead: its vectors are past
-    // K, where every table entry is zero. Rows past N are not read (their words are 0).
+    // K, where every table entry is zero. Rows past N are not read (their words are 0), nor
+    // is a part of no columns (no words).
     const int unit = 32 * slice + lane;
     const unsigned row_bytes = static_cast<unsigned>(row_words) * 4u;
     const unsigned char* lane_codes = reinterpret_cast<const unsigned char*>(codes)
         + (unit < row_words * 4 / Q ? unit * Q : 0);
     const int groups = (N + 31) / 32;
     const int g_end = min(groups, (static_cast<int>(blockIdx.y) + 1) * (rows / 32));
-    auto group_rows = [&](int g) { return g < g_end ? min(32, N - 32 * g) : 0; };
+    auto group_rows = [&](int g) { return g < g_end && row_words > 0 ? min(32, N - 32 * g) : 0; };
     auto group_codes = [&](int g) { return lane_codes + static_cast<size_t>(32 * g) * row_bytes; };
     // The warp's first group loads while the tables are made (weights: before the PDL wait).
     int gi = blockIdx.y * (rows / 32) + warp;
