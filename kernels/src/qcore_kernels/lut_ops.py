@@ -478,9 +478,10 @@ def lut_table_config(n_vec: int, n: int, device: torch.device) -> tuple[int, int
     """(vectors per lane Q, slices, rows per block, warps per block) of ``qk_lut_table`` for
     ``n_vec`` vectors per row and ``n`` output rows. Blocks of one slice (32 Q vectors) and
     a range of 32-row groups, about one per multiprocessor (the instances' launch bound);
-    Q minimises a block's shared-memory work over the waves of blocks: per row Q lookups
-    and about one exchange, per block 512 Q for the tables (their stores and the float
-    multiply-adds that make them). :data:`LUT_TABLE_Q` forces Q (the launch sweep)."""
+    Q minimises the instructions a block issues over the waves of blocks (the kernel is
+    issue-bound on paper): its lookups at :data:`LUT_TABLE_LOOKUP_COST` each and its
+    8192 Q table entries at :data:`LUT_TABLE_ENTRY_COST` each. :data:`LUT_TABLE_Q` forces Q
+    (the launch sweep)."""
     sms, _, optin = _device_limits(device)
     cuda = device.type == "cuda"
     if not cuda:
@@ -497,7 +498,8 @@ def lut_table_config(n_vec: int, n: int, device: torch.device) -> tuple[int, int
         per_range = _cdiv(groups, ranges)
         ranges = _cdiv(groups, per_range)
         waves = _cdiv(slices * ranges, sms)
-        cost = waves * (per_range * 32 * (q + 1) + 512 * q)
+        lookups = 32 * per_range * 32 * q
+        cost = waves * (lookups * LUT_TABLE_LOOKUP_COST[q] + 8192 * q * LUT_TABLE_ENTRY_COST)
         warps = min(LUT_TABLE_WARPS if cuda else CPU_THREADS // 32, per_range)
         if best is None or cost < best[0]:
             best = (cost, q, slices, 32 * per_range, warps)
@@ -636,6 +638,11 @@ LUT_TABLE_WARPS = 16
 CPU_TABLE_BLOCKS = 4
 LUT_TABLE_Q: int | None = None
 LUT_TABLE = False
+#: ``qk_lut_table``'s instructions per lookup and lane on a full group of 32 rows (the
+#: lookups, the index loads and the butterfly), and per table entry, by Q: the sm_90 SASS
+#: (BENCHMARKS.md).
+LUT_TABLE_LOOKUP_COST = {2: 7.7, 4: 5.4}
+LUT_TABLE_ENTRY_COST = 6.9
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
