@@ -409,64 +409,86 @@ SWEEP4_L2 = (True, False)
 SWEEP4_PDL = (False, True)
 
 
-def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
-    """qk_lut_mma4 at M = 1 on the benchmark shapes over its launch parameters (v4 i8
-    weights); each setting checked against the float32 reference first."""
-    import itertools
-
+def _sweep_one_token(launch: Callable, time_ms: Callable, path: str, seeds: tuple[int, int],
+                     settings: Callable) -> list[dict]:
+    """``path`` at M = 1 on the benchmark shapes (v4 i8 weights and x of ``seeds``) under each
+    setting that ``settings(in_f, out_f)`` yields as (the row's fields, a function that sets
+    it in lut_ops); each checked against the float32 reference first, a failure recorded,
+    not raised. The caller restores lut_ops."""
     import torch
     import torch.nn.functional as F
 
     import qcore_kernels.lut_ops as lut_ops
     from qcore_kernels.testing import TOLERANCE
 
+    rows = []
+    gen = torch.Generator().manual_seed(seeds[1])
+    for in_f, out_f in LUT_SHAPES:
+        w, dense = _v4_weight(in_f, out_f, seed=seeds[0])
+        x = torch.randn(1, in_f, generator=gen).half().cuda()
+        ref = F.linear(x.float(), dense)
+        call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path=path)  # noqa: E731
+        for fields, apply in settings(in_f, out_f):
+            apply()
+            entry = {"in": in_f, "out": out_f, "m": 1, **fields}
+            try:
+                y = call()
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                entry.update(error=err, ok=err <= TOLERANCE["float16"])
+                if entry["ok"]:
+                    entry["ms"] = time_ms(call)
+            except Exception as exc:  # noqa: BLE001 - e.g. too many resident blocks
+                torch.cuda.synchronize()
+                entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+        del w, dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
+    """qk_lut_mma4 at M = 1 on the benchmark shapes over its launch parameters (v4 i8
+    weights); each setting checked against the float32 reference first."""
+    import itertools
+
+    import torch
+
+    import qcore_kernels.lut_ops as lut_ops
+
     saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
              lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl_capable = torch.cuda.get_device_capability()[0] >= 9
-    rows = []
-    gen = torch.Generator().manual_seed(2)
-    try:
-        for in_f, out_f in LUT_SHAPES:
-            w, dense = _v4_weight(in_f, out_f, seed=5)
-            x = torch.randn(1, in_f, generator=gen).half().cuda()
-            ref = F.linear(x.float(), dense)
-            for g, warps, per_sm, stages, l2, pdl in itertools.product(
-                    SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
-                    SWEEP4_PDL):
-                if pdl and (not l2 or not pdl_capable):
-                    continue
-                in_table = stages == "table"
-                if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
-                    continue
-                if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table):
-                    continue
-                blocks = min(-(-out_f // (8 * g)), sms * per_sm)
-                lut_ops.lut_mma4_config = lambda *_, g=g, b=blocks: (g, b)
+
+    def settings(in_f: int, out_f: int):
+        for g, warps, per_sm, stages, l2, pdl in itertools.product(
+                SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
+                SWEEP4_PDL):
+            if pdl and (not l2 or not pdl_capable):
+                continue
+            in_table = stages == "table"
+            if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
+                continue
+            if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table):
+                continue
+            blocks = min(-(-out_f // (8 * g)), sms * per_sm)
+
+            def apply(g=g, blocks=blocks, warps=warps, in_table=in_table, l2=l2, pdl=pdl):
+                lut_ops.lut_mma4_config = lambda *_: (g, blocks)
                 lut_ops.LUT_MMA4_WARPS = warps
                 lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
                 lut_ops.LUT_MMA4_L2 = l2
                 lut_ops.LUT_PDL = pdl
-                call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="mma4")  # noqa: E731
-                entry = {"in": in_f, "out": out_f, "m": 1, "groups": g, "warps": warps,
-                         "blocks_per_sm": per_sm, "stages": stages, "l2": l2, "pdl": pdl}
-                try:
-                    y = call()
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    entry.update(error=err, ok=err <= TOLERANCE["float16"])
-                    if entry["ok"]:
-                        entry["ms"] = time_ms(call)
-                except Exception as exc:  # noqa: BLE001 - e.g. too many resident blocks
-                    torch.cuda.synchronize()
-                    entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
-                rows.append(entry)
-                print(json.dumps(entry), flush=True)
-            del w, dense
-            torch.cuda.empty_cache()
+
+            yield ({"groups": g, "warps": warps, "blocks_per_sm": per_sm, "stages": stages,
+                    "l2": l2, "pdl": pdl}, apply)
+
+    try:
+        return _sweep_one_token(launch, time_ms, "mma4", (5, 2), settings)
     finally:
         (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
          lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL) = saved
-    return rows
 
 
 def render_sweep4(result: dict) -> str:
@@ -577,50 +599,32 @@ def sweep_table(launch: Callable, time_ms: Callable) -> list[dict]:
     import itertools
 
     import torch
-    import torch.nn.functional as F
 
     import qcore_kernels.lut_ops as lut_ops
-    from qcore_kernels.testing import TOLERANCE
 
     saved = (lut_ops.lut_table_config, lut_ops.LUT_PDL)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl_capable = torch.cuda.get_device_capability()[0] >= 9
-    rows = []
-    gen = torch.Generator().manual_seed(6)
-    try:
-        for in_f, out_f in LUT_SHAPES:
-            w, dense = _v4_weight(in_f, out_f, seed=7)
-            x = torch.randn(1, in_f, generator=gen).half().cuda()
-            ref = F.linear(x.float(), dense)
-            for q, warps, per_sm, pdl in itertools.product(
-                    SWEEP_TABLE_Q, SWEEP_TABLE_WARPS, SWEEP_TABLE_BLOCKS_PER_SM, SWEEP_TABLE_PDL):
-                if (pdl and not pdl_capable) or warps * per_sm > lut_ops.LUT_TABLE_WARPS:
-                    continue
-                if per_sm > 1 and q == 4:  # two 132 KB blocks do not fit a multiprocessor
-                    continue
+
+    def settings(in_f: int, out_f: int):
+        for q, warps, per_sm, pdl in itertools.product(
+                SWEEP_TABLE_Q, SWEEP_TABLE_WARPS, SWEEP_TABLE_BLOCKS_PER_SM, SWEEP_TABLE_PDL):
+            if (pdl and not pdl_capable) or warps * per_sm > lut_ops.LUT_TABLE_WARPS:
+                continue
+            if per_sm > 1 and q == 4:  # two 132 KB blocks do not fit a multiprocessor
+                continue
+
+            def apply(q=q, blocks=sms * per_sm, warps=warps, pdl=pdl):
                 lut_ops.lut_table_config = (
-                    lambda n_vec, n, device, q=q, b=sms * per_sm, wp=warps:
-                    table_grid(n_vec, n, q, b, wp))
+                    lambda n_vec, n, device: table_grid(n_vec, n, q, blocks, warps))
                 lut_ops.LUT_PDL = pdl
-                call = lambda x=x, w=w: lut_ops.lut_linear(x, w, None, launch, path="table")  # noqa: E731
-                entry = {"in": in_f, "out": out_f, "m": 1, "q": q, "warps": warps,
-                         "blocks_per_sm": per_sm, "pdl": pdl}
-                try:
-                    y = call()
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    entry.update(error=err, ok=err <= TOLERANCE["float16"])
-                    if entry["ok"]:
-                        entry["ms"] = time_ms(call)
-                except Exception as exc:  # noqa: BLE001 - e.g. a launch that does not fit
-                    torch.cuda.synchronize()
-                    entry.update(ok=False, failed=f"{type(exc).__name__}: {exc}"[:200])
-                rows.append(entry)
-                print(json.dumps(entry), flush=True)
-            del w, dense
-            torch.cuda.empty_cache()
+
+            yield {"q": q, "warps": warps, "blocks_per_sm": per_sm, "pdl": pdl}, apply
+
+    try:
+        return _sweep_one_token(launch, time_ms, "table", (7, 6), settings)
     finally:
         lut_ops.lut_table_config, lut_ops.LUT_PDL = saved
-    return rows
 
 
 def render_sweep_table(result: dict) -> str:
