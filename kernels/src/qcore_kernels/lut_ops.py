@@ -639,8 +639,8 @@ CPU_TABLE_BLOCKS = 4
 LUT_TABLE_Q: int | None = None
 LUT_TABLE = False
 #: ``qk_lut_table``'s instructions per lookup and lane on a full group of 32 rows (the
-#: lookups, the index loads and the butterfly), and per table entry, by Q: the sm_90 SASS
-#: (BENCHMARKS.md).
+#: lookups, the index loads, the butterfly and the row-group count), and per table entry,
+#: by Q: the sm_90 SASS (``benchmarks/kernels_sass.py``, BENCHMARKS.md).
 LUT_TABLE_LOOKUP_COST = {2: 7.7, 4: 5.4}
 LUT_TABLE_ENTRY_COST = 6.9
 
