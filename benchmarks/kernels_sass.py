@@ -103,7 +103,7 @@ def blocks(code: list[tuple[int, str]]) -> list[list[str]]:
             if start <= int(m.group(1), 16) <= end:
                 cuts.add(int(m.group(1), 16))
     cuts = sorted(c for c in cuts if start <= c <= end + 16)
-    return [[i for a, i in code if lo <= a < hi] for lo, hi in zip(cuts, cuts[1:])]
+    return [[i for a, i in code if lo <= a < hi] for lo, hi in zip(cuts, cuts[1:], strict=False)]
 
 
 def measure_table(code: list[tuple[int, str]]) -> dict:
