@@ -141,7 +141,7 @@ def test_unknown_transform_in_the_short_form(registry) -> None:
         Pipeline.from_names("awq,rtn", registry=registry)
     message = str(raised.value)
     assert "Unknown pipeline step: 'awq'" in message
-    assert "Installed transforms: needs-rotated, rotate, smooth" in message
+    assert "Installed transforms: finetune, needs-rotated, rotate, smooth" in message
     assert ("installed quantizers: codebook-q, needs-absmean, rtn, smooth, tuned, "
             "weight-only") in message
     assert "pip install qcore-plugin-awq" in message
@@ -150,7 +150,7 @@ def test_unknown_transform_in_the_short_form(registry) -> None:
 def test_unknown_name_without_a_known_distribution(qcore_registry) -> None:
     with pytest.raises(UnknownComponentError) as raised:
         Pipeline.from_spec({"transforms": ["spinquant"]}).validate()
-    assert str(raised.value) == "Unknown transform: 'spinquant'. Installed transforms: none."
+    assert str(raised.value) == "Unknown transform: 'spinquant'. Installed transforms: finetune."
 
 
 def test_name_of_another_kind_says_so(registry) -> None:
@@ -278,6 +278,25 @@ def test_short_form_orders_transforms_then_the_quantizer(registry) -> None:
     assert Pipeline.from_names("rotate", registry=registry).quantizer.name == "rtn"
 
 
+def test_after_quantization_transforms_follow_the_quantizer(registry) -> None:
+    for names in ("rotate,codebook-q,finetune", "rotate,finetune,codebook-q"):
+        pipeline = Pipeline.from_names(names, registry=registry,
+                                       options={"finetune": {"epochs": 2}})
+        assert [t.name for t in pipeline.transforms] == names.replace(",codebook-q", "").split(",")
+        assert pipeline.quantizer.name == "codebook-q"
+        assert pipeline.short_form() == "rotate,codebook-q,finetune"
+    with pytest.raises(ConfigError) as raised:
+        Pipeline.from_names("rtn,finetune", registry=registry).validate(registry)
+    assert str(raised.value) == (
+        "transform 'finetune' edits weights of format(s) vq, but quantizer 'rtn' produces "
+        "'int': use a quantizer producing 'vq' (e.g. vptq), or drop 'finetune' from the "
+        "pipeline")
+    with pytest.raises(ConfigError, match=r"transform 'finetune': invalid options .*"
+                                          r"epochs must be >= 1, got 0"):
+        Pipeline.from_names("rtn,finetune", registry=registry,
+                            options={"finetune": {"epochs": "0"}}).validate(registry)
+
+
 def test_short_form_ambiguity_needs_a_qualifier(registry) -> None:
     with pytest.raises(ConfigError) as raised:
         Pipeline.from_names("smooth", registry=registry)
@@ -295,8 +314,14 @@ def test_short_form_errors(registry) -> None:
     with pytest.raises(ConfigError,
                        match="qualifier is 'transform:' or 'quantizer:', not 'packer'"):
         Pipeline.from_names("packer:int", registry=registry)
-    with pytest.raises(ConfigError, match="the quantizer must be the last step"):
+    with pytest.raises(ConfigError) as raised:
         Pipeline.from_names("rtn,rotate", registry=registry)
+    assert str(raised.value) == (
+        "pipeline 'rtn,rotate': rotate edits the block before quantization; put it before "
+        "the quantizer 'rtn' (only after-quantization transforms, such as 'finetune', may "
+        "follow it)")
+    with pytest.raises(ConfigError, match=r"name one quantizer \(found \['rtn', 'tuned'\]\)"):
+        Pipeline.from_names("rtn,tuned", registry=registry)
     with pytest.raises(ConfigError, match="the pipeline is empty"):
         Pipeline.from_names(" , ", registry=registry)
     with pytest.raises(ConfigError, match="options given for gptq, which is not in pipeline"):

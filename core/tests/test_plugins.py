@@ -121,7 +121,8 @@ def test_builtins_load_through_their_entry_point() -> None:
     assert (info.distribution, info.version) == ("qcore", qcore.__version__)
     assert info.entry_point == "builtin = qcore.builtin.hooks"
     assert info.hooks == ["qcore_register_kernels", "qcore_register_observers",
-                          "qcore_register_packers", "qcore_register_quantizers"]
+                          "qcore_register_packers", "qcore_register_quantizers",
+                          "qcore_register_transforms"]
     for kind, name in BUILTINS:
         assert name in info.components[kind]
         origin = manager.registry.get(kind, name).origin
@@ -139,14 +140,15 @@ def test_report_is_json_with_name_distribution_version_hooks() -> None:
         "name": "builtin", "distribution": "qcore", "version": qcore.__version__,
         "entry_point": "builtin = qcore.builtin.hooks",
         "hooks": ["qcore_register_kernels", "qcore_register_observers",
-                  "qcore_register_packers", "qcore_register_quantizers"],
+                  "qcore_register_packers", "qcore_register_quantizers",
+                  "qcore_register_transforms"],
         "components": manager.plugins["builtin"].components,
         "error": None,
     }]
     # The listing's components are exactly what the registry holds.
     listed = {kind: sorted(names) for kind, names in report[0]["components"].items()}
     assert listed == {kind: manager.registry.names(kind)
-                      for kind in ("observer", "quantizer", "packer", "kernel")}
+                      for kind in ("observer", "transform", "quantizer", "packer", "kernel")}
 
 
 def test_fixture_manager_is_isolated_from_installed_plugins(site: FakeSite) -> None:
@@ -409,8 +411,8 @@ def test_plugin_built_for_another_contract_is_refused(qcore_plugin_manager) -> N
     message = str(qcore_plugin_manager.errors[0])
     assert message == (
         f"plugin 'future' from qcore-plugin-future 3.0 was built for qcore contract 2.0, but "
-        f"qcore {qcore.__version__} implements contract 1.0, which is incompatible: install "
-        "a release of qcore-plugin-future made for contract 1.0, or a qcore that implements "
+        f"qcore {qcore.__version__} implements contract 1.1, which is incompatible: install "
+        "a release of qcore-plugin-future made for contract 1.1, or a qcore that implements "
         "contract 2.0")
     assert qcore_plugin_manager.registry.find("quantizer", "future") is None
     # Another minor version of the same contract is compatible.

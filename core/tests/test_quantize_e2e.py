@@ -49,9 +49,9 @@ def test_block_sequential_inputs_equal_whole_model_capture(make_tiny_model, monk
     seen: dict[int, torch.Tensor] = {}
     original = calibration.quantize_block
 
-    def recording(index, block, calls, resolved, device, structures=None):
+    def recording(index, block, calls, resolved, device, structures=None, targets=None):
         seen[index] = torch.cat([args[0] for args, _ in calls])
-        return original(index, block, calls, resolved, device, structures)
+        return original(index, block, calls, resolved, device, structures, targets)
 
     monkeypatch.setattr(calibration, "quantize_block", recording)
     # static activation scales need the minmax observer, so calibration data flows

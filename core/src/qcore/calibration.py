@@ -14,6 +14,12 @@ collects the group's statistics from the input arriving there, quantizes the gro
 writes the dequantized weights into the layers before they run, so later groups receive
 exactly the quantized block's activations and the forward's output is the next block's
 input. One block forward per block, instead of one per group.
+
+*After-quantization* transforms (``Transform.after_quantization``, e.g. ``finetune``) run
+once a block's quantized layers are installed. They tune the block towards what the
+unquantized model computes, so when a pipeline has one, the unquantized model's hidden
+states are carried along too (a second stream of activations): each block first runs
+unquantized on them, giving its targets and the next block's unquantized inputs.
 """
 
 from __future__ import annotations
@@ -323,9 +329,13 @@ def quantize_block_weights(index: int, block: nn.Module, resolved: ResolvedPipel
 
 def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
                    resolved: ResolvedPipeline, device: torch.device,
-                   structures: StructureCache | None = None) -> tuple[BlockReport, list[BlockCall]]:
-    """Transform and quantize one block in place (its linears become QuantLinears);
-    return the report and the next block's calibration calls."""
+                   structures: StructureCache | None = None,
+                   targets: list[torch.Tensor] | None = None,
+                   ) -> tuple[BlockReport, list[BlockCall]]:
+    """Transform and quantize one block in place (its linears become QuantLinears), then
+    run the after-quantization transforms (``targets``: the unquantized block's outputs,
+    one per call, which they need); return the report and the next block's calibration
+    calls."""
     report = BlockReport(index)
     structure = (structures or StructureCache()).describe(block, calls[0], device)
     report.groups = [(g.names, g.source) for g in structure.groups]
@@ -335,6 +345,8 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
                        scheme=scheme, quantizer=quantizer, device=device)
     current: set[str] | None = None  # statistics in ctx.stats that describe the block now
     for transform in resolved.transforms:
+        if transform.after_quantization:
+            continue
         needs = {n: resolved.observers[n] for n in resolved.needs_of(transform)}
         if current is None or not set(needs) <= current:
             ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
@@ -370,9 +382,26 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
         report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,
                                        device, ctx.lowrank.get(name))
     _release_replaced(block, [structure.linears[name] for name in qweights])
+    after = [t for t in resolved.transforms if t.after_quantization]
+    if after:
+        if targets is None or len(targets) != len(calls):
+            raise RuntimeError("after-quantization transforms need the unquantized block's "
+                               "outputs, one per calibration call")
+        ctx.stats, ctx.targets = {}, targets
+        for transform in after:
+            transform.apply(ctx)
+        next_calls = []  # the block changed after the quantizing forward
     if not next_calls:
         next_calls = next_block_inputs(block, calls, device)
     return report, next_calls
+
+
+def unquantized_outputs(block: nn.Module, calls: list[BlockCall],
+                        device: torch.device) -> list[torch.Tensor]:
+    """The block's outputs on ``calls`` (float32, on CPU), before anything edits it: the
+    targets of after-quantization transforms, and the inputs of the next block's."""
+    with torch.no_grad():
+        return [forward(block, args, kwargs, device).to("cpu") for args, kwargs in calls]
 
 
 def _quantize_in_forward(block: nn.Module, calls: list[BlockCall], structure: BlockStructure,
@@ -472,6 +501,9 @@ def _quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
         given.clear()
     reports = []
     structures = StructureCache()
+    # After-quantization transforms tune each block towards the unquantized model's
+    # outputs, so that model's own hidden states are carried along (one more stream).
+    reference = calls if any(t.after_quantization for t in resolved.transforms) else None
     bar = tqdm(blocks.blocks, desc=f"quantize {resolved.pipeline.short_form()}", unit="block",
                disable=not progress)
     for index, block in enumerate(bar):
@@ -480,8 +512,13 @@ def _quantize_blocks(blocks: DecoderBlocks, calls: list[BlockCall] | None,
         if calls is None:
             reports.append(quantize_block_weights(index, block, resolved, device))
         else:
-            report, calls = quantize_block(index, block, calls, resolved, device, structures)
+            targets = None if reference is None else unquantized_outputs(block, reference, device)
+            report, calls = quantize_block(index, block, calls, resolved, device, structures,
+                                           targets)
             reports.append(report)
+            if reference is not None and targets is not None:
+                reference = [replace_hidden(args, kwargs, hidden)
+                             for (args, kwargs), hidden in zip(reference, targets, strict=True)]
         block.to(home)
         _release_block_memory(block)
     return reports

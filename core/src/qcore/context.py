@@ -27,6 +27,8 @@ class BlockContext:
     computed by the already-quantized earlier blocks. ``stats[linear][observer]`` holds
     what the step's observers collected on them. ``quantizer`` is the pipeline's
     quantizer, so that a search quantizes candidates exactly as they will be quantized.
+    After quantization (``Transform.after_quantization``) ``block`` holds the quantized
+    layers and ``targets`` what the unquantized block computed.
     """
 
     index: int
@@ -38,6 +40,10 @@ class BlockContext:
     quantizer: Quantizer
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: For after-quantization transforms only: the unquantized model's outputs (hidden
+    #: states, float32, on CPU) of this block on the unquantized model's own inputs, one
+    #: tensor per call of ``inputs``; None before quantization.
+    targets: list[torch.Tensor] | None = None
     log: logging.Logger = log
 
     def fake_quantize(self, weight: torch.Tensor, stats: dict[str, Any] | None = None) -> torch.Tensor:

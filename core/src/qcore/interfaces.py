@@ -124,11 +124,22 @@ class Transform(Component):
     #: rescales the statistics of the inputs it scales): a following transform that
     #: needs no other statistics then gets them without another observation pass.
     updates_stats: ClassVar[bool] = False
+    #: True for a transform that edits the block *after* its linears are quantized (the
+    #: block then holds :class:`~qcore.qlinear.QuantLinear` layers): it runs once the
+    #: quantizer's weights are installed, with ``ctx.targets`` set to the unquantized
+    #: model's outputs of this block, and may change the layers' stored floating-point
+    #: tensors (codebooks, scales) to bring the block's outputs closer to them. Example:
+    #: the built-in ``finetune``. Such a transform needs no observer statistics.
+    after_quantization: ClassVar[bool] = False
+    #: For an after-quantization transform: the logical formats it can edit (None: any).
+    #: Pipeline validation refuses a quantizer producing another format.
+    formats: ClassVar[frozenset[str] | None] = None
 
     def apply(self, ctx: BlockContext) -> None:
         """Edit ``ctx.block`` in place. Must leave the unquantized block's function
         unchanged (to float tolerance) unless it registers the difference with the
-        context (``ctx.add_lowrank_branch``)."""
+        context (``ctx.add_lowrank_branch``); an after-quantization transform instead
+        edits the quantized layers' stored tensors (see ``after_quantization``)."""
         raise NotImplementedError
 
 

@@ -107,9 +107,9 @@ class Pipeline:
                    registry: Registry | None = None, packer: str = AUTO,
                    kernel: str = AUTO) -> Pipeline:
         """From the short form ``"awq,gptq"``: transforms in order, then the quantizer
-        (``rtn`` when the list names none). ``kind:name`` (``transform:x``,
-        ``quantizer:x``) settles a name that is registered as both. ``options`` maps a
-        step's name to its options."""
+        (``rtn`` when the list names none), then any after-quantization transforms
+        (``"vptq,finetune"``). ``kind:name`` (``transform:x``, ``quantizer:x``) settles a
+        name that is registered as both. ``options`` maps a step's name to its options."""
         registry = registry if registry is not None else _default_registry()
         options = dict(options or {})
         tokens = [t.strip() for t in names.split(",") if t.strip()]
@@ -118,9 +118,19 @@ class Pipeline:
         kinds = [_kind_of(registry, token, last=(i == len(tokens) - 1)) for i, token in enumerate(tokens)]
         steps = [(kind, name) for kind, name in kinds]
         quantizers = [name for kind, name in steps if kind == "quantizer"]
-        if len(quantizers) > 1 or (quantizers and steps[-1][0] != "quantizer"):
-            raise ConfigError(f"pipeline {names!r}: the quantizer must be the last step and "
-                              f"there is only one (found quantizers {quantizers})")
+        if len(quantizers) > 1:
+            raise ConfigError(f"pipeline {names!r}: name one quantizer (found {quantizers})")
+        if quantizers:
+            at = steps.index(("quantizer", quantizers[0]))
+            before = [name for _, name in steps[at + 1:]
+                      if not _after_quantization(registry, name)]
+            if before:
+                one = len(before) == 1
+                raise ConfigError(
+                    f"pipeline {names!r}: {', '.join(before)} {'edits' if one else 'edit'} "
+                    f"the block before quantization; put {'it' if one else 'them'} before "
+                    f"the quantizer {quantizers[0]!r} (only after-quantization transforms, "
+                    "such as 'finetune', may follow it)")
         quantizer = quantizers[0] if quantizers else DEFAULT_QUANTIZER
         unused = sorted(set(options) - {name for _, name in steps} - {quantizer})
         if unused:
@@ -143,8 +153,13 @@ class Pipeline:
             "scheme": self.scheme.to_dict(),
         }
 
-    def short_form(self) -> str:
-        return ",".join([t.name for t in self.transforms] + [self.quantizer.name])
+    def short_form(self, registry: Registry | None = None) -> str:
+        """``"awq,gptq"``: the transforms, the quantizer, then the after-quantization
+        transforms (as :meth:`from_names` reads them)."""
+        registry = registry if registry is not None else _default_registry()
+        after = [t.name for t in self.transforms if _after_quantization(registry, t.name)]
+        before = [t.name for t in self.transforms if t.name not in after]
+        return ",".join([*before, self.quantizer.name, *after])
 
     # -------------------------------------------------------------- validating
 
@@ -162,6 +177,8 @@ class Pipeline:
         provided: dict[str, str] = {}
         observer_options = {o.name: o for o in self.observers}
         all_steps: list[Transform | Quantizer] = [*transforms, quantizer]
+        for transform in transforms:
+            _check_after_quantization(transform, quantizer)
         later_provides = {p: s.name for s in all_steps for p in getattr(s, "provides", ())}
         for step in all_steps:
             needs = step.needs_for(scheme) if isinstance(step, Quantizer) else step.needs
@@ -275,6 +292,27 @@ def _kind_of(registry: Registry, token: str, last: bool) -> tuple[str, str]:
     if token in KNOWN_PROVIDERS:
         msg += f" {token!r} is provided by {KNOWN_PROVIDERS[token]}: pip install {KNOWN_PROVIDERS[token]}"
     raise UnknownComponentError(msg)
+
+
+def _after_quantization(registry: Registry, name: str) -> bool:
+    reg = registry.find("transform", name)
+    return reg is not None and bool(getattr(reg.cls, "after_quantization", False))
+
+
+def _check_after_quantization(transform: Transform, quantizer: Quantizer) -> None:
+    if not transform.after_quantization:
+        return
+    if transform.needs:
+        raise PipelineError(f"transform {transform.name!r} runs after quantization and cannot "
+                            f"need statistics ({', '.join(sorted(transform.needs))})")
+    formats = transform.formats
+    if formats is not None and quantizer.produces not in formats:
+        raise ConfigError(
+            f"transform {transform.name!r} edits weights of format(s) "
+            f"{', '.join(sorted(formats))}, but quantizer {quantizer.name!r} produces "
+            f"{quantizer.produces!r}: use a quantizer producing "
+            f"{' or '.join(repr(f) for f in sorted(formats))} (e.g. vptq), or drop "
+            f"{transform.name!r} from the pipeline")
 
 
 def _instantiate(registry: Registry, kind: str, step: Step) -> Component:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from qcore import hookimpl
+from qcore.builtin.finetune import FinetuneTransform
 from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
@@ -12,13 +13,18 @@ from qcore.builtin.torch_kernels import TorchKernels
 from qcore.builtin.torch_lut_kernels import TorchLUTKernels
 from qcore.builtin.vq_packer import VQPacker
 
-QCORE_CONTRACT_VERSION = "1.0"
+QCORE_CONTRACT_VERSION = "1.1"
 
 
 @hookimpl
 def qcore_register_observers(register: Callable[[type], None]) -> None:
     register(MinMaxObserver)
     register(HessianObserver)
+
+
+@hookimpl
+def qcore_register_transforms(register: Callable[[type], None]) -> None:
+    register(FinetuneTransform)
 
 
 @hookimpl
