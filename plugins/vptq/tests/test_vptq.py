@@ -292,6 +292,48 @@ def test_vptq_pipeline_beats_gptq_at_2_bits_and_checkpoint_round_trips(tmp_path)
     assert q_proj["bits_per_weight"] == (64 * 32 * 8 + 256 * 4 * 16 + 64 * 16) / (64 * 64)
 
 
+def test_finetune_after_vptq_from_the_command_line(tmp_path, caplog):
+    """``--pipeline vptq,finetune`` on a saved tiny Llama: each block's output error on
+    the calibration rows drops (measured 3.9x and 3.1x), the checkpoint records the step,
+    and the tuned model's logits are closer to the unquantized model's than VPTQ alone
+    gives, on the calibration text (measured 2.4x in norm) and on random token ids (12%:
+    text unlike what it was tuned on)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qcore.assets import calibration_windows
+    from qcore.checkpoint import load
+    from qcore.cli import main
+    from qcore.testing.models import TINY_CORPUS, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny-llama", tie_word_embeddings=False)
+    (tmp_path / "calib.txt").write_text(TINY_CORPUS)
+    common = ["quantize", str(model_dir), "--calib", str(tmp_path / "calib.txt"),
+              "--samples", "16", "--seq-len", "32", "--batch-size", "4", "--device", "cpu",
+              "--bits", "2"]
+    with caplog.at_level("INFO", logger="qcore"):
+        assert main([*common, "--pipeline", "vptq,finetune", "--set", "finetune.epochs=8",
+                     "--set", "finetune.lr=0.01", "--out", str(tmp_path / "tuned")]) == 0
+    assert main([*common, "--pipeline", "vptq", "--out", str(tmp_path / "plain")]) == 0
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetune block")]
+    assert len(logged) == 2
+    for message in logged:  # "finetune block 0: output mse A -> B (16 rows, 8 epochs)"
+        before, after = map(float, message.split("mse ")[1].split(" (")[0].split(" -> "))
+        assert after < 0.5 * before, message
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())["quantization_config"]
+    assert [t["name"] for t in config["pipeline"]["transforms"]] == ["finetune"]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    models = {name: load(tmp_path / name) for name in ("plain", "tuned")}
+    calib = calibration_windows(AutoTokenizer.from_pretrained(model_dir), TINY_CORPUS, 16, 32)
+    random_ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    for ids, bound in ((calib, 0.6), (random_ids, 1.0)):
+        with torch.no_grad():
+            want = reference(ids).logits
+            errors = {name: float((m(ids).logits - want).norm()) for name, m in models.items()}
+        assert errors["tuned"] < bound * errors["plain"], errors
+
+
 # ---------------------------------------------------------------------- conformance
 
 
