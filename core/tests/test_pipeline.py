@@ -286,11 +286,12 @@ def test_after_quantization_transforms_follow_the_quantizer(registry) -> None:
         assert pipeline.quantizer.name == "codebook-q"
         assert pipeline.short_form() == "rotate,codebook-q,finetune"
     with pytest.raises(ConfigError) as raised:
-        Pipeline.from_names("rtn,finetune", registry=registry).validate(registry)
+        Pipeline.from_names("codebook-q,finetune", registry=registry).validate(registry)
     assert str(raised.value) == (
-        "transform 'finetune' edits weights of format(s) vq, but quantizer 'rtn' produces "
-        "'int': use a quantizer producing 'vq' (e.g. vptq), or drop 'finetune' from the "
-        "pipeline")
+        "transform 'finetune' edits weights of format(s) int, vq, but quantizer 'codebook-q' "
+        "produces 'codebook': use a quantizer producing 'int' or 'vq', or drop 'finetune' "
+        "from the pipeline")
+    assert Pipeline.from_names("rtn,finetune", registry=registry).validate(registry)
     with pytest.raises(ConfigError, match=r"transform 'finetune': invalid options .*"
                                           r"epochs must be >= 1, got 0"):
         Pipeline.from_names("rtn,finetune", registry=registry,

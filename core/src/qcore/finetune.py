@@ -1,8 +1,9 @@
-"""Block fine-tuning of the codebook format's floating-point tensors, after quantization.
+"""Block fine-tuning of quantized weights' floating-point tensors, after quantization.
 
-Once a block's linears hold their quantized weights, ``finetune`` keeps every index as it
-is and tunes the stored floating-point tensors of the ``"vq"`` format (codebooks, the
-residual and outlier codebooks, the per-channel scale and offset) with Adam, so that the
+Once a block's linears hold their quantized weights, ``finetune`` keeps every index and
+integer code as it is and tunes the stored floating-point tensors (the ``"vq"`` format's
+codebooks, residual and outlier codebooks, per-channel scale and offset; the ``"int"``
+format's group scales, for weight-only layers) with Adam, so that the
 block's outputs on the quantized model's calibration inputs come closer, in mean squared
 error, to what the unquantized block computed on the unquantized model's inputs. The
 quantized model's error carried in from earlier blocks is thereby corrected too. Results
@@ -22,8 +23,11 @@ from torch import nn
 from qcore.context import BlockCall, BlockContext
 from qcore.errors import ConfigError
 
-#: The ``"vq"`` format's floating-point tensors, which fine-tuning changes.
-TUNED_TENSORS = ("codebook", "res_codebook", "outlier_codebook", "scale", "offset")
+#: The stored floating-point tensors fine-tuning changes: the ``"vq"`` format's, then the
+#: ``"int"`` format's group scales.
+TUNED_TENSORS = ("codebook", "res_codebook", "outlier_codebook", "scale", "offset", "scales")
+#: The packed layouts it tunes.
+LAYOUTS = ("vq-packed", "int-packed")
 _FP16_MAX = 65504.0
 
 
@@ -58,11 +62,17 @@ def finetune_block(ctx: BlockContext, *, epochs: int, lr: float, samples: int, s
     layers = {name: m for name, m in ctx.block.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         return
-    wrong = sorted(f"{name} ({m.layout})" for name, m in layers.items() if m.layout != "vq-packed")
+    wrong = sorted(f"{name} ({m.layout})" for name, m in layers.items() if m.layout not in LAYOUTS)
     if wrong:
-        raise ConfigError(f"finetune tunes codebook layers (layout 'vq-packed'); block "
+        raise ConfigError(f"finetune tunes layers of layout {' or '.join(LAYOUTS)}; block "
                           f"{ctx.index} has {', '.join(wrong)}: use a quantizer producing "
-                          "the 'vq' format, or drop finetune from the pipeline")
+                          "the 'vq' or 'int' format, or drop finetune from the pipeline")
+    act = sorted(name for name, m in layers.items() if m.params.get("act_bits") is not None)
+    if act:
+        raise ConfigError(f"finetune tunes weight-only layers; block {ctx.index}'s "
+                          f"{', '.join(act)} also quantize their inputs (act_bits "
+                          f"{layers[act[0]].params['act_bits']}): drop finetune from the "
+                          "pipeline or quantize weights only")
     used = _first_rows(ctx.inputs, samples)
     calls = [_trainable(call) for call in ctx.inputs[:used]]
     targets = [t.to(ctx.device) for t in ctx.targets[:used]]
@@ -111,6 +121,36 @@ def finetune_block(ctx: BlockContext, *, epochs: int, lr: float, samples: int, s
 
 
 def _tuning(module: nn.Module, device: torch.device) -> _Tuned:
+    if module.layout == "int-packed":
+        return _tuning_int(module, device)
+    return _tuning_vq(module, device)
+
+
+def _tuning_int(module: nn.Module, device: torch.device) -> _Tuned:
+    """An ``"int"`` layer: its group scales times a parameter (one per scale, starting at
+    one); codes, zero points and groups as stored."""
+    from qcore.builtin.int_packer import IntPacker
+    from qcore.grid import dequantize_codes, effective_g_idx
+
+    qweight = IntPacker().unpack(module.packed())
+    t = qweight.tensors
+    start = t["scales"].to(device, torch.float32)
+    codes = t["codes"].to(device)
+    zeros = t["zeros"].to(device) if "zeros" in t else None
+    g_idx = effective_g_idx(qweight).to(device)
+    bits = int(qweight.params["bits"])
+    params = {"scales": nn.Parameter(torch.ones_like(start))}
+
+    def tensors() -> dict[str, torch.Tensor]:
+        return {"scales": start * params["scales"]}
+
+    def weight() -> torch.Tensor:
+        return dequantize_codes(codes, tensors()["scales"], zeros, bits, g_idx)
+
+    return _Tuned(module, params, tensors, weight)
+
+
+def _tuning_vq(module: nn.Module, device: torch.device) -> _Tuned:
     """The layer's tuned tensors in float32, each through a parameter of relative size
     (so that one learning rate moves each by a like fraction: a codebook is its RMS times
     a parameter, the scale its value times one, the offset its value plus the scale times

@@ -311,7 +311,7 @@ def _check_after_quantization(transform: Transform, quantizer: Quantizer) -> Non
             f"transform {transform.name!r} edits weights of format(s) "
             f"{', '.join(sorted(formats))}, but quantizer {quantizer.name!r} produces "
             f"{quantizer.produces!r}: use a quantizer producing "
-            f"{' or '.join(repr(f) for f in sorted(formats))} (e.g. vptq), or drop "
+            f"{' or '.join(repr(f) for f in sorted(formats))}, or drop "
             f"{transform.name!r} from the pipeline")
 
 

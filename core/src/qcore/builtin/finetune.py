@@ -1,5 +1,6 @@
 """The built-in ``finetune`` transform (after quantization): block fine-tuning of the
-codebook format's floating-point tensors; the work is in :mod:`qcore.finetune`."""
+quantized weights' floating-point tensors (codebooks, scales); the work is in
+:mod:`qcore.finetune`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class FinetuneTransform(Transform):
 
     name = "finetune"
     after_quantization = True
-    formats = frozenset({"vq"})
+    formats = frozenset({"vq", "int"})
 
     @dataclass(frozen=True)
     class Config:
