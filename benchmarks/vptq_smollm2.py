@@ -32,6 +32,8 @@ SETTINGS = {
                                                   MINMAX_GPTQ),
     "gptq W2 g64 asym, act-order, range search (its default)": (
         "gptq", dict(bits=2, group_size=64), {}),
+    "gptq W2 g64 asym, range search + finetune": ("gptq,finetune", dict(bits=2, group_size=64),
+                                                  {}),
     "rtn W2 g64 asym": ("rtn", dict(bits=2, group_size=64), {}),
     "vptq W3 (v3, 512 entries)": ("vptq", dict(bits=3), {}),
     "vptq W3 + finetune (4 epochs, 64 rows)": ("vptq,finetune", dict(bits=3), {}),
@@ -39,6 +41,8 @@ SETTINGS = {
                                                   MINMAX_GPTQ),
     "gptq W3 g64 asym, act-order, range search (its default)": (
         "gptq", dict(bits=3, group_size=64), {}),
+    "gptq W3 g64 asym, range search + finetune": ("gptq,finetune", dict(bits=3, group_size=64),
+                                                  {}),
     "rtn W3 g64 asym": ("rtn", dict(bits=3, group_size=64), {}),
 }
 FP32_PPL = 14.934
@@ -55,7 +59,10 @@ RUN_NOTE = ("Recorded 2026-11-27 21:04-21:31 UTC, one setting after another with
             "transform `finetune` with its defaults: 4 epochs over the first 64 calibration "
             "rows, Adam at 1e-3 relative; plugins/vptq/README.md) were recorded 2026-11-28 "
             "00:22-00:43 UTC in the same way (1-minute load average at most 2.00); the W2 "
-            "row's perplexity equals an earlier run's to the last digit.")
+            "row's perplexity equals an earlier run's to the last digit. The GPTQ `+ "
+            "finetune` rows (GPTQ's defaults, then `finetune`'s, which tunes the float16 "
+            "group scales with codes and zero points kept) were recorded 00:58-01:16 UTC "
+            "(load average at most 2.12).")
 
 
 def child(setting: str) -> dict:
