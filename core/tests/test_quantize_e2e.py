@@ -184,6 +184,36 @@ def test_group_size_that_does_not_divide_and_act_quantization(make_tiny_model, c
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_load_state_dict_after_a_forward_runs_the_loaded_weights(make_tiny_model, calib_ids):
+    """The kernels' prepared weights are conversions of a QuantLinear's tensors: after
+    ``load_state_dict`` (in-place copies into the same tensors) or a ``copy_`` into one of
+    them, the next forward runs the new weights, not the ones prepared before."""
+    import copy
+
+    model = make_tiny_model("llama")
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in other.model.layers.parameters():  # another float model, same structure
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    for m in (model, other):
+        quantize(m, Pipeline.from_names("rtn", scheme=Scheme(bits=4, group_size=32)),
+                 calib_ids, progress=False)
+    with torch.no_grad():
+        mine, theirs = model(calib_ids).logits, other(calib_ids).logits
+        assert (mine - theirs).abs().max() > 1e-3  # two different quantized models
+        pointers = {n: t.data_ptr() for n, t in model.state_dict().items()}
+        model.load_state_dict(other.state_dict())
+        assert {n: t.data_ptr() for n, t in model.state_dict().items()} == pointers  # in place
+        assert torch.equal(model(calib_ids).logits, theirs)
+        layer, source = model.model.layers[1].mlp.up_proj, other.model.layers[1].mlp.up_proj
+        layer.scales.mul_(2)  # one tensor changed in place: this layer runs it
+        changed = model(calib_ids).logits
+        assert (changed - theirs).abs().max() > 1e-3
+        layer.scales.copy_(source.scales)
+        assert torch.equal(model(calib_ids).logits, theirs)
+
+
 def test_quantlinear_repr_names_format_and_kernel(make_tiny_model, calib_ids):
     model = make_tiny_model("llama")
     quantize(model, Pipeline.from_names("rtn", scheme=Scheme(bits=4, group_size=32, symmetric=True)),

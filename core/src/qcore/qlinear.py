@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
             self.lowrank_down = None
             self.lowrank_up = None
         self._providers: dict[tuple[str, str], tuple[KernelProvider, Any]] = {}
+        self._prepared_state: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
 
     # ---------------------------------------------------------------- weights
 
@@ -60,17 +61,28 @@ class QuantLinear(nn.Module):
                                         device=device.type, compute_capability=cc)
 
     def provider_for(self, device: torch.device, dtype: torch.dtype) -> tuple[KernelProvider, Any]:
-        """The kernel provider (and its prepared weight) for inputs on ``device``/``dtype``."""
+        """The kernel provider (and its prepared weight) for inputs on ``device``/``dtype``.
+        Prepared again when a stored tensor was replaced or changed in place since
+        (``load_state_dict``, ``copy_``): a provider's prepared weight is a conversion of the
+        tensors, which would otherwise go stale silently."""
         key = (str(device), str(dtype))
+        state = self._tensor_state()
+        states = self.__dict__.setdefault("_prepared_state", {})  # (modules pickled before it)
         cached = self._providers.get(key)
-        if cached is None:
+        if cached is None or states.get(key) != state:
             from qcore.plugins import get_registry
 
             cls = select_kernel(get_registry(), self.request(device, dtype), self.kernel)
             provider = cls()
             cached = (provider, provider.prepare(self.packed(), device))
             self._providers[key] = cached
+            states[key] = state
         return cached
+
+    def _tensor_state(self) -> tuple[tuple[int, int], ...]:
+        """Each stored tensor's storage address and in-place version counter."""
+        return tuple((t.data_ptr(), t._version)
+                     for t in (getattr(self, k) for k in self.tensor_names))
 
     @property
     def provider_name(self) -> str | None:
