@@ -154,8 +154,7 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
     from qcore.interfaces import QuantizedWeight
     from qcore.testing.base import random_vq_weight
     from qcore_kernels.lut_layout import to_lut
-    from qcore_kernels.lut_ops import lut_linear, lut_paths
-    from qcore_kernels.testing import TOLERANCE
+    from qcore_kernels.lut_ops import lut_path
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -195,25 +194,13 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
                     except Exception as exc:  # noqa: BLE001 - extra; the row goes on
                         torch.cuda.synchronize()
                         row["floor_failed"] = f"{type(exc).__name__}: {exc}"[:200]
-                for path in lut_paths(m, w):
-                    if path == "table" and table_failed:
-                        row["lut"][path] = {"ok": False, "failed": table_failed}
-                        continue
-                    y = lut_linear(x, w, None, launch, path=path)
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
-                    if entry["ok"]:
-                        call = lambda p=path, x=x, w=w: lut_linear(x, w, None, launch, path=p)  # noqa: E731
-                        try:
-                            ms = time_ms(call)
-                        except Exception as exc:  # noqa: BLE001 - graph capture failed
-                            torch.cuda.synchronize()
-                            entry["timing"] = f"eager ({type(exc).__name__}: {exc})"[:200]
-                            ms = _eager_ms(call)
-                        moved = weight_bytes + x.numel() * 2 + m * out_f * 2
-                        entry.update(ms=ms, speedup=base_ms / ms,
-                                     bandwidth_fraction=moved / (ms / 1e3) / bandwidth)
-                    row["lut"][path] = entry
+                row["lut"] = _time_paths(x, w, ref, launch, time_ms, m, table_failed,
+                                         weight_bytes, bandwidth, base_ms)
+                auto = lut_path(m, w, x.device)
+                if auto == "table" and table_failed:
+                    row["auto"] = {"ok": False, "failed": table_failed, "path": auto}
+                else:
+                    row["auto"] = _time_auto(x, w, ref, launch, time_ms, auto)
                 if (v, bits) == (4, 8) and pdl:
                     row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m,
                                            skip=("table",) if table_failed else ())
@@ -222,6 +209,65 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
             del q, packed, w, dense, dense16
             torch.cuda.empty_cache()
     return rows
+
+
+def _time_paths(x, w, ref, launch: Callable, time_ms: Callable, m: int,
+                table_failed: str | None, weight_bytes: int, bandwidth: float,
+                base_ms: float) -> dict:
+    """Every path that can run ``m`` tokens of ``w``, each launched plainly
+    (``lut_ops.LUT_PDL`` off) and checked against the float32 reference first."""
+    import torch
+
+    import qcore_kernels.lut_ops as lut_ops
+    from qcore_kernels.lut_ops import lut_linear, lut_paths
+    from qcore_kernels.testing import TOLERANCE
+
+    out = {}
+    saved = lut_ops.LUT_PDL
+    try:
+        lut_ops.LUT_PDL = False
+        for path in lut_paths(m, w):
+            if path == "table" and table_failed:
+                out[path] = {"ok": False, "failed": table_failed}
+                continue
+            y = lut_linear(x, w, None, launch, path=path)
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+            entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
+            if entry["ok"]:
+                call = lambda p=path: lut_linear(x, w, None, launch, path=p)  # noqa: E731
+                try:
+                    ms = time_ms(call)
+                except Exception as exc:  # noqa: BLE001 - graph capture failed
+                    torch.cuda.synchronize()
+                    entry["timing"] = f"eager ({type(exc).__name__}: {exc})"[:200]
+                    ms = _eager_ms(call)
+                moved = weight_bytes + x.numel() * 2 + m * w.out_features * 2
+                entry.update(ms=ms, speedup=base_ms / ms,
+                             bandwidth_fraction=moved / (ms / 1e3) / bandwidth)
+            out[path] = entry
+    finally:
+        lut_ops.LUT_PDL = saved
+    return out
+
+
+def _time_auto(x, w, ref, launch: Callable, time_ms: Callable, path: str) -> dict:
+    """``lut_linear`` as a caller gets it: its own path choice (``path``) and the module's
+    defaults (programmatic dependent launch on sm_90+ included), checked first."""
+    import torch
+
+    from qcore_kernels.lut_ops import lut_linear
+    from qcore_kernels.testing import TOLERANCE
+
+    call = lambda: lut_linear(x, w, None, launch)  # noqa: E731
+    try:
+        err = float((call().float() - ref).abs().max() / ref.abs().max())
+        entry = {"error": err, "ok": err <= TOLERANCE["float16"], "path": path}
+        if entry["ok"]:
+            entry["ms"] = time_ms(call)
+    except Exception as exc:  # noqa: BLE001 - recorded, the rows go on
+        torch.cuda.synchronize()
+        entry = {"ok": False, "failed": f"{type(exc).__name__}: {exc}"[:200], "path": path}
+    return entry
 
 
 def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int,
@@ -264,6 +310,7 @@ def render_lut(result: dict) -> str:
     floors = any(r.get("floor") for r in result["lut"])
     pdl = any(r.get("pdl") for r in result["lut"])
     table = any(r["lut"].get("table") for r in result["lut"])
+    auto = any(r.get("auto") for r in result["lut"])
     lines = [
         "",
         "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
@@ -275,6 +322,10 @@ def render_lut(result: dict) -> str:
         "tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
         "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
         "+ cuBLAS; bw counts indices, codebook, x and y."
+        + (" These path columns launch plainly (`lut_ops.LUT_PDL` off); LUT auto is "
+           "`lut_linear` as a caller gets it: its own path choice (in brackets) with the "
+           "module's defaults, which on sm_90+ include programmatic dependent launch."
+           if auto else "")
         + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
            "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
            "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else "")
@@ -291,10 +342,11 @@ def render_lut(result: dict) -> str:
            "fp16 F.linear as cuBLAS launches it." if pdl else ""),
         "",
         "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
+        + ("LUT auto | " if auto else "")
         + "LUT mma4 | LUT mma | " + ("LUT table | " if table else "")
         + ("LUT PDL | " if pdl else "") + "LUT gemv | LUT dequant+cuBLAS |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else "")
-        + ("---|" if table else "") + ("---|" if pdl else ""),
+        + ("---|" if auto else "") + ("---|" if table else "") + ("---|" if pdl else ""),
     ]
     for r in result["lut"]:
         floor = r.get("floor")
@@ -304,12 +356,25 @@ def render_lut(result: dict) -> str:
         lines.append(
             f"| {r['in']} × {r['out']} | {r['m']} | {r['config']} | "
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
-            f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
+            + (f"{_auto_cell(r)} | " if auto else "")
+            + f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
             + (f"{cell(r['lut'].get('table'), True, 1)} | " if table else "")
             + (f"{_pdl_cell(r)} | " if pdl else "")
             + f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _auto_cell(row: dict) -> str:
+    """``lut_linear``'s own choice with the defaults, and which path it took."""
+    entry = row.get("auto")
+    if not entry:
+        return ""
+    if not entry.get("ok"):
+        return f"failed [{entry.get('path')}]" if "failed" in entry else \
+            f"WRONG (err {entry['error']:.1e}) [{entry.get('path')}]"
+    return (f"**{entry['ms'] * 1e3:.1f} µs ({row['fp16_ms'] / entry['ms']:.2f}×)** "
+            f"[{entry['path']}]")
 
 
 def _pdl_cell(row: dict) -> str:
@@ -405,7 +470,7 @@ SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
 SWEEP4_STAGES = ("after", "table")
 SWEEP4_L2 = (True, False)
 #: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only), tried with the L2
-#: requests on.
+#: requests on and off.
 SWEEP4_PDL = (False, True)
 
 
@@ -465,7 +530,7 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
         for g, warps, per_sm, stages, l2, pdl in itertools.product(
                 SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
                 SWEEP4_PDL):
-            if pdl and (not l2 or not pdl_capable):
+            if pdl and not pdl_capable:
                 continue
             in_table = stages == "table"
             if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
@@ -507,8 +572,8 @@ def render_sweep4(result: dict) -> str:
         "persistent grid is sized for; index stages after the table (4 per warp) or in its "
         "free halves next to x (2 per warp; only where they fit); L2 requests of the next "
         "tile on or off"
-        + ("; programmatic dependent launch (PDL, with the L2 requests) on or off" if pdls
-           else "") + ". Bold: the fastest per shape.",
+        + ("; programmatic dependent launch (PDL) on or off" if pdls
+           else "") + ". Bold: the fastest per shape." + _sweep_from(result, "lut_mma4_sweep"),
         "",
         "| in × out | groups | stages | L2 | " + ("PDL | " if pdls else "")
         + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
@@ -538,6 +603,12 @@ def render_sweep4(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_from(result: dict, key: str) -> str:
+    """Where a sweep recorded with another run's rows came from (``<key>_from``)."""
+    origin = result.get(f"{key}_from")
+    return f" Measured in another run: {origin}." if origin else ""
+
+
 def render_sweep(result: dict) -> str:
     """The tensor-core LUT GEMV's launch-parameter sweep, one line per shape and setting."""
     sweep = result.get("lut_mma_sweep")
@@ -548,7 +619,8 @@ def render_sweep(result: dict) -> str:
         "Tensor-core LUT GEMV launch sweep (`--lut-sweep`, v4 i8, fp16): token tile 8 = "
         "weights as the mma's A operand (16-row groups), 16 = tokens as A (8-row groups); "
         "groups per block tile; warps per block; resident warps per multiprocessor the "
-        "persistent grid is sized for. Bold: the fastest per shape.",
+        "persistent grid is sized for. Bold: the fastest per shape."
+        + _sweep_from(result, "lut_mma_sweep"),
         "",
         "| in × out | M | token tile, groups | 4 warps, 16/SM | 4 warps, 32/SM | 8 warps, 16/SM "
         "| 8 warps, 32/SM |",
@@ -639,7 +711,7 @@ def render_sweep_table(result: dict) -> str:
         "`qk_lut_table` launch sweep (`--lut-sweep table`, v4 i8, fp16, M = 1): vectors per "
         "lane Q (tables of 64 or 128 KB); warps per block; blocks per multiprocessor the "
         "grid of slices x row ranges is sized for; programmatic dependent launch on or off. "
-        "Bold: the fastest per shape.",
+        "Bold: the fastest per shape." + _sweep_from(result, "lut_table_sweep"),
         "",
         "| in × out | Q | PDL | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
         "|---|---|---|" + "---|" * len(settings),

@@ -283,7 +283,7 @@ def record(path: Path) -> None:
                  and r.get("lut_mma_sweep")]
         if swept:
             result["lut_mma_sweep"] = swept[-1]["lut_mma_sweep"]
-            result["lut_mma_sweep_from"] = swept[-1]["date"]
+            result["lut_mma_sweep_from"] = swept[-1].get("lut_mma_sweep_from", swept[-1]["date"])
     merge_results("kernels_gpu", [result], key="device")
     write_section(
         "kernels-gpu", "## Kernels on a GPU (`benchmarks/kernels_gpu.py`)\n\n" + render(result)

@@ -133,21 +133,48 @@ def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     assert_close(y, ref, case)
     if case.path is None and case.v in (4, 6, 8):
         mma = case.v == 4 and case.bits == 8 and not case.res_bits
-        want = ("mma4" if case.m > 1 and case.n <= 4096 else "mma") if mma else "gemv"
+        want = ("mma4" if case.m == 1 or case.m > 8 or case.n <= 4096 else "mma") if mma \
+            else "gemv"
         assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == want
 
 
 def test_auto_path_between_the_tensor_core_gemvs():
     """lut_path's choice between qk_lut_mma4 and qk_lut_mma follows the H200 benchmark:
-    qk_lut_mma at one token, qk_lut_mma4 above 8, and from 2 to 8 tokens qk_lut_mma4 up to
-    4096 output rows only."""
+    qk_lut_mma4 at one token and above 8, and from 2 to 8 tokens up to 4096 output rows
+    only."""
     from qcore_kernels.lut_ops import lut_path
 
     narrow = to_lut(random_vq(LUTCase(1, 4096, 8, 4, 8, rows=None)), "cpu")
     wide = to_lut(random_vq(LUTCase(1, 4097, 8, 4, 8, rows=None)), "cpu")
     picks = {m: (lut_path(m, narrow, "cpu"), lut_path(m, wide, "cpu")) for m in (1, 2, 8, 9, 16)}
-    assert picks == {1: ("mma", "mma"), 2: ("mma4", "mma"), 8: ("mma4", "mma"),
+    assert picks == {1: ("mma4", "mma4"), 2: ("mma4", "mma"), 8: ("mma4", "mma"),
                      9: ("mma4", "mma4"), 16: ("mma4", "mma4")}
+
+
+def test_mma4_l2_requests_off_for_one_token_unless_forced(launch, monkeypatch):
+    """qk_lut_mma4's L2 requests of the next tile (a launch argument) are off for one token,
+    where the H200 sweeps ran faster without them, and on for more; LUT_MMA4_L2 forces
+    either. The outputs are the same bit for bit."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    seen = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):
+        if instance.startswith("qk_lut_mma4"):
+            seen.append(int(args[3 + len(lut_ops._mma_stage_args(w.main))]))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    case = LUTCase(5, 64, 512, 4, 8, rows=None, scale=True, path="mma4")
+    w = to_lut(random_vq(case), "cpu")
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1)).half()
+    outputs = {}
+    for forced in (None, True, False):
+        monkeypatch.setattr(lut_ops, "LUT_MMA4_L2", forced)
+        seen.clear()
+        outputs[forced] = [lut_ops.lut_linear(x[:m], w, None, spy, path="mma4") for m in (1, 5)]
+        assert seen == ([0, 1] if forced is None else [int(forced)] * 2)
+    for forced in (True, False):
+        assert all(torch.equal(a, b) for a, b in zip(outputs[None], outputs[forced]))
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -360,7 +387,7 @@ def test_table_gemv_is_picked_only_when_asked_for(launch, monkeypatch):
 
     assert tuple(sorted(lut_ops.LUT_TABLE_BYTES)) == LUT_TABLE_VECTORS
     w = to_lut(random_vq(LUTCase(1, 64, 512, 4, 8, rows=None)), "cpu")
-    assert lut_ops.lut_path(1, w, "cpu") == "mma" and "table" in lut_ops.lut_paths(1, w)
+    assert lut_ops.lut_path(1, w, "cpu") == "mma4" and "table" in lut_ops.lut_paths(1, w)
     assert "table" not in lut_ops.lut_paths(2, w)
     monkeypatch.setattr(lut_ops, "LUT_TABLE", True)
     assert lut_ops.lut_path(1, w, "cpu") == "table" and lut_ops.lut_path(2, w, "cpu") == "mma4"
@@ -396,7 +423,9 @@ def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypa
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert lut_ops._programmatic(cuda) == {}  # off by default
+    assert lut_ops._programmatic(cuda) == {"programmatic": True}  # on by default
+    monkeypatch.setattr(lut_ops, "LUT_PDL", False)
+    assert lut_ops._programmatic(cuda) == {}
     monkeypatch.setattr(lut_ops, "LUT_PDL", True)
     assert lut_ops._programmatic(cuda) == {"programmatic": True}
     assert lut_ops._programmatic(torch.device("cpu")) == {}

@@ -138,9 +138,9 @@ def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
     y_default, ref = run_lut_case(case, launcher, "cuda")
     instances = []
 
-    def spy(file, instance, grid, block, args, shared_mem=0):
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):  # kw: programmatic
         instances.append(instance)
-        launcher(file, instance, grid, block, args, shared_mem=shared_mem)
+        launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
 
     monkeypatch.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", True)
     y, _ = run_lut_case(case, spy, "cuda")

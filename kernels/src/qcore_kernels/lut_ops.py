@@ -15,11 +15,12 @@ Paths by the number of tokens ``M``:
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
   columns per token), and a table read costs one byte permutation and one load; the index
-  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked above 8 tokens,
-  and from 2 to 8 tokens for at most 4096 output rows (:func:`mma4_preferred`).
-* ``mma`` (M <= 16, the same weights; one token, 2-8 tokens of more output rows, and what
-  ``mma4`` cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up
-  to 8 tokens) or the B operand (16).
+  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked for one token,
+  above 8 tokens, and from 2 to 8 tokens for at most 4096 output rows
+  (:func:`mma4_preferred`).
+* ``mma`` (M <= 16, the same weights; 2-8 tokens of more output rows, and what ``mma4``
+  cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up to 8
+  tokens) or the B operand (16).
 * ``table`` (one token, the same weights; picked by :func:`lut_path` only with
   :data:`LUT_TABLE` on): ``qk_lut_table``, which replaces the codebook reads by dot-product
   tables. A block takes a slice of 32 Q vectors (Q = 2 or 4 per lane) and computes, for each
@@ -70,11 +71,14 @@ CPU_BLOCKS = 3
 #: Programmatic dependent launch of the tensor-core GEMVs and the table GEMV on sm_90+
 #: (``launch(..., programmatic=True)``): a launch may start while the kernel before it in the
 #: stream still runs, loading its weights (the table GEMV: its codebook only), and waits for that
-#: kernel (griddepcontrol) before it reads x, the addend or the epilogue's tensors. The
-#: weights must therefore not be written by the kernel launched just before a call (``to_lut``
-#: waits for its own copies). Not measured yet on a GPU, so off by default (the benchmark
-#: times both).
-LUT_PDL = False
+#: kernel (griddepcontrol) before it reads x, the addend or the epilogue's tensors, and before
+#: it writes anything. The weights must therefore not be written by the kernel launched just
+#: before a call: ``to_lut`` waits for its own copies, and ``QuantLinear`` prepares its weight
+#: again (through ``to_lut``) when one of its tensors was changed in place. On by default:
+#: on the H200 it took 0.7-1.9 us off every one-token call in the launch sweeps
+#: (BENCHMARKS.md, 2026-11-28; ``qk_lut_mma4``'s default grid at (8192, 8192): 11.7 ->
+#: 10.4 us), and every GPU test passed with it.
+LUT_PDL = True
 
 
 def _programmatic(device: torch.device) -> dict[str, bool]:
@@ -206,13 +210,15 @@ def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
 def mma4_preferred(m: int, n: int) -> bool:
     """Whether ``qk_lut_mma4`` beats ``qk_lut_mma`` at ``m`` tokens and ``n`` output rows
     (v4 i8 weights on the H200, BENCHMARKS.md): above 8 tokens always (``qk_lut_mma``'s
-    16-token tile is the slow one, 15-30% behind); never at one token (level at best);
-    from 2 to 8 tokens up to ``LUT_MMA4_MAX_ROWS`` output rows (14336 x 4096 at M = 4:
-    14.9 against 18.1 us), and not beyond (8192 x 8192 at M = 8: 23.5 against 19.2 us, where
-    ``qk_lut_mma`` reads each index once for all 8 tokens)."""
-    if m > 8:
+    16-token tile is the slow one, 15-30% behind); at one token, without the L2 requests
+    (:data:`LUT_MMA4_L2`), level without programmatic launch and ahead with it ((8192, 8192):
+    10.4 against 11.3 us or more for ``qk_lut_mma``); from 2 to 8 tokens up to
+    ``LUT_MMA4_MAX_ROWS`` output rows (14336 x 4096 at M = 4: 14.9 against 18.1 us), and not
+    beyond (8192 x 8192 at M = 8: 23.5 against 19.2 us, where ``qk_lut_mma`` reads each index
+    once for all 8 tokens)."""
+    if m > 8 or m == 1:
         return True
-    return m > 1 and n <= LUT_MMA4_MAX_ROWS
+    return n <= LUT_MMA4_MAX_ROWS
 
 
 def lut_mma_config(m: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -452,7 +458,7 @@ def _mma4(
         (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
-         np.int32(LUT_MMA4_L2),
+         np.int32(m > 1 if LUT_MMA4_L2 is None else LUT_MMA4_L2),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
         **_programmatic(x.device),
@@ -618,12 +624,14 @@ LUT_MMA4_MAX_ROWS = 4096
 #: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::mma4_stages``, ``MMA4_STAGE_BYTES``):
 #: stages per warp after the table (3 chunk steps in flight ahead of the one computed), 512
 #: bytes of shared memory per row group and stage; whether the tile after the one being
-#: loaded is also requested into L2 (``l2``, a launch argument); and, not measured yet on a
-#: GPU so off by default (the launch sweep tries it), 2 stages per warp in the table's free
-#: halves next to x where they fit: a 69 KB block of 8 warps, three per multiprocessor.
+#: loaded is also requested into L2 (``l2``, a launch argument: None = off for one token,
+#: where the H200 sweeps ran 8-12% faster without, on for more, where they were measured
+#: on; True or False forces it); and, off by default since the H200 sweeps found it no
+#: faster, 2 stages per warp in the table's free halves next to x where they fit: a 69 KB
+#: block of 8 warps, three per multiprocessor.
 LUT_MMA4_STAGES = 4
 LUT_MMA4_STAGE_BYTES = 512
-LUT_MMA4_L2 = True
+LUT_MMA4_L2: bool | None = None
 LUT_MMA4_STAGES_IN_TABLE = False
 LUT_MMA4_STAGES_SH = 2
 
@@ -631,7 +639,10 @@ LUT_MMA4_STAGES_SH = 2
 #: ``qk_lut_table``: its tables' shared memory by vectors per lane (``qk_lut::table_bytes``),
 #: warps per block (at most; the instances' launch bound), the pseudo multiprocessors the CPU
 #: harness sizes its grid for (several row ranges), and Q forced (None: lut_table_config's
-#: choice). Not measured yet on a GPU, so :func:`lut_path` picks it only with ``LUT_TABLE``.
+#: choice). Slower than ``qk_lut_mma4`` wherever measured (H200, one token: (4096, 4096) 6.2
+#: against 4.4 us at best, (8192, 8192) 11.7 against 10.3; Nsight Compute: a quarter of the
+#: warps resident, half the issue slots idle), so :func:`lut_path` picks it only with
+#: ``LUT_TABLE``.
 LUT_TABLE_BYTES = {2: 64 * 1024, 4: 128 * 1024}
 LUT_TABLE_CODEBOOK_BYTES = 256 * 16  # the codebook as float32, after the tables
 LUT_TABLE_WARPS = 16
