@@ -133,22 +133,24 @@ def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     assert_close(y, ref, case)
     if case.path is None and case.v in (4, 6, 8):
         mma = case.v == 4 and case.bits == 8 and not case.res_bits
-        want = ("mma4" if case.m == 1 or case.m > 8 or case.n <= 4096 else "mma") if mma \
+        want = ("mma4" if case.m <= 4 or case.m > 8 or case.n <= 4096 else "mma") if mma \
             else "gemv"
         assert lut_path(case.m, to_lut(random_vq(case), "cpu"), "cpu") == want
 
 
 def test_auto_path_between_the_tensor_core_gemvs():
     """lut_path's choice between qk_lut_mma4 and qk_lut_mma follows the H200 benchmark:
-    qk_lut_mma4 at one token and above 8, and from 2 to 8 tokens up to 4096 output rows
+    qk_lut_mma4 up to 4 tokens and above 8, and from 5 to 8 tokens up to 4096 output rows
     only."""
     from qcore_kernels.lut_ops import lut_path
 
     narrow = to_lut(random_vq(LUTCase(1, 4096, 8, 4, 8, rows=None)), "cpu")
     wide = to_lut(random_vq(LUTCase(1, 4097, 8, 4, 8, rows=None)), "cpu")
-    picks = {m: (lut_path(m, narrow, "cpu"), lut_path(m, wide, "cpu")) for m in (1, 2, 8, 9, 16)}
-    assert picks == {1: ("mma4", "mma4"), 2: ("mma4", "mma"), 8: ("mma4", "mma"),
-                     9: ("mma4", "mma4"), 16: ("mma4", "mma4")}
+    picks = {m: (lut_path(m, narrow, "cpu"), lut_path(m, wide, "cpu"))
+             for m in (1, 2, 4, 5, 8, 9, 16)}
+    assert picks == {1: ("mma4", "mma4"), 2: ("mma4", "mma4"), 4: ("mma4", "mma4"),
+                     5: ("mma4", "mma"), 8: ("mma4", "mma"), 9: ("mma4", "mma4"),
+                     16: ("mma4", "mma4")}
 
 
 def test_mma4_l2_requests_off_for_one_token_unless_forced(launch, monkeypatch):

@@ -80,8 +80,9 @@ class QuantLinear(nn.Module):
         return cached
 
     def _tensor_state(self) -> tuple[tuple[int, int], ...]:
-        """Each stored tensor's storage address and in-place version counter."""
-        return tuple((t.data_ptr(), t._version)
+        """Each stored tensor's storage address and in-place version counter (an inference
+        tensor, made under ``torch.inference_mode``, has none: its address alone)."""
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
                      for t in (getattr(self, k) for k in self.tensor_names))
 
     @property

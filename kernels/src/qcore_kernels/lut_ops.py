@@ -15,10 +15,10 @@ Paths by the number of tokens ``M``:
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
   columns per token), and a table read costs one byte permutation and one load; the index
-  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked for one token,
-  above 8 tokens, and from 2 to 8 tokens for at most 4096 output rows
+  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked up to 4 tokens,
+  above 8 tokens, and from 5 to 8 tokens for at most 4096 output rows
   (:func:`mma4_preferred`).
-* ``mma`` (M <= 16, the same weights; 2-8 tokens of more output rows, and what ``mma4``
+* ``mma`` (M <= 16, the same weights; 5-8 tokens of more output rows, and what ``mma4``
   cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up to 8
   tokens) or the B operand (16).
 * ``table`` (one token, the same weights; picked by :func:`lut_path` only with
@@ -212,11 +212,13 @@ def mma4_preferred(m: int, n: int) -> bool:
     (v4 i8 weights on the H200, BENCHMARKS.md): above 8 tokens always (``qk_lut_mma``'s
     16-token tile is the slow one, 15-30% behind); at one token, without the L2 requests
     (:data:`LUT_MMA4_L2`), level without programmatic launch and ahead with it ((8192, 8192):
-    10.4 against 11.3 us or more for ``qk_lut_mma``); from 2 to 8 tokens up to
-    ``LUT_MMA4_MAX_ROWS`` output rows (14336 x 4096 at M = 4: 14.9 against 18.1 us), and not
-    beyond (8192 x 8192 at M = 8: 23.5 against 19.2 us, where ``qk_lut_mma`` reads each index
-    once for all 8 tokens)."""
-    if m > 8 or m == 1:
+    10.4 against 11.3 us or more for ``qk_lut_mma``); up to 4 tokens (one block of tokens,
+    so about the cost of one) with programmatic launch ahead at every shape measured (M = 4:
+    (8192, 8192) 13.2 against 14.3 us, 4096 x 14336 12.2 against 13.0) and within about 5%
+    either way without it; from 5 to 8 tokens up to ``LUT_MMA4_MAX_ROWS`` output rows
+    (14336 x 4096 at M = 8: 22.2 against 25.4 us plainly), and not beyond (8192 x 8192 at M = 8: 23.3 against 19.5 us plainly, where
+    ``qk_lut_mma`` reads each index once for all 8 tokens)."""
+    if m > 8 or m <= LUT_MMA4_TOKENS:
         return True
     return n <= LUT_MMA4_MAX_ROWS
 
@@ -619,7 +621,7 @@ LUT_MMA4_X_SLOTS = 256
 LUT_MMA4_ZERO_BYTES = 1024
 #: Warps per ``qk_lut_mma4`` block (at most; fewer when a row has fewer 256-column chunks).
 LUT_MMA4_WARPS = 8
-#: The most output rows for which :func:`mma4_preferred` picks ``qk_lut_mma4`` at 2-8 tokens.
+#: The most output rows for which :func:`mma4_preferred` picks ``qk_lut_mma4`` at 5-8 tokens.
 LUT_MMA4_MAX_ROWS = 4096
 #: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::mma4_stages``, ``MMA4_STAGE_BYTES``):
 #: stages per warp after the table (3 chunk steps in flight ahead of the one computed), 512
