@@ -39,6 +39,8 @@ SETTINGS = {
     "awq,gptq W3 g64 asym": ("awq,gptq", W3A, {}),
     "awq,awq-clip,gptq W4 g64 asym": ("awq,awq-clip,gptq", W4A, {}),
     "awq,awq-clip,gptq W3 g64 asym": ("awq,awq-clip,gptq", W3A, {}),
+    "awq,awq-clip,finetune W4 g64 asym": ("awq,awq-clip,finetune", W4A, {}),
+    "awq,awq-clip,finetune W3 g64 asym": ("awq,awq-clip,finetune", W3A, {}),
 }
 #: RTN (BENCHMARKS.md) and llm-compressor 0.14.0.1 on this machine (from the AWQ issue):
 #: RTN ppl, peer AWQ+RTN ppl / time / RSS, peer GPTQ ppl / time.
@@ -72,7 +74,13 @@ def main() -> None:
         "is not rerun here). The `awq` search scores each α by the group's output error "
         "over all calibration tokens (through the Hessian); `awq-clip` reuses the "
         "statistics `awq` rescaled, so it adds no observation pass. `awq,gptq`: AWQ's "
-        "scales folded first, then GPTQ (act-order) on the scaled block.",
+        "scales folded first, then GPTQ (act-order) on the scaled block. `finetune`: the "
+        "built-in after-quantization transform with its defaults (4 epochs of Adam over the "
+        "first 64 calibration rows per block; it tunes the float16 group scales, codes and "
+        "zero points kept, against the unquantized model's block outputs). The two "
+        "`finetune` rows were recorded 2026-11-28 02:19-02:41 UTC, one after the other with "
+        "nothing else running (1-minute load average at most 2.17, logged every 10 s); the "
+        "other rows 2026-11-27.",
         "",
         "| setting | qcore ppl | time | peak RSS | RTN ppl | peer AWQ ppl | peer AWQ time "
         "| peer AWQ RSS | peer GPTQ ppl | peer GPTQ time |",
