@@ -216,8 +216,9 @@ def mma4_preferred(m: int, n: int) -> bool:
     so about the cost of one) with programmatic launch ahead at every shape measured (M = 4:
     (8192, 8192) 13.2 against 14.3 us, 4096 x 14336 12.2 against 13.0) and within about 5%
     either way without it; from 5 to 8 tokens up to ``LUT_MMA4_MAX_ROWS`` output rows
-    (14336 x 4096 at M = 8: 22.2 against 25.4 us plainly), and not beyond (8192 x 8192 at M = 8: 23.3 against 19.5 us plainly, where
-    ``qk_lut_mma`` reads each index once for all 8 tokens)."""
+    (14336 x 4096 at M = 8: 22.2 against 25.4 us plainly), and not beyond (8192 x 8192 at
+    M = 8: 23.3 against 19.5 us plainly, where ``qk_lut_mma`` reads each index once for all
+    8 tokens)."""
     if m > 8 or m <= LUT_MMA4_TOKENS:
         return True
     return n <= LUT_MMA4_MAX_ROWS
