@@ -70,6 +70,8 @@ def floor_timers(time_ms: Callable) -> tuple[Callable, Callable]:
     import numpy as np
     import torch
 
+    from qcore_kernels.runtime import external_stream
+
     module = cupy.RawModule(code=FLOOR_SOURCE)
     empty_k = module.get_function("qk_bench_empty")
     stream_k = module.get_function("qk_bench_stream")
@@ -78,7 +80,7 @@ def floor_timers(time_ms: Callable) -> tuple[Callable, Callable]:
 
     def on_torch(fn: Callable) -> Callable:
         def call() -> None:
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with external_stream(torch.cuda.current_stream().cuda_stream):
                 fn()
         return call
 
@@ -472,6 +474,10 @@ SWEEP4_L2 = (True, False)
 #: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only), tried with the L2
 #: requests on and off.
 SWEEP4_PDL = (False, True)
+#: The x reads of the absent tokens' lanes skipped (``lut_ops.LUT_MMA4_SKIP_ABSENT_X``) or
+#: read; read only in the one-token default of the other parameters (L2 requests off, PDL
+#: where the device has it), to compare.
+SWEEP4_SKIP_X = (True, False)
 
 
 def _sweep_one_token(launch: Callable, time_ms: Callable, path: str, seeds: tuple[int, int],
@@ -522,15 +528,17 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     import qcore_kernels.lut_ops as lut_ops
 
     saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL)
+             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl_capable = torch.cuda.get_device_capability()[0] >= 9
 
     def settings(in_f: int, out_f: int):
-        for g, warps, per_sm, stages, l2, pdl in itertools.product(
+        for g, warps, per_sm, stages, l2, pdl, skip_x in itertools.product(
                 SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
-                SWEEP4_PDL):
+                SWEEP4_PDL, SWEEP4_SKIP_X):
             if pdl and not pdl_capable:
+                continue
+            if not skip_x and (l2 or pdl != pdl_capable):
                 continue
             in_table = stages == "table"
             if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
@@ -539,32 +547,35 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
                 continue
             blocks = min(-(-out_f // (8 * g)), sms * per_sm)
 
-            def apply(g=g, blocks=blocks, warps=warps, in_table=in_table, l2=l2, pdl=pdl):
+            def apply(g=g, blocks=blocks, warps=warps, in_table=in_table, l2=l2, pdl=pdl,
+                      skip_x=skip_x):
                 lut_ops.lut_mma4_config = lambda *_: (g, blocks)
                 lut_ops.LUT_MMA4_WARPS = warps
                 lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
                 lut_ops.LUT_MMA4_L2 = l2
                 lut_ops.LUT_PDL = pdl
+                lut_ops.LUT_MMA4_SKIP_ABSENT_X = skip_x
 
             yield ({"groups": g, "warps": warps, "blocks_per_sm": per_sm, "stages": stages,
-                    "l2": l2, "pdl": pdl}, apply)
+                    "l2": l2, "pdl": pdl, "skip_x": skip_x}, apply)
 
     try:
         return _sweep_one_token(launch, time_ms, "mma4", (5, 2), settings)
     finally:
         (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL) = saved
+         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X) = saved
 
 
 def render_sweep4(result: dict) -> str:
     """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count, stage
-    layout, L2 setting and PDL (runs before these were swept: after the table, L2 on, no
-    PDL)."""
+    layout, L2 setting, PDL and the absent tokens' x reads (runs before these were swept:
+    after the table, L2 on, no PDL, x read)."""
     sweep = result.get("lut_mma4_sweep")
     if not sweep:
         return ""
     settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
     pdls = any(r.get("pdl") for r in sweep)
+    skips = any("skip_x" in r for r in sweep)
     lines = [
         "",
         "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
@@ -572,26 +583,33 @@ def render_sweep4(result: dict) -> str:
         "persistent grid is sized for; index stages after the table (4 per warp) or in its "
         "free halves next to x (2 per warp; only where they fit); L2 requests of the next "
         "tile on or off"
-        + ("; programmatic dependent launch (PDL) on or off" if pdls
-           else "") + ". Bold: the fastest per shape." + _sweep_from(result, "lut_mma4_sweep"),
+        + ("; programmatic dependent launch (PDL) on or off" if pdls else "")
+        + ("; the x reads of the lanes of the 3 absent tokens skipped or read" if skips else "")
+        + ". Bold: the fastest per shape." + _sweep_from(result, "lut_mma4_sweep"),
         "",
         "| in × out | groups | stages | L2 | " + ("PDL | " if pdls else "")
+        + ("absent x | " if skips else "")
         + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
-        "|---|---|---|---|" + ("---|" if pdls else "") + "---|" * len(settings),
+        "|---|---|---|---|" + ("---|" if pdls else "") + ("---|" if skips else "")
+        + "---|" * len(settings),
     ]
+
+    def key(r: dict) -> tuple:
+        return (r["groups"], r.get("stages", "after"), r.get("l2", True), r.get("pdl", False),
+                r.get("skip_x", False))
+
     shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
     for shape in shapes:
         rows = [r for r in sweep if (r["in"], r["out"]) == shape]
         best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        variants = sorted({(r["groups"], r.get("stages", "after"), r.get("l2", True),
-                            r.get("pdl", False)) for r in rows},
-                          key=lambda v: (v[0], v[1], not v[2], v[3]))
-        for g, stages, l2, pdl in variants:
+        variants = sorted({key(r) for r in rows},
+                          key=lambda v: (v[0], v[1], not v[2], v[3], not v[4]))
+        for variant in variants:
+            g, stages, l2, pdl, skip_x = variant
             cells = []
             for warps, per_sm in settings:
-                hit = [r for r in rows if r["groups"] == g and r["warps"] == warps
-                       and r["blocks_per_sm"] == per_sm and r.get("stages", "after") == stages
-                       and r.get("l2", True) == l2 and r.get("pdl", False) == pdl]
+                hit = [r for r in rows if key(r) == variant and r["warps"] == warps
+                       and r["blocks_per_sm"] == per_sm]
                 if not hit or not hit[0].get("ok"):
                     cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
                     continue
@@ -599,6 +617,7 @@ def render_sweep4(result: dict) -> str:
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
             lines.append(f"| {shape[0]} × {shape[1]} | {g} | {stages} | {'on' if l2 else 'off'} | "
                          + ("" if not pdls else f"{'on' if pdl else 'off'} | ")
+                         + ("" if not skips else f"{'skipped' if skip_x else 'read'} | ")
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -179,6 +179,37 @@ def test_mma4_l2_requests_off_for_one_token_unless_forced(launch, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(outputs[None], outputs[forced]))
 
 
+def test_mma4_absent_tokens_skip_their_x_reads(launch, monkeypatch):
+    """qk_lut_mma4's lanes of the tokens a block lacks skip their x reads (a launch argument,
+    LUT_MMA4_SKIP_ABSENT_X, on by default): the outputs are the same bit for bit with and
+    without, at 1-3 tokens and in a partial second block of 4 (5-7 tokens), with outliers,
+    scale and offset."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    seen = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):
+        if instance.startswith("qk_lut_mma4"):
+            seen.append(int(args[4 + len(lut_ops._mma_stage_args(w.main))]))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    case = LUTCase(7, 72, 700, 4, 8, rows=None, scale=True, offset=True, outliers=12,
+                   path="mma4")
+    w = to_lut(random_vq(case), "cpu")
+    x = torch.randn(7, 700, generator=torch.Generator().manual_seed(3)).half()
+    assert lut_ops.LUT_MMA4_SKIP_ABSENT_X is True
+    outputs = {}
+    for skip in (True, False):
+        monkeypatch.setattr(lut_ops, "LUT_MMA4_SKIP_ABSENT_X", skip)
+        seen.clear()
+        outputs[skip] = [lut_ops.lut_linear(x[:m], w, None, spy, path="mma4") for m in (1, 3, 6)]
+        assert seen == [int(skip)] * 6  # the outlier and the main launch of each call
+    ref = x.float() @ dequantize_vq(random_vq(case)).float().t()
+    for m, a, b in zip((1, 3, 6), outputs[True], outputs[False]):
+        assert torch.equal(a, b)
+        assert_close(a, ref[:m], case)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     """qk_lut_mma4 with 1 and 2 row groups per tile gives the same outputs bit for bit (a

@@ -149,6 +149,25 @@ def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
     assert_close(y, ref, case)
 
 
+@pytest.mark.parametrize("case", [
+    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
+    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),
+    LUTCase(3, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
+    LUTCase(6, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
+], ids=lambda c: c.id)
+def test_mma4_absent_tokens_skip_their_x_reads(case, launcher, monkeypatch):
+    """qk_lut_mma4 with the x reads of a block's absent tokens skipped (the default) gives
+    the outputs of reading them bit for bit, and the float32 reference's."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    assert lut_ops.LUT_MMA4_SKIP_ABSENT_X is True
+    y_skip, ref = run_lut_case(case, launcher, "cuda")
+    monkeypatch.setattr(lut_ops, "LUT_MMA4_SKIP_ABSENT_X", False)
+    y_read, _ = run_lut_case(case, launcher, "cuda")
+    assert torch.equal(y_skip, y_read)
+    assert_close(y_skip, ref, case)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     """qk_lut_mma4: 1 and 2 row groups per tile give the same outputs bit for bit, a token's

@@ -148,3 +148,25 @@ def test_programmatic_launch_marshals_arguments_and_reports_errors(monkeypatch):
     fake.result = 1
     with pytest.raises(RuntimeError, match=r"failed: 1 \(CUDA_ERROR_INVALID_VALUE\).*LUT_PDL"):
         runtime.launch_programmatic(0xABC, (1,), (32,), args, 0, 0)
+
+
+def test_external_stream_wraps_torchs_handle_without_a_deprecation_warning(monkeypatch):
+    """Kernels launch on torch's stream through CuPy's view of its handle: ExternalStream
+    while CuPy has it (its CuPy 14 DeprecationWarning silenced), else Stream.from_external
+    under the CUDA stream protocol; either way the view's pointer is the handle. Neither
+    needs a driver to be made."""
+    import warnings
+
+    cupy = pytest.importorskip("cupy")
+    from qcore_kernels.runtime import external_stream
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would raise here
+        stream = external_stream(0x5A5A0, 0)
+        assert stream.ptr == 0x5A5A0 and stream.device_id == 0
+        assert external_stream(0x5A5B0).ptr == 0x5A5B0
+    assert isinstance(stream, cupy.cuda.ExternalStream)
+
+    monkeypatch.delattr(cupy.cuda, "ExternalStream")
+    stream = external_stream(0x5A5C0, 0)
+    assert type(stream) is cupy.cuda.Stream and stream.ptr == 0x5A5C0

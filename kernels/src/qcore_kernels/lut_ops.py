@@ -462,6 +462,7 @@ def _mma4(
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
          np.int32(m > 1 if LUT_MMA4_L2 is None else LUT_MMA4_L2),
+         np.int32(LUT_MMA4_SKIP_ABSENT_X),
          *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
         **_programmatic(x.device),
@@ -637,6 +638,14 @@ LUT_MMA4_STAGE_BYTES = 512
 LUT_MMA4_L2: bool | None = None
 LUT_MMA4_STAGES_IN_TABLE = False
 LUT_MMA4_STAGES_SH = 2
+#: ``qk_lut_mma4`` with fewer than 4 tokens in a block (one token: a GEMV): the lanes whose
+#: mma B columns belong to the absent tokens skip their x reads (a launch argument; the
+#: outputs are the same bit for bit). Each 16-byte x read of a warp then costs one
+#: shared-memory wavefront per token present instead of four: at one token and 2 row
+#: groups, about 42 instead of 48 wavefronts per 512 indices (the codebook rows 32, x 8 ->
+#: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (70%). Not yet
+#: measured on a GPU.
+LUT_MMA4_SKIP_ABSENT_X = True
 
 
 #: ``qk_lut_table``: its tables' shared memory by vectors per lane (``qk_lut::table_bytes``),

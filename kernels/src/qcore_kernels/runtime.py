@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,33 @@ import numpy as np
 from qcore_kernels.sources import COMMON_OPTIONS, CUDA_DIR, KernelSource, source
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle under the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._handle)
+
+
+def external_stream(handle: int, device_index: int | None = None) -> Any:
+    """CuPy's view of the CUDA stream ``handle`` (torch's stream, on device ``device_index``
+    when known), to launch on with ``with``. ``cupy.cuda.ExternalStream`` while CuPy has it:
+    every GPU run of this project has launched through it; CuPy 14 deprecates it, and its
+    DeprecationWarning (one per stream) is silenced here. Without it (a later CuPy):
+    ``cupy.cuda.Stream.from_external`` on the same handle, which leaves the device to the
+    caller (launches here run inside ``cupy.cuda.Device(device_index)``)."""
+    import cupy
+
+    cls = getattr(cupy.cuda, "ExternalStream", None)
+    if cls is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cls(handle) if device_index is None else cls(handle, device_index)
+    return cupy.cuda.Stream.from_external(_StreamHandle(handle))
 
 
 class KernelCompileError(RuntimeError):
@@ -223,7 +251,7 @@ class CupyLauncher:
         handle = torch.cuda.current_stream(device_index).cuda_stream
         stream = self._streams.get(handle)
         if stream is None:
-            stream = cupy.cuda.ExternalStream(handle, device_index)
+            stream = external_stream(handle, device_index)
             self._streams[handle] = stream
         with cupy.cuda.Device(device_index), stream:
             if shared_mem > 48 * 1024 and shared_mem > self._dynamic_smem.get(id(fn), 0):

@@ -239,10 +239,11 @@ def slow_copy(src: torch.Tensor, dst: torch.Tensor, cycles: int = 2_000_000) -> 
     ``cycles`` clocks (about a millisecond): the kernel right before a GEMV writes its x late.
     One RawKernel for the process: it is loaded by the first (eager) call, never while a
     CUDA graph is being captured."""
-    import cupy
     import numpy as np
 
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+    from qcore_kernels.runtime import external_stream
+
+    with external_stream(torch.cuda.current_stream().cuda_stream):
         _slow_copy_kernel()((8,), (256,), (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()),
                                            np.int32(src.numel()), np.int64(cycles)))
 

@@ -702,7 +702,7 @@ template <typename T, int G, bool XT, bool SH>
 __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
-    const __half* __restrict__ codebook, int cb_rows, int l2,
+    const __half* __restrict__ codebook, int cb_rows, int l2, int skip_absent_x,
     QK_LUT_EPILOGUE_PARAMS(T)) {
     using namespace qk_lut;
     constexpr int MT = MMA4_TOKENS, ROWS = 8 * G;
@@ -872,11 +872,15 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
     // the index word and the lane's copy offset (both single bytes); indexing smem itself
     // keeps the address 32-bit (a shared-window offset).
     const unsigned copy = (lane % MMA_COPIES) * 8;
-    // This lane's x: token min(g / 2, rows_x - 1) (tokens past rows_x are read but dropped),
-    // pair h = g % 2, lane slot 2t + h; chunk c at + 4 * x_slot * c, mma pair j at + x_slot j.
+    // This lane's x: token min(g / 2, rows_x - 1), pair h = g % 2, lane slot 2t + h; chunk c
+    // at + 4 * x_slot * c, mma pair j at + x_slot j. The B columns of tokens past rows_x only
+    // feed C columns that are dropped: with skip_absent_x their lanes (the quarter-warps of
+    // those tokens) read nothing and take zeros, so a 16-byte x read of a warp costs one
+    // shared-memory wavefront per token present instead of four (not yet measured).
     const unsigned x_lane = x_base + 16 * (2 * t + g % 2)
         + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * x_slot);
     const unsigned x_zero = zeros + 16 * (2 * t + g % 2);  // 4 zero slots x_slot apart
+    const bool x_reads = !skip_absent_x || g / 2 < rows_x;
 
     unsigned cslot = 0;  // the slot of the item being computed
     for (int j = 0; j < block_tiles; ++j) {
@@ -894,7 +898,8 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
             const unsigned xc = c < chunks ? x_lane + c * (4 * x_slot) : x_zero;
             uint4 b[4];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) b[u] = *reinterpret_cast<const uint4*>(smem + xc + u * x_slot);
+            for (int u = 0; u < 4; ++u)
+                b[u] = x_reads ? *reinterpret_cast<const uint4*>(smem + xc + u * x_slot) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const unsigned bf[2] = {qk::word_of(b[i / 2], 2 * (i % 2)), qk::word_of(b[i / 2], 2 * (i % 2) + 1)};
