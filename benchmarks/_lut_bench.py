@@ -464,20 +464,31 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
 
 #: qk_lut_mma4's launch parameters swept by ``sweep_mma4``: row groups per tile, warps per
 #: block, blocks per multiprocessor the persistent grid is sized for (only settings whose
-#: blocks can all be resident: lut_ops.mma4_warps_per_sm), where the index stages are (after
-#: the table, or in its free halves where x leaves room) and the L2 requests on or off.
+#: blocks can all be resident: lut_ops.mma4_warps_per_sm); for each, the variants of
+#: ``sweep4_variants``.
 SWEEP4_GROUPS = (1, 2)
 SWEEP4_WARPS = (4, 8, 16)
 SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
-SWEEP4_STAGES = ("after", "table")
+#: Where the index words go: stages after the table (``after``), stages in its free halves
+#: where x leaves room (``table``, lut_ops.LUT_MMA4_STAGES_IN_TABLE), or registers
+#: (``registers``, lut_ops.LUT_MMA4_REGISTER_INDICES).
+SWEEP4_STAGES = ("after", "table", "registers")
 SWEEP4_L2 = (True, False)
-#: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only), tried with the L2
-#: requests on and off.
+#: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only).
 SWEEP4_PDL = (False, True)
-#: The x reads of the absent tokens' lanes skipped (``lut_ops.LUT_MMA4_SKIP_ABSENT_X``) or
-#: read; read only in the one-token default of the other parameters (L2 requests off, PDL
-#: where the device has it), to compare.
-SWEEP4_SKIP_X = (True, False)
+
+
+def sweep4_variants(pdl_capable: bool) -> list[tuple[str, bool, bool, bool]]:
+    """(index words, L2 requests, PDL, absent tokens' x reads skipped) of the ``qk_lut_mma4``
+    sweep: the stages after the table with the L2 requests and PDL on and off; every other
+    variant (the other index-word places, the x reads not skipped:
+    ``lut_ops.LUT_MMA4_SKIP_ABSENT_X`` off) only at the one-token default of those two (L2
+    requests off, PDL where the device has it), to compare with it."""
+    pdls = [p for p in SWEEP4_PDL if pdl_capable or not p]
+    out = [("after", l2, pdl, True) for l2 in SWEEP4_L2 for pdl in pdls]
+    out += [(stages, False, pdl_capable, True) for stages in SWEEP4_STAGES if stages != "after"]
+    out.append(("after", False, pdl_capable, False))
+    return out
 
 
 def _sweep_one_token(launch: Callable, time_ms: Callable, path: str, seeds: tuple[int, int],
@@ -528,30 +539,27 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     import qcore_kernels.lut_ops as lut_ops
 
     saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X)
+             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X,
+             lut_ops.LUT_MMA4_REGISTER_INDICES)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    pdl_capable = torch.cuda.get_device_capability()[0] >= 9
+    variants = sweep4_variants(torch.cuda.get_device_capability()[0] >= 9)
 
     def settings(in_f: int, out_f: int):
-        for g, warps, per_sm, stages, l2, pdl, skip_x in itertools.product(
-                SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, SWEEP4_STAGES, SWEEP4_L2,
-                SWEEP4_PDL, SWEEP4_SKIP_X):
-            if pdl and not pdl_capable:
-                continue
-            if not skip_x and (l2 or pdl != pdl_capable):
-                continue
-            in_table = stages == "table"
+        for g, warps, per_sm, (stages, l2, pdl, skip_x) in itertools.product(
+                SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, variants):
+            in_table, in_registers = stages == "table", stages == "registers"
             if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
                 continue
-            if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table):
+            if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table, in_registers):
                 continue
             blocks = min(-(-out_f // (8 * g)), sms * per_sm)
 
             def apply(g=g, blocks=blocks, warps=warps, in_table=in_table, l2=l2, pdl=pdl,
-                      skip_x=skip_x):
+                      skip_x=skip_x, in_registers=in_registers):
                 lut_ops.lut_mma4_config = lambda *_: (g, blocks)
                 lut_ops.LUT_MMA4_WARPS = warps
                 lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
+                lut_ops.LUT_MMA4_REGISTER_INDICES = in_registers
                 lut_ops.LUT_MMA4_L2 = l2
                 lut_ops.LUT_PDL = pdl
                 lut_ops.LUT_MMA4_SKIP_ABSENT_X = skip_x
@@ -563,7 +571,8 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
         return _sweep_one_token(launch, time_ms, "mma4", (5, 2), settings)
     finally:
         (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X) = saved
+         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X,
+         lut_ops.LUT_MMA4_REGISTER_INDICES) = saved
 
 
 def render_sweep4(result: dict) -> str:
@@ -581,8 +590,8 @@ def render_sweep4(result: dict) -> str:
         "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
         "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
         "persistent grid is sized for; index stages after the table (4 per warp) or in its "
-        "free halves next to x (2 per warp; only where they fit); L2 requests of the next "
-        "tile on or off"
+        "free halves next to x (2 per warp; only where they fit) or none, the index words "
+        "loaded into registers (`registers`); L2 requests of the next tile on or off"
         + ("; programmatic dependent launch (PDL) on or off" if pdls else "")
         + ("; the x reads of the lanes of the 3 absent tokens skipped or read" if skips else "")
         + ". Bold: the fastest per shape." + _sweep_from(result, "lut_mma4_sweep"),

@@ -292,6 +292,45 @@ def test_mma4_stages_in_the_table(launch, monkeypatch, threads):
         assert_close(y, ref, case)
 
 
+@pytest.mark.parametrize("threads", [64, 256])
+def test_mma4_index_words_in_registers(launch, monkeypatch, threads):
+    """qk_lut_mma4 with each lane's index words loaded into registers 2 chunk steps ahead
+    (LUT_MMA4_REGISTER_INDICES: no stages) gives the outputs of the default layout bit for
+    bit: one chunk step per tile over several tiles per block (the loads ahead cross tiles
+    and run past the block's last one), 1-2 row groups, x in the table and after it,
+    outliers, scale and offset, a partial second block of tokens, L2 requests on and off;
+    and it even takes the stages-in-the-table setting's place."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    monkeypatch.setattr(lut_ops, "CPU_THREADS", threads)
+    cases = [
+        LUTCase(1, 40, 2048, 4, 8, rows=None, dtype=F16, path="mma4"),
+        LUTCase(3, 200, 512, 4, 8, rows=None, scale=True, dtype=F16, path="mma4"),
+        LUTCase(2, 230, 1030, 4, 8, rows=150, scale=True, offset=True, dtype=BF16, path="mma4"),
+        LUTCase(6, 37, 4096, 4, 8, rows=None, outliers=9, dtype=F16, path="mma4"),  # x after
+    ]
+    instances = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0):
+        instances.append((instance, shared_mem))
+        launch(file, instance, grid, block, args, shared_mem=shared_mem)
+
+    for case in cases:
+        y_default, ref = run_lut_case(case, launch, "cpu")
+        for l2, in_table in ((None, False), (True, True)):
+            instances.clear()
+            with monkeypatch.context() as mp:
+                mp.setattr(lut_ops, "LUT_MMA4_REGISTER_INDICES", True)
+                mp.setattr(lut_ops, "LUT_MMA4_L2", l2)
+                mp.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", in_table)
+                y, _ = run_lut_case(case, spy, "cpu")
+            assert instances and all(i.endswith(", false, true>") for i, _ in instances), instances
+            assert torch.equal(y, y_default), (case.id, l2)
+        assert_close(y, ref, case)
+    # 1 token of 2048 columns, 2 row groups, 8 warps: the table, partial sums and zero slots
+    assert instances[-1][1] < lut_ops.mma4_smem(4, 4096, 2, 8)
+
+
 def test_mma4_stages_in_the_table_sizes():
     """Shared memory and resident warps of the two stage layouts (8 warps, 2 row groups):
     103,424 bytes and 16 warps with the stages after the table, 70,656 bytes and 24 warps
@@ -305,6 +344,9 @@ def test_mma4_stages_in_the_table_sizes():
     assert mma4_smem(1, 8192, 2, 8) == 65536 + 4096 + 1024 + 32768
     assert mma4_smem(1, 8192, 2, 8, stages_in_table=True) == 65536 + 4096 + 1024
     assert (mma4_warps_per_sm(2), mma4_warps_per_sm(2, True), mma4_warps_per_sm(1)) == (16, 24, 24)
+    # the index words in registers: no stages; 128 registers for 1 row group too
+    assert mma4_smem(1, 8192, 2, 8, register_indices=True) == 65536 + 4096 + 1024
+    assert (mma4_warps_per_sm(1, False, True), mma4_warps_per_sm(2, False, True)) == (16, 16)
     # 8 warps x 2 stages x 2 row groups x 4 halves = 128: x may take the other 128
     assert mma4_stages_fit_in_table(1, 8192, 2, 8)  # 32 chunks x 4 = 128 slots
     assert not mma4_stages_fit_in_table(1, 8193, 2, 8)

@@ -152,6 +152,32 @@ def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
 @pytest.mark.parametrize("case", [
     LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
     LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),
+    LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
+    LUTCase(6, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
+    LUTCase(1, 64, 20000, 4, 8, rows=None, path="mma4"),  # x after the table
+], ids=lambda c: c.id)
+def test_mma4_index_words_in_registers(case, launcher, monkeypatch):
+    """qk_lut_mma4 with its index words loaded into registers (no stages) gives the outputs
+    of the default layout bit for bit."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    y_default, ref = run_lut_case(case, launcher, "cuda")
+    instances = []
+
+    def spy(file, instance, grid, block, args, shared_mem=0, **kw):  # kw: programmatic
+        instances.append(instance)
+        launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
+
+    monkeypatch.setattr(lut_ops, "LUT_MMA4_REGISTER_INDICES", True)
+    y, _ = run_lut_case(case, spy, "cuda")
+    assert instances and all(i.endswith(", false, true>") for i in instances), instances
+    assert torch.equal(y, y_default)
+    assert_close(y, ref, case)
+
+
+@pytest.mark.parametrize("case", [
+    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
+    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),
     LUTCase(3, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
     LUTCase(6, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
 ], ids=lambda c: c.id)

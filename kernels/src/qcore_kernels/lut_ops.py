@@ -15,7 +15,10 @@ Paths by the number of tokens ``M``:
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
   columns per token), and a table read costs one byte permutation and one load; the index
-  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked up to 4 tokens,
+  words stream into shared memory by cp.async, 3 chunk steps ahead (or, with
+  :data:`LUT_MMA4_REGISTER_INDICES`, into registers, 2 steps ahead); in a block of fewer
+  than 4 tokens the lanes of the absent tokens skip their x reads
+  (:data:`LUT_MMA4_SKIP_ABSENT_X`). Picked up to 4 tokens,
   above 8 tokens, and from 5 to 8 tokens for at most 4096 output rows
   (:func:`mma4_preferred`).
 * ``mma`` (M <= 16, the same weights; 5-8 tokens of more output rows, and what ``mma4``
@@ -448,16 +451,19 @@ def _mma4(
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA4_WARPS)
     tokens, token_blocks = min(m, LUT_MMA4_TOKENS), _cdiv(m, LUT_MMA4_TOKENS)
     in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
-    # the index stages in the table too, where asked for and x leaves room
-    sh = {g: LUT_MMA4_STAGES_IN_TABLE and mma4_stages_fit_in_table(tokens, part.width, g, warps)
-          for g in LUT_MMA4_GROUPS}
-    smem = {g: mma4_smem(tokens, part.width, g, warps, sh[g]) for g in LUT_MMA4_GROUPS}
+    # the index words in registers where asked for; else the index stages in the table
+    # too, where asked for and x leaves room
+    ri = LUT_MMA4_REGISTER_INDICES
+    sh = {g: not ri and LUT_MMA4_STAGES_IN_TABLE
+          and mma4_stages_fit_in_table(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
+    smem = {g: mma4_smem(tokens, part.width, g, warps, sh[g], ri) for g in LUT_MMA4_GROUPS}
     groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks, warps,
-                                     {g: mma4_warps_per_sm(g, sh[g]) for g in LUT_MMA4_GROUPS})
+                                     {g: mma4_warps_per_sm(g, sh[g], ri) for g in LUT_MMA4_GROUPS})
     flag = {True: "true", False: "false"}
     launch(
         FILE,
-        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {flag[in_table]}, {flag[sh[groups]]}>",
+        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {flag[in_table]}, {flag[sh[groups]]}"
+        + (", true>" if ri else ">"),
         (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
         [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
@@ -578,15 +584,17 @@ def _table(
 
 
 def mma4_smem(
-    tokens: int, width: int, groups: int, warps: int, stages_in_table: bool = False
+    tokens: int, width: int, groups: int, warps: int, stages_in_table: bool = False,
+    register_indices: bool = False,
 ) -> int:
     """Shared memory of a ``qk_lut_mma4`` block: the table (x in its free halves when 4 slots
     per token and 256-column chunk fit in its 256), two buffers of the warps' partial sums,
     the zero slots, each warp's index stages (unless they are in the table's free halves
-    too), and x after them when it does not fit in the table."""
+    too, or the index words go to registers), and x after them when it does not fit in the
+    table."""
     slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
     x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
-    stages = 0 if stages_in_table else (
+    stages = 0 if stages_in_table or register_indices else (
         warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES)
     return (LUT_MMA4_TABLE_BYTES + 2 * warps * LUT_MMA4_TOKENS * 8 * groups * 4
             + LUT_MMA4_ZERO_BYTES + stages + x_after)
@@ -599,12 +607,14 @@ def mma4_stages_fit_in_table(tokens: int, width: int, groups: int, warps: int) -
     return slots + warps * LUT_MMA4_STAGES_SH * groups * 4 <= LUT_MMA4_X_SLOTS
 
 
-def mma4_warps_per_sm(groups: int, stages_in_table: bool = False) -> int:
+def mma4_warps_per_sm(
+    groups: int, stages_in_table: bool = False, register_indices: bool = False
+) -> int:
     """Resident ``qk_lut_mma4`` warps per multiprocessor that the instance's launch bounds
-    leave registers for (``qk_lut::mma4_warps_per_sm``): 24 with one row group or with the
-    stages in the table (80 registers per thread), else 16 (128); also the most warps a
-    block may have. Shared memory may allow fewer blocks."""
-    return 24 if groups == 1 or stages_in_table else 16
+    leave registers for (``qk_lut::mma4_warps_per_sm``): 24 with one row group and index
+    stages, or with the stages in the table (80 registers per thread), else 16 (128); also
+    the most warps a block may have. Shared memory may allow fewer blocks."""
+    return 24 if (groups == 1 and not register_indices) or stages_in_table else 16
 
 
 def mma_x_stride(chunks: int) -> int:
@@ -646,6 +656,12 @@ LUT_MMA4_STAGES_SH = 2
 #: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (70%). Not yet
 #: measured on a GPU.
 LUT_MMA4_SKIP_ABSENT_X = True
+#: ``qk_lut_mma4<..., RI = true>``: each lane loads its index words straight into registers,
+#: 2 chunk steps ahead (``qk_lut::MMA4_RI_AHEAD``), instead of streaming them through
+#: shared-memory stages by cp.async: per 512 indices, 4 fewer shared-memory wavefronts (the
+#: stage's 16-byte reads) and the stage writes, against 3 steps of latency hiding cut to 2.
+#: Off (not yet measured on a GPU); ``benchmarks/kernels_gpu.py --lut-sweep mma4`` times it.
+LUT_MMA4_REGISTER_INDICES = False
 
 
 #: ``qk_lut_table``: its tables' shared memory by vectors per lane (``qk_lut::table_bytes``),

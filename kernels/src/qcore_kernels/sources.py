@@ -109,6 +109,13 @@ SOURCES: tuple[KernelSource, ...] = (
             for xt, sh in (("true", "false"), ("false", "false"), ("true", "true"))
         )
         + tuple(
+            # the index words loaded into registers, no stages
+            f"qk_lut_mma4<{t}, {g}, {xt}, false, true>"
+            for t in ("__half", "__nv_bfloat16")
+            for g in LUT_MMA4_GROUPS
+            for xt in ("true", "false")
+        )
+        + tuple(
             f"qk_lut_table<{t}, {q}>"
             for t in ("__half", "__nv_bfloat16")
             for q in LUT_TABLE_VECTORS

@@ -125,10 +125,16 @@ constexpr int MMA4_STAGE_BYTES = 512;  // a row group's index words of one chunk
 // table's free halves (SH: one step ahead; the block is then 69 KB, three fit on a
 // multiprocessor), each row group's 512 bytes in 4 consecutive halves (8 lanes per half).
 __host__ __device__ constexpr int mma4_stages(bool sh) { return sh ? 2 : 4; }
+// qk_lut_mma4<..., RI>: chunk steps whose index words are loaded into registers ahead of the
+// one computed (G 16-byte words per lane each; no stages, no shared-memory pass).
+constexpr int MMA4_RI_AHEAD = 2;
 // Resident warps per multiprocessor the launch bounds ask registers for (lut_ops'
-// mma4_warps_per_sm): 24 of one row group, or of two with the stages in the table (80
-// registers per thread), else 16 (128), as 3 or 2 blocks of 8 warps, or one block of them all.
-__host__ __device__ constexpr int mma4_warps_per_sm(int g, bool sh) { return g == 1 || sh ? 24 : 16; }
+// mma4_warps_per_sm): 24 of one row group with stages, or of two with the stages in the
+// table (80 registers per thread), else 16 (128; the index words in registers need more
+// than 80 for one row group too), as 3 or 2 blocks of 8 warps, or one block of them all.
+__host__ __device__ constexpr int mma4_warps_per_sm(int g, bool sh, bool ri = false) {
+    return (g == 1 && !ri) || sh ? 24 : 16;
+}
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -220,6 +226,20 @@ __device__ __forceinline__ void lut_prefetch_l2(const void* p) {
 #else
     (void)p;
 #endif
+}
+
+// 16 bytes of a read-only stream at src into registers, not kept in L1 (the index words of
+// qk_lut_mma4<..., RI>), or zeros when !full (nothing is read).
+__device__ __forceinline__ uint4 lut_ldg16_stream(const void* src, bool full) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+#ifndef QK_CPU_HARNESS
+    if (full)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+#else
+    if (full) v = *reinterpret_cast<const uint4*>(src);
+#endif
+    return v;
 }
 
 // 16 bytes from global src to shared byte `offset` of smem without a register (cp.async,
@@ -696,10 +716,11 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 // one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (XT; the
 // host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots, the index
 // stages after the zero slots or (SH, with XT) in the table's last free halves (the host
-// checks that x's and the stages' halves fit in its 256); same epilogue and raw mode as
-// qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
-template <typename T, int G, bool XT, bool SH>
-__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_lut_mma4(
+// checks that x's and the stages' halves fit in its 256), or (RI) no stages: the index
+// words are loaded into registers MMA4_RI_AHEAD chunk steps ahead; same epilogue and raw
+// mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
+template <typename T, int G, bool XT, bool SH, bool RI = false>
+__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows, int l2, int skip_absent_x,
@@ -717,7 +738,9 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
     const int m0 = blockIdx.y * MT;
     const int rows_x = min(MT, M - m0);
     static_assert(XT || !SH, "stages in the table's free halves need x there too");
+    static_assert(!(SH && RI), "index words in registers have no stages");
     constexpr int STAGES = mma4_stages(SH);
+    constexpr int AHEAD = RI ? MMA4_RI_AHEAD : STAGES - 1;  // items in flight ahead
     // Shared memory: the table (x in its free halves: XT; the stages in its last ones: SH),
     // two buffers of the warps' partial sums (tiles alternate), the zero x slots, the index
     // stages (!SH), x (!XT).
@@ -728,7 +751,7 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
     // apart in all: 8 lanes' 16 bytes in each half) ending at the table's last.
     constexpr unsigned rg_bytes = SH ? 4 * MMA4_ROW_BYTES : MMA4_STAGE_BYTES;
     constexpr unsigned slot_bytes = G * rg_bytes;               // one chunk step of a warp
-    constexpr unsigned ring_bytes = STAGES * slot_bytes;
+    constexpr unsigned ring_bytes = RI ? 0u : STAGES * slot_bytes;
     const unsigned stage0 = SH ? MMA4_TABLE_BYTES - static_cast<unsigned>(warps) * ring_bytes
                                : zeros + MMA4_ZERO_BYTES;
     // x slots: in the table's free halves (XT: 256 bytes apart, from byte 128), or 128 bytes
@@ -764,10 +787,11 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
     // The index stream, asynchronously: item q of a warp is step q % steps of the block's
     // tile q / steps (the same count for every warp: the loop stays uniform), one commit
     // group of G 16-byte copies per lane into stage slot q % STAGES (row group rg at
-    // rg * rg_bytes, lane l at 16 l or, SH, in half l / 8 at 128 + 16 (l % 8)); items past
-    // the block's last tile are zeros. STAGES - 1
-    // items are in flight ahead of the one being computed, across tile boundaries; with l2
-    // the tile after the one being issued is also requested into L2.
+    // rg * rg_bytes, lane l at 16 l or, SH, in half l / 8 at 128 + 16 (l % 8)), or (RI) G
+    // 16-byte loads per lane into the last of the AHEAD register sets rw (the older ones
+    // moved down one first); items past the block's last tile are zeros. AHEAD items are in
+    // flight ahead of the one being computed, across tile boundaries; with l2 the tile after
+    // the one being issued is also requested into L2.
     const int block_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
     const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes
         + (SH ? MMA4_ROW_BYTES * (lane / 8) + 128u + 16u * (lane % 8) : 16u * lane);
@@ -779,13 +803,23 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
 #pragma unroll
     for (int rg = 0; rg < G; ++rg) ip[rg] = ir.p[rg] + 4 * warp;
     unsigned islot = 0;  // its slot (byte offset in the warp's ring)
+    uint4 rw[RI ? MMA4_RI_AHEAD : 1][G] = {};  // RI: the index words of the next items, oldest first
     auto issue = [&]() {
+        if constexpr (RI) {
+#pragma unroll
+            for (int a = 0; a + 1 < AHEAD; ++a)
+#pragma unroll
+                for (int rg = 0; rg < G; ++rg) rw[a][rg] = rw[a + 1][rg];
+        }
 #pragma unroll
         for (int rg = 0; rg < G; ++rg) {
-            lut_cp_async16(smem, stage_lane + islot + rg * rg_bytes, ip[rg], ib < ir.lim[rg]);
+            if constexpr (RI)
+                rw[AHEAD - 1][rg] = lut_ldg16_stream(ip[rg], ib < ir.lim[rg]);
+            else
+                lut_cp_async16(smem, stage_lane + islot + rg * rg_bytes, ip[rg], ib < ir.lim[rg]);
             ip[rg] += 4 * warps;
         }
-        lut_cp_commit();
+        if constexpr (!RI) lut_cp_commit();
         ib += 64 * warps;
         islot = islot + slot_bytes == ring_bytes ? 0u : islot + slot_bytes;
         if (++is == steps) {
@@ -799,9 +833,9 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
         }
     };
 #pragma unroll
-    for (int q = 0; q + 1 < STAGES; ++q) issue();  // in flight while the table is built
+    for (int q = 0; q < AHEAD; ++q) issue();  // in flight while the table is built
     if (l2) {
-        prefetch(rows_of(blockIdx.x), STAGES - 1);
+        prefetch(rows_of(blockIdx.x), AHEAD);
         prefetch(rows_of(blockIdx.x + gridDim.x), 0);
     }
 
@@ -915,13 +949,18 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
             }
         };
         for (int s = 0; s < steps; ++s) {
-            lut_cp_wait<STAGES - 2>();  // this item's group has landed
             uint4 w[G];
+            if constexpr (RI) {
 #pragma unroll
-            for (int rg = 0; rg < G; ++rg)
-                w[rg] = *reinterpret_cast<const uint4*>(smem + stage_lane + cslot + rg * rg_bytes);
+                for (int rg = 0; rg < G; ++rg) w[rg] = rw[0][rg];
+            } else {
+                lut_cp_wait<STAGES - 2>();  // this item's group has landed
+#pragma unroll
+                for (int rg = 0; rg < G; ++rg)
+                    w[rg] = *reinterpret_cast<const uint4*>(smem + stage_lane + cslot + rg * rg_bytes);
+            }
             issue();  // into the slot computed one item ago (its words are in registers)
-            cslot = cslot + slot_bytes == ring_bytes ? 0u : cslot + slot_bytes;
+            if constexpr (!RI) cslot = cslot + slot_bytes == ring_bytes ? 0u : cslot + slot_bytes;
             chunk(warp + s * warps, w);
         }
 
@@ -940,7 +979,7 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH), 1) qk_l
         __syncthreads();
         lut_tile_out<T>(buf, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
     }
-    lut_cp_wait<0>();  // the zero items past the last tile
+    if constexpr (!RI) lut_cp_wait<0>();  // the zero items past the last tile
 }
 
 // Dot-product-table GEMV (qk_lut_table; M = 1, the weights of the tensor-core GEMVs): block
