@@ -164,8 +164,12 @@ def render(result: dict) -> str:
         f"{result['date']}. The main loop of each tensor-core LUT GEMV instance: instructions "
         "per table read (one index of one lane), and the loop's make-up. Static counts: "
         "`qk_lut_mma4`'s loop (one chunk step) also holds the move to the next tile, taken "
-        "once per tile: with 2 row groups a chunk step runs about 130 of the loop's 353 "
-        "instructions (4.1 per index; 145 with the stages in the table), counted by hand.",
+        "once per tile: with 2 row groups a chunk step ran about 130 of the loop's 353 "
+        "instructions (4.1 per index; 145 with the stages in the table), counted by hand on "
+        "2026-11-27's build. Instances with a fifth template argument `true` load the index "
+        "words into registers (`lut_ops.LUT_MMA4_REGISTER_INDICES`): no stage reads (LDS), "
+        "the moves of the words held 2 steps ahead among 'other'. Since 2026-11-28 the x "
+        "reads of every `qk_lut_mma4` instance are predicated (absent tokens' lanes skip them).",
         "",
         "| instance | registers | loop instructions | table reads (LDS.64) | per index | HMMA | "
         "LDS (all) | PRMT | other |",
