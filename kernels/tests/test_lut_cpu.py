@@ -205,7 +205,7 @@ def test_mma4_absent_tokens_skip_their_x_reads(launch, monkeypatch):
         outputs[skip] = [lut_ops.lut_linear(x[:m], w, None, spy, path="mma4") for m in (1, 3, 6)]
         assert seen == [int(skip)] * 6  # the outlier and the main launch of each call
     ref = x.float() @ dequantize_vq(random_vq(case)).float().t()
-    for m, a, b in zip((1, 3, 6), outputs[True], outputs[False]):
+    for m, a, b in zip((1, 3, 6), outputs[True], outputs[False], strict=True):
         assert torch.equal(a, b)
         assert_close(a, ref[:m], case)
 
