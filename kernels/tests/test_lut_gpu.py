@@ -124,15 +124,9 @@ def test_mma_tiles_agree_with_each_other(launcher):
     assert torch.equal(lut_linear(x.roll(5, 0), w, None, launcher, path="mma"), y.roll(5, 0))
 
 
-@pytest.mark.parametrize("case", [
-    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
-    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),  # x and stages fill the table
-    LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
-    LUTCase(2, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
-], ids=lambda c: c.id)
-def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
-    """qk_lut_mma4 with its index stages in the table's free halves (three 8-warp blocks per
-    multiprocessor) gives the outputs of the default layout bit for bit."""
+def _default_and_with(case, launcher, monkeypatch, flag: str):
+    """``case`` run with lut_ops' defaults, then with ``flag`` set: (default outputs,
+    outputs with the flag, the reference, the instances launched with the flag)."""
     import qcore_kernels.lut_ops as lut_ops
 
     y_default, ref = run_lut_case(case, launcher, "cuda")
@@ -142,8 +136,22 @@ def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
         instances.append(instance)
         launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
 
-    monkeypatch.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", True)
+    monkeypatch.setattr(lut_ops, flag, True)
     y, _ = run_lut_case(case, spy, "cuda")
+    return y_default, y, ref, instances
+
+
+@pytest.mark.parametrize("case", [
+    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
+    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),  # x and stages fill the table
+    LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
+    LUTCase(2, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
+], ids=lambda c: c.id)
+def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
+    """qk_lut_mma4 with its index stages in the table's free halves (three 8-warp blocks per
+    multiprocessor) gives the outputs of the default layout bit for bit."""
+    y_default, y, ref, instances = _default_and_with(case, launcher, monkeypatch,
+                                                     "LUT_MMA4_STAGES_IN_TABLE")
     assert instances[-1].endswith(", true>"), instances  # the main columns' launch
     assert torch.equal(y, y_default)
     assert_close(y, ref, case)
@@ -159,17 +167,8 @@ def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
 def test_mma4_index_words_in_registers(case, launcher, monkeypatch):
     """qk_lut_mma4 with its index words loaded into registers (no stages) gives the outputs
     of the default layout bit for bit."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    y_default, ref = run_lut_case(case, launcher, "cuda")
-    instances = []
-
-    def spy(file, instance, grid, block, args, shared_mem=0, **kw):  # kw: programmatic
-        instances.append(instance)
-        launcher(file, instance, grid, block, args, shared_mem=shared_mem, **kw)
-
-    monkeypatch.setattr(lut_ops, "LUT_MMA4_REGISTER_INDICES", True)
-    y, _ = run_lut_case(case, spy, "cuda")
+    y_default, y, ref, instances = _default_and_with(case, launcher, monkeypatch,
+                                                     "LUT_MMA4_REGISTER_INDICES")
     assert instances and all(i.endswith(", false, true>") for i in instances), instances
     assert torch.equal(y, y_default)
     assert_close(y, ref, case)
