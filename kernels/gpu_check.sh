@@ -39,7 +39,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 echo "== tests" | tee -a "$log"
 t0=$SECONDS
 # PYTEST_ARGS narrows the tests (e.g. "-m gpu": the GPU tests alone) when device time is short.
-"$py" -m pytest kernels/tests -p no:cacheprovider -q -rs --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log"
+"$py" -P -m pytest kernels/qcore_kernels_tests -p no:cacheprovider -q -rs --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
 tests_s=$((SECONDS - t0))
 

@@ -26,7 +26,7 @@ The qcore kernels keep their tensor-core code in ``qk_mma.cuh`` (``WarpTile``, w
 ``mma_16816``, PTX ``mma.sync``), which the harness build replaces by SIMT code with the
 same contract: their kernels run here (loads, dequantization, shared-memory layout,
 fragment layout, split-K reduction, epilogue), all but the tensor-core instructions
-themselves, which only the GPU tests (``tests/test_kernels_gpu.py``) check.
+themselves, which only the GPU tests (``qcore_kernels_tests/test_kernels_gpu.py``) check.
 
 What it cannot check: tensor cores (``<mma.h>``/WMMA, ``mma.sync``) and any inline PTX
 (``asm``), async copies (``cp.async``, TMA), dynamic shared memory (``extern __shared__``);

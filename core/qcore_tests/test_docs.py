@@ -157,8 +157,8 @@ def test_toml_blocks_parse_and_the_entry_point_names_the_hooks_module() -> None:
     assert f"# file: src/{target.replace('.', '/')}.py\n" in TEXT
 
 
-#: Sections whose shell commands tests/test_publishing.py runs, as written, in a new
-#: virtual environment (one bash block each).
+#: Sections whose shell commands qcore_workspace_tests/test_publishing.py runs, as written,
+#: in a new virtual environment (one bash block each).
 SECTIONS_WITH_COMMANDS = ("Start from the template", "Publishing")
 
 
@@ -169,7 +169,7 @@ def test_shell_blocks_are_only_where_a_test_runs_them() -> None:
         expected = 1 if title in SECTIONS_WITH_COMMANDS else 0
         assert len(shell) == expected, (
             f"section {title!r} has {len(shell)} shell blocks; only {SECTIONS_WITH_COMMANDS} "
-            "have one, which tests/test_publishing.py runs")
+            "have one, which qcore_workspace_tests/test_publishing.py runs")
 
 
 def test_every_python_block_runs_and_the_example_tests_pass(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-// Sample SIMT kernels for the CPU harness tests (kernels/tests/test_harness.py). Plain CUDA:
+// Sample SIMT kernels for the CPU harness tests
+// (kernels/qcore_kernels_tests/test_harness.py). Plain CUDA:
 // the same file compiles with NVRTC.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

@@ -16,7 +16,6 @@ folder on ``PYTHONPATH``, so this interpreter's plugins are untouched.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -390,14 +389,10 @@ def test_allowlist_loads_only_the_named_plugin(site) -> None:
 
 
 def test_qcore_plugins_json_lists_the_plugin_with_distribution_and_version(site) -> None:
-    if importlib.util.find_spec("qcore.cli") is not None:
-        result = run(site, ["-m", "qcore.cli", "plugins", "--json"], allow="clipsearch")
-        assert result.returncode == 0, result.stderr
-        listing = json.loads(result.stdout)
-        plugins, errors = listing["plugins"], listing["errors"]
-    else:  # before the CLI exists, the data it prints
-        out = python_json(site, REPORT, allow="clipsearch")
-        plugins, errors = out["report"], out["errors"]
+    result = run(site, ["-m", "qcore.cli", "plugins", "--json"], allow="clipsearch")
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    plugins, errors = listing["plugins"], listing["errors"]
     assert errors == []
     entry = next(p for p in plugins if p["name"] == "clipsearch")
     assert entry["distribution"] == "qcore-plugin-clipsearch"
@@ -425,8 +420,6 @@ def test_broken_and_duplicate_distributions_are_reported(site) -> None:
 
 
 def test_qcore_plugins_cli_shows_the_errors(site) -> None:
-    if importlib.util.find_spec("qcore.cli") is None:
-        pytest.skip("qcore.cli does not exist yet")
     result = run(site, ["-m", "qcore.cli", "plugins"], allow="broken,clipsearch")
     assert result.returncode == 1
     assert "clipsearch  (qcore-plugin-clipsearch 0.2.0)" in result.stdout
