@@ -62,7 +62,9 @@ def test_plugins_json_lists_builtins_quickly_without_torch():
     builtin = next(p for p in report["plugins"] if p["name"] == "builtin")
     assert builtin["distribution"] == "qcore"
     assert builtin["components"] == {"observer": ["minmax", "hessian"], "quantizer": ["rtn"],
-                                     "packer": ["int", "vq"], "kernel": ["torch", "torch-lut"],
+                                     "packer": ["int", "vq"],
+                                     "kernel": ["torch", "torch-lut", "cpu-int4", "cpu-int8",
+                                                "cpu-w8a8"],
                                      "transform": ["finetune"]}
 
 

@@ -1,4 +1,5 @@
-"""The ``qcore`` command: ``plugins``, ``new-plugin``, ``quantize``, ``eval``, ``inspect``.
+"""The ``qcore`` command: ``plugins``, ``new-plugin``, ``quantize``, ``eval``, ``generate``,
+``inspect``.
 
 ``qcore plugins`` imports no torch: it must answer quickly on any machine.
 """
@@ -105,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a model or a qcore checkpoint",
+                       description="Greedy (default) or sampled generation, streamed as it "
+                       "comes, through the model's chat template where it has one; prints "
+                       "prefill and decode tokens/s at the end (to stderr).")
+    g.add_argument("model", nargs="?",
+                   help="model directory, checkpoint or hub id (default: embedded)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    g.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    g.add_argument("--seed", type=int, default=0, help="with --sample")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="feed the prompt as plain text even where the model has a chat template")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="compute dtype (default float32)")
+    g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds")
     i.add_argument("checkpoint", type=Path)
@@ -276,21 +295,26 @@ def _report_ppl(label: str, model: Any, windows: Any, batch_size: int) -> float:
 # ------------------------------------------------------------------------------ eval
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from qcore.assets import embedded_corpus, eval_windows, load_model, read_corpus_file
-    from qcore.eval import perplexity
+def _load_model_or_checkpoint(model_arg: str | None) -> tuple[Any, Any]:
+    """A qcore checkpoint (quantized) or a float model, with its tokenizer."""
+    from qcore.assets import load_model
 
-    text = read_corpus_file(args.corpus) if args.corpus is not None else None
-    path = Path(args.model) if args.model else None
+    path = Path(model_arg) if model_arg else None
     if path is not None and (path / "config.json").is_file() and _is_qcore_checkpoint(path):
         from transformers import AutoTokenizer
 
         from qcore.checkpoint import load
 
-        model = load(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    else:
-        model, tokenizer = load_model(args.model)
+        return load(path), AutoTokenizer.from_pretrained(str(path))
+    return load_model(model_arg)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qcore.assets import embedded_corpus, eval_windows, read_corpus_file
+    from qcore.eval import perplexity
+
+    text = read_corpus_file(args.corpus) if args.corpus is not None else None
+    model, tokenizer = _load_model_or_checkpoint(args.model)
     windows = eval_windows(tokenizer, text if text is not None else embedded_corpus("eval"),
                            n_windows=args.windows, seq_len=args.seq_len)
     ppl = perplexity(model, windows, batch_size=args.batch_size)
@@ -298,6 +322,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"perplexity": ppl, "windows": windows.shape[0], "seq_len": windows.shape[1]}))
     else:
         print(f"perplexity: {ppl:.3f} ({windows.shape[0]} windows x {windows.shape[1]} tokens)")
+    return 0
+
+
+# -------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from qcore.generate import cast_model, generate
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tokenizer = _load_model_or_checkpoint(args.model)
+    model = cast_model(model, getattr(torch, args.dtype))
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                      sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, chat_template=not args.no_chat_template, on_text=show)
+    sys.stdout.write("\n")
+    print(result.summary(), file=sys.stderr)
     return 0
 
 

@@ -136,12 +136,19 @@ def dequantize_int(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32)
                             int(qweight.params["bits"]), effective_g_idx(qweight), dtype)  # type: ignore[arg-type]
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric activation quantize-dequantize: per token (``scale`` None, dynamic) or with
-    a static per-tensor ``scale``. Levels ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``."""
+def quantize_activations(x: torch.Tensor, bits: int,
+                         scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation codes (float32, integer-valued) and their float32 scale: per
+    token (``scale`` None, dynamic) or a static per-tensor ``scale``. Levels
+    ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``."""
     qmax = (1 << (bits - 1)) - 1
     if scale is None:
         scale = x.abs().amax(dim=-1, keepdim=True).float() / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(x.float() / scale), -qmax, qmax)
+    return torch.clamp(torch.round(x.float() / scale), -qmax, qmax), scale
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Activation quantize-dequantize (:func:`quantize_activations`), in ``x``'s dtype."""
+    q, scale = quantize_activations(x, bits, scale)
     return (q * scale).to(x.dtype)

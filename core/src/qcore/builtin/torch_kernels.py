@@ -2,11 +2,23 @@
 
 The always-available fallback, on CPU and GPU: supports every bit-width, group size,
 act-order and static/dynamic activation quantization of the ``int-packed`` layout.
+
+Dequantized weights are kept in a bounded, process-wide cache: a layer whose float weight
+fits in what is left of the budget keeps it after its first call (one per dtype), and
+later calls skip the dequantization; a layer that does not fit dequantizes on every call,
+as before. Nothing is evicted, so a model larger than the budget keeps its first layers'
+weights and is never slower than without the cache. The budget is
+``QCORE_DEQUANT_CACHE_MB`` (default 256 MiB; 0 turns the cache off), read when a weight is
+first cached; a cached weight's bytes return to the budget when its layer is prepared
+again or freed. The outputs are the same bit for bit with or without the cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qcore.builtin.int_packer import LAYOUT, IntPacker
@@ -14,6 +26,42 @@ from qcore.interfaces import KernelProvider, KernelSupport, PackedWeight
 
 if TYPE_CHECKING:
     import torch
+
+
+#: Default budget of the dequantized-weight cache, in MiB (``QCORE_DEQUANT_CACHE_MB``).
+DEFAULT_CACHE_MB = 256
+
+
+class _DequantBudget:
+    """Bytes of dequantized weights held by all prepared weights of this process."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def limit() -> int:
+        raw = os.environ.get("QCORE_DEQUANT_CACHE_MB", str(DEFAULT_CACHE_MB))
+        try:
+            mib = float(raw)
+        except ValueError:
+            raise ValueError(f"QCORE_DEQUANT_CACHE_MB={raw!r} is not a number of MiB; "
+                             "set it to e.g. 256, or 0 to turn the cache off") from None
+        return max(0, int(mib * 2**20))
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit():
+                return False
+            self.used += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+DEQUANT_BUDGET = _DequantBudget()
 
 
 @dataclass
@@ -29,6 +77,28 @@ class PreparedIntWeight:
     in_features: int
     act_bits: int | None
     input_scale: torch.Tensor | None
+    #: Dequantized weights by dtype, within :data:`DEQUANT_BUDGET`.
+    cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight in ``dtype``: from the cache, or dequantized (and cached when
+        the budget has room)."""
+        import torch
+
+        found = self.cache.get(dtype)
+        if found is not None:
+            return found
+        if self.scales.requires_grad:  # a graph to differentiate through: never cached
+            return self.dequantize(dtype)
+        # An ordinary tensor even under inference_mode, so that it serves later calls made
+        # outside it too.
+        with torch.inference_mode(False), torch.no_grad():
+            w = self.dequantize(dtype)
+        nbytes = w.numel() * w.element_size()
+        if DEQUANT_BUDGET.take(nbytes):
+            self.cache[dtype] = w
+            weakref.finalize(self, DEQUANT_BUDGET.give_back, nbytes)
+        return w
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         out_f, n_groups = self.scales.shape
@@ -83,7 +153,7 @@ class TorchKernels(KernelProvider):
 
         from qcore.grid import fake_quantize_activations
 
-        w = prepared.dequantize(x.dtype)
+        w = prepared.weight(x.dtype)
         if prepared.act_bits is not None:
             x = fake_quantize_activations(x, prepared.act_bits, prepared.input_scale)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

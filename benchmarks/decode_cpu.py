@@ -1,0 +1,245 @@
+"""Speed of quantized models on the CPU: prefill and decode tokens/s, and perplexity
+evaluation time, for the float model and each int checkpoint kind, with torchao's int4
+weight-only CPU path as the peer, all in one invocation.
+
+Models:
+- ``smollm2``: the embedded SmolLM2-135M-Instruct (its tied 49152 x 576 head stays fp32, as
+  in every qcore checkpoint; it is a fifth of the float model's weights).
+- ``llama1b``: a Llama-architecture model of TinyLlama-1.1B's shapes (hidden 2048, 22
+  layers, MLP 5632, 32 heads, 4 KV heads, vocabulary 32000), random weights from seed 0;
+  decode there is memory-bound.
+
+Each (model, setting) runs in its own process, one after another: build the model, quantize
+it with RTN (the kernels' speed depends on the format, not on the method that chose the
+codes), then:
+- prefill: one forward of a 512-token prompt (best of ``--repeats``), tokens/s;
+- decode: batch 1, exactly 128 new tokens (greedy) after a 64-token prompt, tokens/s of the
+  127 tokens after the first; one warm-up generation first;
+- eval (SmolLM2 only): perplexity of 8 eval windows x 512 tokens at batch 8, seconds.
+
+The peer, ``torchao int4``: torchao's CPU int4 weight-only path
+(``PrototypeInt4WeightOnlyConfig``, group 64: torch's int4 CPU operator, as ``cpu-int4``
+uses) applied to the float model's linear layers except the head, like qcore. torchao is
+installed at a pinned version, without dependencies, into ``$QCORE_CACHE/peers`` (the
+project's environment is not touched).
+
+    .venv/bin/python benchmarks/decode_cpu.py                    # everything, BENCHMARKS.md
+    .venv/bin/python benchmarks/decode_cpu.py --models smollm2 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
+
+TORCHAO = "torchao==0.18.0"
+
+W4 = dict(bits=4, group_size=64, symmetric=False)
+W8 = dict(bits=8, group_size=-1, symmetric=True)
+#: Setting -> (RTN scheme, compute dtype); scheme None: the float model, "torchao": the peer.
+SETTINGS: dict[str, tuple[object, str]] = {
+    "fp32": (None, "float32"),
+    "bf16": (None, "bfloat16"),
+    "W4 g64 asym, bf16": (W4, "bfloat16"),
+    "W4 g64 sym, bf16": (dict(W4, symmetric=True), "bfloat16"),
+    "W4 g128 asym, bf16": (dict(W4, group_size=128), "bfloat16"),
+    "W4 g64 asym, fp32": (W4, "float32"),
+    "W8 per-channel sym, bf16": (W8, "bfloat16"),
+    "W8A8 per-channel sym, per-token act, fp32": (dict(W8, act_bits=8), "float32"),
+    "W3 g64 asym, bf16": (dict(W4, bits=3), "bfloat16"),
+    "torchao int4 g64, bf16": ("torchao", "bfloat16"),
+}
+MODELS = {
+    "smollm2": list(SETTINGS),
+    "llama1b": ["fp32", "bf16", "W4 g64 asym, bf16", "W8 per-channel sym, bf16",
+                "torchao int4 g64, bf16"],
+}
+PEER = "torchao int4 g64, bf16"
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
+                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def peer_site() -> Path:
+    """A folder holding torchao (pinned, no dependencies), installed on first use."""
+    from qcore.assets import cache_dir
+
+    site = cache_dir() / "peers" / TORCHAO.replace("==", "-")
+    if not (site / "torchao").is_dir():
+        site.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--target", str(site), TORCHAO], check=True)
+    return site
+
+
+def build_model(name: str):
+    import torch
+
+    if name == "smollm2":
+        from qcore.assets import load_model
+
+        model, tokenizer = load_model()
+        return model, tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).float().eval()
+    return model, None
+
+
+def quantize_setting(model, setting: str):
+    """Quantize in place and cast to the setting's dtype; returns the model and the kernel
+    providers that serve its linear layers."""
+    import torch
+
+    from qcore.generate import cast_model
+
+    scheme, dtype = SETTINGS[setting]
+    dtype = getattr(torch, dtype)
+    if scheme is None:
+        return model.to(dtype), f"F.linear ({dtype})".replace("torch.", "")
+    if scheme == "torchao":
+        sys.path.insert(0, str(peer_site()))
+        import torchao
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        model = model.to(dtype)
+        head = model.get_output_embeddings()
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=64),
+                  filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m is not head)
+        return model, f"torchao {torchao.__version__}"
+    from qcore.pipeline import Pipeline
+    from qcore.qlinear import QuantLinear
+    from qcore.quantize import quantize
+    from qcore.scheme import Scheme
+
+    calib = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    quantize(model, Pipeline.from_names("rtn", scheme=Scheme(**scheme)), calib, progress=False)
+    model = cast_model(model, dtype)
+    model(torch.zeros(1, 2, dtype=torch.long))  # selects the kernels
+    return model, ", ".join(sorted({m.provider_name for m in model.modules()
+                                    if isinstance(m, QuantLinear)}))
+
+
+def child(model_name: str, setting: str, repeats: int) -> dict:
+    import torch
+
+    from qcore.generate import generate_ids
+
+    load_before = os.getloadavg()[0]
+    model, tokenizer = build_model(model_name)
+    model, kernels = quantize_setting(model, setting)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    long_prompt = torch.randint(0, vocab, (1, 512), generator=g)
+    short_prompt = torch.randint(0, vocab, (1, 64), generator=g)
+    prefill = []
+    with torch.inference_mode():
+        model(long_prompt[:, :32])  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(long_prompt, use_cache=False)
+            prefill.append(time.perf_counter() - start)
+    generate_ids(model, short_prompt, max_new_tokens=8, exact_length=True)  # warm-up
+    decode = generate_ids(model, short_prompt, max_new_tokens=128, exact_length=True)
+    row = {"model": model_name, "setting": setting, "key": f"{model_name}: {setting}",
+           "kernels": kernels, "prefill_tok_s": 512 / min(prefill),
+           "decode_tok_s": decode.decode_tokens_per_s, "threads": torch.get_num_threads()}
+    if tokenizer is not None:
+        from qcore.assets import embedded_corpus, eval_windows
+        from qcore.eval import perplexity
+
+        ids = eval_windows(tokenizer, embedded_corpus("eval"), 8, 512)
+        start = time.perf_counter()
+        row["ppl_8_windows"] = perplexity(model, ids, batch_size=8, progress=False)
+        row["eval_s"] = time.perf_counter() - start
+    row["peak_rss_gb"] = peak_rss_gb()
+    row["load_avg"] = [load_before, os.getloadavg()[0]]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for model in MODELS:
+        chosen = [r for r in rows if r["model"] == model]
+        if not chosen:
+            continue
+        base = next((r for r in chosen if r["setting"] == "fp32"), None)
+        peer = next((r for r in chosen if r["setting"] == PEER), None)
+        title = ("SmolLM2-135M (embedded)" if model == "smollm2"
+                 else "Llama-architecture 1.1B, random weights (TinyLlama-1.1B shapes)")
+        lines += ["", f"**{title}**", "",
+                  "| setting | kernels | prefill 512 tok/s | decode tok/s | decode vs fp32 "
+                  "| decode vs torchao | eval 8x512 | ppl (8 windows) | peak RSS | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in chosen:
+            vs = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
+            vs_peer = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else ""
+            eval_s = f"{r['eval_s']:.1f} s" if "eval_s" in r else ""
+            ppl = f"{r['ppl_8_windows']:.3f}" if "ppl_8_windows" in r else ""
+            lines.append(
+                f"| {r['setting']} | {r['kernels']} | {r['prefill_tok_s']:.0f} | "
+                f"{r['decode_tok_s']:.1f} | {vs} | {vs_peer} | {eval_s} | {ppl} | "
+                f"{r['peak_rss_gb']:.2f} GB | {r['load_avg'][0]:.2f} / {r['load_avg'][1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="*", default=None, choices=list(SETTINGS),
+                        help="only these settings (of each model's list)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="prefill repeats on SmolLM2, best kept (1 on the 1.1B model)")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print, do not update BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.repeats)))
+        return
+    peer_site()  # installed before anything is timed
+    rows = []
+    for model in args.models:
+        for setting in MODELS[model]:
+            if args.settings and setting not in args.settings:
+                continue
+            repeats = args.repeats if model == "smollm2" else 1
+            row = run_child(Path(__file__), ["--child", model, setting,
+                                             "--repeats", str(repeats)])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    stored = merge_results("decode_cpu", rows, "key")
+    body = "\n".join([
+        "## CPU kernels: prefill, decode and eval speed (`benchmarks/decode_cpu.py`)",
+        "",
+        f"Machine: {machine()}. Every row of a table was measured in one invocation, one "
+        "process per row, one after another; load average (1 min) before / after each row. "
+        "Weights quantized with RTN (speed depends on the format, not on the method); the "
+        "head and embeddings stay float in every row, torchao's included, in the row's "
+        "dtype: fp32 rows compute in float32, bf16 rows run the whole model in bfloat16 "
+        "(torch's packed int4/int8 CPU operators are fast for bfloat16 activations only). "
+        "Decode: batch 1, 128 greedy tokens after a 64-token prompt, tokens/s after the "
+        "first. Prefill: one 512-token forward, best of 3 (SmolLM2) or one (1.1B). Eval: "
+        "perplexity of 8 x 512 eval tokens at batch 8 (the ppl "
+        "column is on those 8 windows only, for a sanity check, not the protocol's 97). "
+        f"Peer: {TORCHAO}, `PrototypeInt4WeightOnlyConfig(group_size=64)` (its own "
+        "tinygemm-style asymmetric grid, torch's int4 CPU operator).",
+        table(stored),
+    ])
+    print(body)
+    if not args.no_write:
+        write_section("decode_cpu", body)
+
+
+if __name__ == "__main__":
+    main()
