@@ -43,8 +43,9 @@ class QuantLinear(nn.Module):
         else:
             self.lowrank_down = None
             self.lowrank_up = None
-        self._providers: dict[tuple[str, str], tuple[KernelProvider, Any]] = {}
-        self._prepared_state: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
+        self._providers: dict[tuple[torch.device, torch.dtype], tuple[KernelProvider, Any]] = {}
+        self._prepared_state: dict[tuple[torch.device, torch.dtype],
+                                   tuple[tuple[int, int], ...]] = {}
 
     # ---------------------------------------------------------------- weights
 
@@ -65,7 +66,7 @@ class QuantLinear(nn.Module):
         Prepared again when a stored tensor was replaced or changed in place since
         (``load_state_dict``, ``copy_``): a provider's prepared weight is a conversion of the
         tensors, which would otherwise go stale silently."""
-        key = (str(device), str(dtype))
+        key = (device, dtype)
         state = self._tensor_state()
         states = self.__dict__.setdefault("_prepared_state", {})  # (modules pickled before it)
         cached = self._providers.get(key)
@@ -82,8 +83,9 @@ class QuantLinear(nn.Module):
     def _tensor_state(self) -> tuple[tuple[int, int], ...]:
         """Each stored tensor's storage address and in-place version counter (an inference
         tensor, made under ``torch.inference_mode``, has none: its address alone)."""
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
-                     for t in (getattr(self, k) for k in self.tensor_names))
+        buffers = self._buffers  # not getattr: nn.Module's lookup is slow on every forward
+        return tuple([(t.data_ptr(), -1 if t.is_inference() else t._version)
+                      for t in [buffers[k] for k in self.tensor_names]])
 
     @property
     def provider_name(self) -> str | None:
@@ -98,9 +100,11 @@ class QuantLinear(nn.Module):
         provider, prepared = self.provider_for(x.device, x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = getattr(provider, self.op)(x2, prepared, self.bias)
-        if self.lowrank_down is not None:
-            y = y + (x2 @ self.lowrank_down.to(x.dtype).T) @ self.lowrank_up.to(x.dtype).T
+        buffers = self._buffers  # the per-call path avoids nn.Module's attribute lookup
+        y = getattr(provider, self.op)(x2, prepared, buffers["bias"])
+        down = buffers.get(LOWRANK_DOWN)
+        if down is not None:
+            y = y + (x2 @ down.to(x.dtype).T) @ buffers[LOWRANK_UP].to(x.dtype).T
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # type: ignore[override]

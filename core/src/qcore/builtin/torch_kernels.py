@@ -8,7 +8,7 @@ fits in what is left of the budget keeps it after its first call (one per dtype)
 later calls skip the dequantization; a layer that does not fit dequantizes on every call,
 as before. Nothing is evicted, so a model larger than the budget keeps its first layers'
 weights and is never slower than without the cache. The budget is
-``QCORE_DEQUANT_CACHE_MB`` (default 256 MiB; 0 turns the cache off), read when a weight is
+``QCORE_DEQUANT_CACHE_MB`` (default 1024 MiB; 0 turns the cache off), read when a weight is
 first cached; a cached weight's bytes return to the budget when its layer is prepared
 again or freed. The outputs are the same bit for bit with or without the cache.
 """
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 #: Default budget of the dequantized-weight cache, in MiB (``QCORE_DEQUANT_CACHE_MB``).
-DEFAULT_CACHE_MB = 256
+DEFAULT_CACHE_MB = 1024
 
 
 class _DequantBudget:
