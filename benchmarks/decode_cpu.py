@@ -26,6 +26,8 @@ project's environment is not touched).
 
     .venv/bin/python benchmarks/decode_cpu.py                    # everything, BENCHMARKS.md
     .venv/bin/python benchmarks/decode_cpu.py --models smollm2 --no-write
+    .venv/bin/python benchmarks/decode_cpu.py --paired llama1b "W4 g64 asym, bf16" \
+        "torchao int4 g64, bf16"       # decode A/B in one process, alternating rounds
 """
 
 from __future__ import annotations
@@ -169,6 +171,34 @@ def child(model_name: str, setting: str, repeats: int) -> dict:
     return row
 
 
+def paired(model_name: str, settings: list[str], rounds: int) -> dict:
+    """Decode tokens/s of several settings of one model in one process, in alternating
+    rounds (after one warm-up each): the same machine state for all of them."""
+    import copy
+
+    import torch
+
+    from qcore.generate import generate_ids
+
+    base, _ = build_model(model_name)
+    models = {}
+    for setting in settings:
+        model, kernels = quantize_setting(copy.deepcopy(base), setting)
+        models[f"{setting} ({kernels})"] = model
+    del base
+    prompt = torch.randint(0, models[next(iter(models))].config.vocab_size, (1, 64),
+                           generator=torch.Generator().manual_seed(1))
+    for model in models.values():
+        generate_ids(model, prompt, max_new_tokens=8, exact_length=True)
+    result: dict = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            g = generate_ids(model, prompt, max_new_tokens=128, exact_length=True)
+            result[name].append(round(g.decode_tokens_per_s, 2))
+    return {"model": model_name, "decode_tok_s": result,
+            "load_avg_after": os.getloadavg()[0]}
+
+
 def table(rows: list[dict]) -> str:
     lines = []
     for model in MODELS:
@@ -198,6 +228,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", nargs="+", metavar=("MODEL", "SETTING"),
+                        help="decode A/B of settings of one model in one process; prints JSON")
+    parser.add_argument("--rounds", type=int, default=3, help="with --paired")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="*", default=None, choices=list(SETTINGS),
                         help="only these settings (of each model's list)")
@@ -209,6 +242,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.repeats)))
+        return
+    if args.paired:
+        model, *settings = args.paired
+        if model not in MODELS or len(settings) < 2 or not set(settings) <= set(SETTINGS):
+            parser.error(f"--paired MODEL SETTING SETTING...: MODEL in {list(MODELS)}, "
+                         f"settings in {list(SETTINGS)}")
+        if any(SETTINGS[s][0] == "torchao" for s in settings):
+            peer_site()
+        print(json.dumps(paired(model, settings, args.rounds)))
         return
     peer_site()  # installed before anything is timed
     rows = []
