@@ -24,6 +24,13 @@ uses) applied to the float model's linear layers except the head, like qcore. to
 installed at a pinned version, without dependencies, into ``$QCORE_CACHE/peers`` (the
 project's environment is not touched).
 
+The second peer on SmolLM2, ``llama.cpp Q4_1``: the embedded model's own GGUF file, whose
+every matrix (head and embeddings too) is Q4_1 (4-bit codes in groups of 32 with a scale
+and a minimum), run by llama.cpp through ``llama-cpp-python`` (pinned; PyPI has only its
+source distribution, so the first run compiles llama.cpp into ``$QCORE_CACHE/peers``).
+Its like-for-like qcore row is ``W4 g32 asym, bf16``; llama.cpp also quantizes the head
+and the activations (to 8 bits inside its dot products), qcore keeps both 16-bit.
+
     .venv/bin/python benchmarks/decode_cpu.py                    # everything, BENCHMARKS.md
     .venv/bin/python benchmarks/decode_cpu.py --models smollm2 --no-write
     .venv/bin/python benchmarks/decode_cpu.py --paired llama1b "W4 g64 asym, bf16" \
@@ -44,6 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
 
 TORCHAO = "torchao==0.18.0"
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+#: What the peers import beyond what the project's environment has.
+PEER_EXTRAS = {LLAMA_CPP: ["diskcache==5.6.3"]}
 
 W4 = dict(bits=4, group_size=64, symmetric=False)
 W8 = dict(bits=8, group_size=-1, symmetric=True)
@@ -59,6 +69,8 @@ SETTINGS: dict[str, tuple[object, str]] = {
     "W8A8 per-channel sym, per-token act, fp32": (dict(W8, act_bits=8), "float32"),
     "W3 g64 asym, bf16": (dict(W4, bits=3), "bfloat16"),
     "torchao int4 g64, bf16": ("torchao", "bfloat16"),
+    "W4 g32 asym, bf16": (dict(W4, group_size=32), "bfloat16"),
+    "llama.cpp Q4_1 (g32 asym)": ("llama.cpp", "float32"),
 }
 MODELS = {
     "smollm2": list(SETTINGS),
@@ -71,16 +83,77 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
                 max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def peer_site() -> Path:
-    """A folder holding torchao (pinned, no dependencies), installed on first use."""
+def peer_site(requirement: str = TORCHAO) -> Path:
+    """A folder holding a peer (pinned, no dependencies), installed on first use.
+    llama-cpp-python is a source distribution: its first install compiles llama.cpp."""
     from qcore.assets import cache_dir
 
-    site = cache_dir() / "peers" / TORCHAO.replace("==", "-")
-    if not (site / "torchao").is_dir():
+    site = cache_dir() / "peers" / requirement.replace("==", "-")
+    package = requirement.split("==")[0].replace("-python", "").replace("-", "_")
+    if not (site / package).is_dir():
         site.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--target", str(site), TORCHAO], check=True)
+                        "--target", str(site), requirement, *PEER_EXTRAS.get(requirement, [])],
+                       check=True)
     return site
+
+
+def llama_cpp_child(threads: int, repeats: int) -> dict:
+    """The embedded SmolLM2's own GGUF file (Q4_1: 4-bit codes in groups of 32 with a scale
+    and a minimum, head and embeddings included, activations quantized to 8 bits inside
+    its dot products) in llama.cpp, timed like the torch rows."""
+    import math
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(peer_site(LLAMA_CPP)))
+    import llama_cpp
+
+    from qcore.assets import embedded_corpus, embedded_gguf_path, eval_windows, load_model
+
+    _, tokenizer = load_model()
+    llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, n_batch=512,
+                          n_threads=threads, logits_all=True, verbose=False)
+    vocab = llm.n_vocab()
+    g = torch.Generator().manual_seed(1)
+    long_prompt = torch.randint(0, vocab, (512,), generator=g).tolist()
+    short_prompt = torch.randint(0, vocab, (64,), generator=g).tolist()
+    prefill = []
+    for _ in range(repeats):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(long_prompt)
+        prefill.append(time.perf_counter() - start)
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(short_prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])  # the first new token ends the prefill, as in the torch rows
+        start = time.perf_counter()
+        for _ in range(126):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([token])
+        return 126 / (time.perf_counter() - start)
+
+    decode()  # warm-up
+    decode_tok_s = max(decode() for _ in range(repeats))
+    ids = eval_windows(tokenizer, embedded_corpus("eval"), 8, 512)
+    start = time.perf_counter()
+    nll = 0.0
+    for window in ids.tolist():
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+    eval_s = time.perf_counter() - start
+    return {"kernels": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            "prefill_tok_s": 512 / min(prefill), "decode_tok_s": decode_tok_s,
+            "ppl_8_windows": math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1))),
+            "eval_s": eval_s}
 
 
 def build_model(name: str):
@@ -139,6 +212,13 @@ def child(model_name: str, setting: str, repeats: int) -> dict:
     from qcore.generate import generate_ids
 
     load_before = os.getloadavg()[0]
+    if SETTINGS[setting][0] == "llama.cpp":
+        row = {"model": model_name, "setting": setting, "key": f"{model_name}: {setting}",
+               **llama_cpp_child(torch.get_num_threads(), repeats),
+               "threads": torch.get_num_threads()}
+        row["peak_rss_gb"] = peak_rss_gb()
+        row["load_avg"] = [load_before, os.getloadavg()[0]]
+        return row
     model, tokenizer = build_model(model_name)
     model, kernels = quantize_setting(model, setting)
     vocab = model.config.vocab_size
@@ -252,7 +332,9 @@ def main() -> None:
             peer_site()
         print(json.dumps(paired(model, settings, args.rounds)))
         return
-    peer_site()  # installed before anything is timed
+    peer_site()  # installed (llama.cpp built) before anything is timed
+    if "smollm2" in args.models:
+        peer_site(LLAMA_CPP)
     rows = []
     for model in args.models:
         for setting in MODELS[model]:
@@ -278,8 +360,12 @@ def main() -> None:
         "1.1B model. Eval: "
         "perplexity of 8 x 512 eval tokens at batch 8 (the ppl "
         "column is on those 8 windows only, for a sanity check, not the protocol's 97). "
-        f"Peer: {TORCHAO}, `PrototypeInt4WeightOnlyConfig(group_size=64)` (its own "
-        "tinygemm-style asymmetric grid, torch's int4 CPU operator).",
+        f"Peers: {TORCHAO}, `PrototypeInt4WeightOnlyConfig(group_size=64)` (its own "
+        "tinygemm-style asymmetric grid, torch's int4 CPU operator); on SmolLM2 also "
+        f"llama.cpp ({LLAMA_CPP}, built from source) on the embedded Q4_1 GGUF file, "
+        "whose head is 4-bit too and whose dot products quantize activations to 8 bits "
+        "(like-for-like qcore row: W4 g32 asym; the ppl column there is llama.cpp's own "
+        "logits on the same 8 windows).",
         table(stored),
     ])
     print(body)
