@@ -41,6 +41,9 @@ dependencies = ["qcore"]
 
 [tool.setuptools.packages.find]
 where = ["src"]
+
+[tool.pytest.ini_options]
+addopts = "-p qcore.testing.plugin"
 """
 
 CLIPSEARCH_COMPONENTS = '''\

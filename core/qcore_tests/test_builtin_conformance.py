@@ -15,7 +15,7 @@ from qcore.builtin.observers import MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.builtin.torch_lut_kernels import TorchLUTKernels
-from qcore.builtin.vq_packer import VQPacker
+from qcore.codebook import VQPacker
 from qcore.interfaces import KernelRequest, Transform
 from qcore.scheme import Scheme
 from qcore.testing import (

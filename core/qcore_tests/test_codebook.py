@@ -7,8 +7,7 @@ import torch
 
 from qcore.bitpack import pack_codes, packed_words, unpack_codes
 from qcore.builtin.int_packer import IntPacker
-from qcore.builtin.vq_packer import VQPacker
-from qcore.codebook import bits_per_weight, dequantize_vq, validate_vq
+from qcore.codebook import VQPacker, bits_per_weight, dequantize_vq, validate_vq
 from qcore.interfaces import QuantizedWeight
 from qcore.testing import BasePackerTests, random_int_weight, random_vq_weight
 

@@ -124,6 +124,24 @@ def test_every_dataclass_field_is_documented_with_its_type(cls: type) -> None:
     assert not missing, f"docs/plugins.md lacks {cls.__name__} fields: {missing}"
 
 
+def test_every_qcore_ops_name_is_documented_with_its_signature() -> None:
+    import qcore.ops
+
+    section = squash(TEXT.split("\n## Helpers for plugins: `qcore.ops`\n", 1)[1]
+                     .split("\n## ", 1)[0])
+    missing = []
+    for name in qcore.ops.__all__:
+        value = getattr(qcore.ops, name)
+        line = signature_line(value, name) if inspect.isfunction(value) else name
+        if f"- `{line}`:" not in section:
+            missing.append(line)
+    assert not missing, "docs/plugins.md's qcore.ops section lacks:\n" + "\n".join(missing)
+    assert "def replace_tensors(self, values: Mapping[str, torch.Tensor]) -> None" in section
+    from qcore.qlinear import QuantLinear
+
+    assert signature_line(QuantLinear.replace_tensors, "replace_tensors") in section
+
+
 def test_the_testing_kit_is_documented() -> None:
     for name in qcore.testing.__all__:
         assert f"{name}" in TEXT, f"qcore.testing.{name} is not documented"

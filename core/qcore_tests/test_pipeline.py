@@ -76,6 +76,22 @@ class Codebook(Quantizer):
     produces = "codebook"
 
 
+class Polish(Transform):
+    """An after-quantization transform (like qcore-plugin-finetune's ``finetune``)."""
+
+    name = "polish"
+    after_quantization = True
+    formats = frozenset({"int", "vq"})
+
+    @dataclass(frozen=True)
+    class Config:
+        epochs: int = 4
+
+        def __post_init__(self) -> None:
+            if self.epochs < 1:
+                raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
 class OrphanLayoutPacker(IntPacker):
     name = "orphan"
     layout = "orphan-layout"
@@ -85,7 +101,7 @@ class OrphanLayoutPacker(IntPacker):
 @pytest.fixture
 def registry(qcore_register_plugin) -> Any:
     manager = qcore_register_plugin(make_plugin(
-        "extras", transforms=[Smooth, Rotate, NeedsRotated], observers=[],
+        "extras", transforms=[Smooth, Rotate, NeedsRotated, Polish], observers=[],
         quantizers=[SmoothQ, Tuned, NeedsAbsMean, WeightOnly, Codebook]),
         distribution="qcore-plugin-extras", version="0.5")
     return manager.registry
@@ -141,7 +157,7 @@ def test_unknown_transform_in_the_short_form(registry) -> None:
         Pipeline.from_names("awq,rtn", registry=registry)
     message = str(raised.value)
     assert "Unknown pipeline step: 'awq'" in message
-    assert "Installed transforms: finetune, needs-rotated, rotate, smooth" in message
+    assert "Installed transforms: needs-rotated, polish, rotate, smooth" in message
     assert ("installed quantizers: codebook-q, needs-absmean, rtn, smooth, tuned, "
             "weight-only") in message
     assert "pip install qcore-plugin-awq" in message
@@ -150,7 +166,7 @@ def test_unknown_transform_in_the_short_form(registry) -> None:
 def test_unknown_name_without_a_known_distribution(qcore_registry) -> None:
     with pytest.raises(UnknownComponentError) as raised:
         Pipeline.from_spec({"transforms": ["spinquant"]}).validate()
-    assert str(raised.value) == "Unknown transform: 'spinquant'. Installed transforms: finetune."
+    assert str(raised.value) == "Unknown transform: 'spinquant'. Installed transforms: none."
 
 
 def test_name_of_another_kind_says_so(registry) -> None:
@@ -279,23 +295,29 @@ def test_short_form_orders_transforms_then_the_quantizer(registry) -> None:
 
 
 def test_after_quantization_transforms_follow_the_quantizer(registry) -> None:
-    for names in ("rotate,codebook-q,finetune", "rotate,finetune,codebook-q"):
+    for names in ("rotate,codebook-q,polish", "rotate,polish,codebook-q"):
         pipeline = Pipeline.from_names(names, registry=registry,
-                                       options={"finetune": {"epochs": 2}})
+                                       options={"polish": {"epochs": 2}})
         assert [t.name for t in pipeline.transforms] == names.replace(",codebook-q", "").split(",")
         assert pipeline.quantizer.name == "codebook-q"
-        assert pipeline.short_form() == "rotate,codebook-q,finetune"
+        assert pipeline.short_form() == "rotate,codebook-q,polish"
     with pytest.raises(ConfigError) as raised:
-        Pipeline.from_names("codebook-q,finetune", registry=registry).validate(registry)
+        Pipeline.from_names("codebook-q,polish", registry=registry).validate(registry)
     assert str(raised.value) == (
-        "transform 'finetune' edits weights of format(s) int, vq, but quantizer 'codebook-q' "
-        "produces 'codebook': use a quantizer producing 'int' or 'vq', or drop 'finetune' "
+        "transform 'polish' edits weights of format(s) int, vq, but quantizer 'codebook-q' "
+        "produces 'codebook': use a quantizer producing 'int' or 'vq', or drop 'polish' "
         "from the pipeline")
-    assert Pipeline.from_names("rtn,finetune", registry=registry).validate(registry)
-    with pytest.raises(ConfigError, match=r"transform 'finetune': invalid options .*"
+    assert Pipeline.from_names("rtn,polish", registry=registry).validate(registry)
+    # A checkpoint's spec marks the step, so it reads in place where it is not installed.
+    spec = Pipeline.from_names("rtn,polish", registry=registry).validate(registry).spec()
+    assert spec["transforms"] == [{"name": "polish", "options": {"epochs": 4},
+                                   "after_quantization": True}]
+    spec["transforms"][0]["name"] = "not-installed"
+    assert Pipeline.from_spec(spec).short_form(registry) == "rtn,not-installed"
+    with pytest.raises(ConfigError, match=r"transform 'polish': invalid options .*"
                                           r"epochs must be >= 1, got 0"):
-        Pipeline.from_names("rtn,finetune", registry=registry,
-                            options={"finetune": {"epochs": "0"}}).validate(registry)
+        Pipeline.from_names("rtn,polish", registry=registry,
+                            options={"polish": {"epochs": "0"}}).validate(registry)
 
 
 def test_short_form_ambiguity_needs_a_qualifier(registry) -> None:
@@ -319,8 +341,7 @@ def test_short_form_errors(registry) -> None:
         Pipeline.from_names("rtn,rotate", registry=registry)
     assert str(raised.value) == (
         "pipeline 'rtn,rotate': rotate edits the block before quantization; put it before "
-        "the quantizer 'rtn' (only after-quantization transforms, such as 'finetune', may "
-        "follow it)")
+        "the quantizer 'rtn' (only after-quantization transforms may follow it)")
     with pytest.raises(ConfigError, match=r"name one quantizer \(found \['rtn', 'tuned'\]\)"):
         Pipeline.from_names("rtn,tuned", registry=registry)
     with pytest.raises(ConfigError, match="the pipeline is empty"):

@@ -121,8 +121,7 @@ def test_builtins_load_through_their_entry_point() -> None:
     assert (info.distribution, info.version) == ("qcore", qcore.__version__)
     assert info.entry_point == "builtin = qcore.builtin.hooks"
     assert info.hooks == ["qcore_register_kernels", "qcore_register_observers",
-                          "qcore_register_packers", "qcore_register_quantizers",
-                          "qcore_register_transforms"]
+                          "qcore_register_packers", "qcore_register_quantizers"]
     for kind, name in BUILTINS:
         assert name in info.components[kind]
         origin = manager.registry.get(kind, name).origin
@@ -140,15 +139,15 @@ def test_report_is_json_with_name_distribution_version_hooks() -> None:
         "name": "builtin", "distribution": "qcore", "version": qcore.__version__,
         "entry_point": "builtin = qcore.builtin.hooks",
         "hooks": ["qcore_register_kernels", "qcore_register_observers",
-                  "qcore_register_packers", "qcore_register_quantizers",
-                  "qcore_register_transforms"],
+                  "qcore_register_packers", "qcore_register_quantizers"],
         "components": manager.plugins["builtin"].components,
         "error": None,
     }]
     # The listing's components are exactly what the registry holds.
     listed = {kind: sorted(names) for kind, names in report[0]["components"].items()}
     assert listed == {kind: manager.registry.names(kind)
-                      for kind in ("observer", "transform", "quantizer", "packer", "kernel")}
+                      for kind in ("observer", "quantizer", "packer", "kernel")}
+    assert manager.registry.names("transform") == []  # every transform is a plugin's
 
 
 def test_fixture_manager_is_isolated_from_installed_plugins(site: FakeSite) -> None:
@@ -411,8 +410,8 @@ def test_plugin_built_for_another_contract_is_refused(qcore_plugin_manager) -> N
     message = str(qcore_plugin_manager.errors[0])
     assert message == (
         f"plugin 'future' from qcore-plugin-future 3.0 was built for qcore contract 2.0, but "
-        f"qcore {qcore.__version__} implements contract 1.1, which is incompatible: install "
-        "a release of qcore-plugin-future made for contract 1.1, or a qcore that implements "
+        f"qcore {qcore.__version__} implements contract 1.2, which is incompatible: install "
+        "a release of qcore-plugin-future made for contract 1.2, or a qcore that implements "
         "contract 2.0")
     assert qcore_plugin_manager.registry.find("quantizer", "future") is None
     # Another minor version of the same contract is compatible.
@@ -524,12 +523,28 @@ def test_pytest_start_up_with_the_qcore_plugin_does_not_import_torch(tmp_path: P
         "import sys\n\n\n"
         "def test_fixtures_are_there(request):\n"
         "    assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
-        "    assert request.config.pluginmanager.has_plugin('qcore')\n"
+        "    assert request.config.pluginmanager.has_plugin('qcore.testing.plugin')\n"
         "    manager = request.getfixturevalue('qcore_plugin_manager')\n"
         "    assert set(manager.plugins) == {'builtin'}\n"
         "    assert 'torch' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "test_start.py"], capture_output=True, text=True, cwd=tmp_path,
+                             "-p", "qcore.testing.plugin", "test_start.py"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
+
+
+def test_the_kit_stays_out_of_test_sessions_that_do_not_ask_for_it(tmp_path: Path) -> None:
+    """Having qcore installed adds no fixture or plugin to another project's pytest."""
+    (tmp_path / "test_other.py").write_text(
+        "def test_no_qcore(request):\n"
+        "    assert not request.config.pluginmanager.has_plugin('qcore.testing.plugin')\n"
+        "    assert 'qcore_registry' not in request.fixturenames\n"
+        "    names = {p.__name__ for p in request.config.pluginmanager.get_plugins()\n"
+        "             if hasattr(p, '__name__')}\n"
+        "    assert not any(n.startswith('qcore') for n in names), names\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_other.py"], capture_output=True, text=True, cwd=tmp_path,
                             timeout=60)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout

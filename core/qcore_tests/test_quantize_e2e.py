@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import qcore.calibration as calibration
+from qcore.builtin.int_packer import IntPacker
 from qcore.checkpoint import load, save
 from qcore.errors import CheckpointError, ConfigError
 from qcore.grid import dequantize_int
-from qcore.builtin.int_packer import IntPacker
 from qcore.model import find_blocks, weight_matrix
+from qcore.pipeline import Pipeline
 from qcore.qlinear import QuantLinear
 from qcore.quantize import quantize
-from qcore.pipeline import Pipeline
 from qcore.scheme import Scheme
 
 ARCHS = ["llama", "qwen2", "opt", "gpt2"]
@@ -264,42 +264,3 @@ def test_qcore_quantize_is_callable_after_its_module_was_imported(make_tiny_mode
         assert result.n_layers > 0
 
 
-def test_finetune_after_rtn_tunes_the_group_scales_only(make_tiny_model) -> None:
-    """``rtn,finetune``: codes and zero points stay as rounded, the float16 group scales
-    move, and the model comes closer to the unquantized one (measured: logits error 28%
-    lower on the calibration rows, 13% on others)."""
-    import copy
-
-    calib = torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(1))
-    held_out = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(9))
-    torch.manual_seed(0)
-    fp = make_tiny_model("llama")
-    models = {}
-    for names in ("rtn", "rtn,finetune"):
-        models[names] = copy.deepcopy(fp)
-        quantize(models[names], Pipeline.from_names(
-            names, scheme=Scheme(bits=3, group_size=32),
-            options={"finetune": {"epochs": 5, "lr": 1e-2}} if "," in names else None),
-            calib, batch_size=4, progress=False)
-    with torch.no_grad():
-        errors = {(names, i): float((m(ids).logits - fp(ids).logits).pow(2).mean())
-                  for names, m in models.items() for i, ids in enumerate((calib, held_out))}
-    assert errors["rtn,finetune", 0] < 0.8 * errors["rtn", 0], errors
-    assert errors["rtn,finetune", 1] < 0.95 * errors["rtn", 1], errors
-    plain = {n: m for n, m in models["rtn"].named_modules() if isinstance(m, QuantLinear)}
-    for name, layer in models["rtn,finetune"].named_modules():
-        if isinstance(layer, QuantLinear):
-            assert torch.equal(layer.qweight, plain[name].qweight)
-            assert torch.equal(layer.zeros, plain[name].zeros)
-            assert layer.scales.dtype == torch.float16
-            assert not torch.equal(layer.scales, plain[name].scales), name
-
-
-def test_finetune_refuses_layers_that_quantize_activations(make_tiny_model, calib_ids) -> None:
-    model = make_tiny_model("llama")
-    pipeline = Pipeline.from_names("rtn,finetune", scheme=Scheme(bits=8, act_bits=8))
-    with pytest.raises(ConfigError) as raised:
-        quantize(model, pipeline, calib_ids, batch_size=2, progress=False)
-    assert str(raised.value).startswith("finetune tunes weight-only layers; block 0's ")
-    assert str(raised.value).endswith(" also quantize their inputs (act_bits 8): drop "
-                                      "finetune from the pipeline or quantize weights only")

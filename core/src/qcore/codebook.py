@@ -1,4 +1,5 @@
-"""The codebook (vector-quantized) logical format ``"vq"``: checks, dense weight, size.
+"""The codebook (vector-quantized) logical format ``"vq"`` in one module: checks, dense
+weight, size, and its packer (layout ``"vq-packed"``).
 
 A weight ``[out, in]`` is cut into vectors of ``vector_size`` consecutive input columns,
 and each vector is stored as an index into a learned codebook (VPTQ, AQLM, QuIP#...).
@@ -40,14 +41,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
+from qcore.interfaces import PackedWeight, Packer, QuantizedWeight
 
-from qcore.builtin.vq_packer import FORMAT, LAYOUT, OP
-
+# torch loads with the first function that needs it: the built-in hooks register the
+# packer, and importing them must not import torch.
 if TYPE_CHECKING:
-    from qcore.interfaces import PackedWeight, QuantizedWeight
+    import torch
 
-__all__ = ["FORMAT", "LAYOUT", "OP", "validate_vq", "dequantize_vq", "bits_per_weight"]
+__all__ = ["FORMAT", "LAYOUT", "OP", "VQPacker", "validate_vq", "dequantize_vq",
+           "bits_per_weight"]
+
+FORMAT = "vq"
+LAYOUT = "vq-packed"
+OP = "lut_linear"
 
 MAX_INDEX_BITS = 16
 
@@ -73,6 +79,8 @@ def n_vectors(width: int, vector_size: int) -> int:
 def main_columns(in_features: int, outlier_cols: torch.Tensor | None) -> torch.Tensor | None:
     """The main part's columns (int64, increasing), or None when there are no outliers
     (then the main part is every column in order)."""
+    import torch
+
     if outlier_cols is None or not outlier_cols.numel():
         return None
     keep = torch.ones(in_features, dtype=torch.bool, device=outlier_cols.device)
@@ -105,6 +113,8 @@ def vq_params(params: Mapping[str, Any]) -> dict[str, int]:
 def validate_vq(qweight: QuantizedWeight) -> None:
     """Check that ``qweight`` is a well-formed ``"vq"`` weight; raise ``ValueError``
     saying what is wrong (with the values) and what the format expects."""
+    import torch
+
     if qweight.format != FORMAT:
         raise ValueError(f"expected a {FORMAT!r}-format weight, got format {qweight.format!r}")
     out_f, in_f = _check_shape(qweight.shape)
@@ -168,6 +178,8 @@ def _check_tensor(key: str, tensor: torch.Tensor, dtype: torch.dtype,
 
 def _check_indices(index_key: str, indices: torch.Tensor, codebook: torch.Tensor, bits: int,
                    shape: tuple[int, int], vector_size: int) -> None:
+    import torch
+
     _check_tensor(index_key, indices, torch.int32, shape)
     codebook_key = INDEX_TENSORS[index_key][0]
     if codebook.dtype != torch.float16:
@@ -186,6 +198,8 @@ def _check_indices(index_key: str, indices: torch.Tensor, codebook: torch.Tensor
 
 
 def _check_outlier_cols(t: Mapping[str, torch.Tensor], p: Mapping[str, int], in_f: int) -> None:
+    import torch
+
     n_out = p["n_outliers"]
     if p["outlier_index_bits"] == 0:
         if n_out or "outlier_cols" in t:
@@ -213,9 +227,13 @@ def _check_outlier_cols(t: Mapping[str, torch.Tensor], p: Mapping[str, int], in_
 def decode_part(indices: torch.Tensor, codebook: torch.Tensor, width: int,
                 res_indices: torch.Tensor | None = None,
                 res_codebook: torch.Tensor | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """One part's columns, ``[out, width]`` in ``dtype``: each index replaced by its
-    codebook row (plus the residual codebook's row), the partial last vector cut."""
+    codebook row (plus the residual codebook's row), the partial last vector cut;
+    ``dtype`` float32 unless given."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     out_f, n_vec = indices.shape
     vectors = codebook.to(dtype).index_select(0, _flat_index(indices))
     if res_indices is not None and res_codebook is not None:
@@ -225,6 +243,8 @@ def decode_part(indices: torch.Tensor, codebook: torch.Tensor, width: int,
 
 def _flat_index(indices: torch.Tensor) -> torch.Tensor:
     """Indices as ``index_select`` takes them (int32 or int64; int16 is widened)."""
+    import torch
+
     flat = indices.reshape(-1)
     return flat if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.int32)
 
@@ -250,7 +270,7 @@ def assemble_weight(main: torch.Tensor, in_features: int,
     return weight
 
 
-def dequantize_vq(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_vq(qweight: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight ``[out, in]`` (float32 by default) of a ``"vq"`` weight, checked
     first with :func:`validate_vq`."""
     validate_vq(qweight)
@@ -294,3 +314,54 @@ def describe_vq(params: Mapping[str, Any]) -> str:
     if p["outlier_index_bits"]:
         label += f" +outliers({p['n_outliers']} cols, i{p['outlier_index_bits']})"
     return label
+
+
+# ---------------------------------------------------------------------------- packer
+
+
+class VQPacker(Packer):
+    """Codebook indices bit-packed into int32 words (1-16 bits), codebooks in float16."""
+
+    name = "vq"
+    format = FORMAT
+    layout = LAYOUT
+    op = OP
+    supported_bits = frozenset(range(1, 17))
+
+    def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
+        return dequantize_vq(qweight)
+
+    def pack(self, qweight: QuantizedWeight) -> PackedWeight:
+        if qweight.format != FORMAT:
+            raise ValueError(f"the vq packer reads format {FORMAT!r}, got {qweight.format!r}")
+        validate_vq(qweight)
+        from qcore.bitpack import pack_codes
+
+        p = vq_params(qweight.params)
+        tensors = {}
+        for key, tensor in qweight.tensors.items():
+            if key in INDEX_TENSORS:
+                tensor = pack_codes(tensor, p[INDEX_TENSORS[key][1]])
+            tensors[key] = tensor
+        return PackedWeight(layout=LAYOUT, shape=qweight.shape, tensors=tensors,
+                            params=dict(qweight.params))
+
+    def unpack(self, packed: PackedWeight) -> QuantizedWeight:
+        import torch
+
+        if packed.layout != LAYOUT:
+            raise ValueError(f"the vq packer reads layout {LAYOUT!r}, got {packed.layout!r}")
+        from qcore.bitpack import unpack_codes
+
+        p = vq_params(packed.params)
+        in_f = packed.shape[1]
+        widths = {"indices": in_f - p["n_outliers"], "res_indices": in_f - p["n_outliers"],
+                  "outlier_indices": p["n_outliers"]}
+        tensors = {}
+        for key, tensor in packed.tensors.items():
+            if key in INDEX_TENSORS:
+                n_vec = n_vectors(widths[key], p["vector_size"])
+                tensor = unpack_codes(tensor, p[INDEX_TENSORS[key][1]], n_vec, torch.int32)
+            tensors[key] = tensor
+        return QuantizedWeight(format=FORMAT, shape=packed.shape, tensors=tensors,
+                               params=dict(packed.params))

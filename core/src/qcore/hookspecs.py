@@ -29,19 +29,28 @@ How the methods behind qcore map onto this contract
   ``"vq"`` (indices, codebooks, residual and outlier parts; :mod:`qcore.codebook`); the
   built-in packer ``vq`` writes layout ``"vq-packed"`` with ``op = "lut_linear"``, which
   the built-in ``torch-lut`` provider and faster kernel providers implement.
+- Fine-tuning (qcore-plugin-finetune): transform ``finetune`` with
+  ``after_quantization = True`` and ``formats = {"int", "vq"}`` tunes a quantized block's
+  float tensors (codebooks, scales) towards the unquantized block's outputs
+  (``ctx.targets``).
 - Activation quantization (W8A8, static or dynamic): the scheme's ``act_bits`` and
   ``act_dynamic``; a quantizer lists the act bit-widths it supports in
   ``supported_act_bits``; static scales come from an observer (the built-in ``minmax``)
   and travel as ``input_scale`` in the quantized weight; kernels declare ``act_bits``
   in their :class:`~qcore.interfaces.KernelSupport`.
+Planned, not built yet (no plugin implements them; the contract already carries what they
+need, except where marked):
+
 - Quamba (Mamba): a transform applies a Hadamard rotation (folded into weights where the
   algebra allows; where it must run online, it is part of the layer's op) and suppresses
   the selective scan's input outliers; static 8-bit per-tensor scales come from
-  observers; kernel providers implement the ``selective_scan`` op.
+  observers; kernel providers implement the ``selective_scan`` op (declared; no provider
+  implements it yet, and the core does not yet call it from a model).
 - SVDQuant: a transform smooths activations into weights (like AWQ's folding), splits
   each weight into a 16-bit low-rank branch and a residual
   (``ctx.add_lowrank_branch(name, down, up)``), and the quantizer quantizes the residual
-  to 4 bits with 4-bit activations; the quantized layer adds the low-rank branch.
+  to 4 bits with 4-bit activations; the quantized layer adds the low-rank branch (the
+  branch's buffers, checkpoint entries and loader exist; no method makes them yet).
 
 A plugin may implement any subset of the hooks. pluggy lets an implementation accept
 fewer arguments than its spec; hooks grow only by new optional arguments, new needs get

@@ -214,20 +214,19 @@ class Quantizer(Component):
         return [self.quantize(w, stats, scheme) for w in weights]
 
     def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
-        """The dense float32 weight that ``qweight`` stands for. The default serves the
-        core's formats, ``"int"`` and ``"vq"`` (:func:`qcore.codebook.dequantize_vq`); a
-        quantizer producing another format overrides it."""
-        if qweight.format == "int":
-            from qcore.grid import dequantize_int
+        """The dense float32 weight that ``qweight`` stands for. The default asks the
+        installed packer of ``qweight.format`` (:meth:`Packer.dequantize`); a quantizer
+        producing a format whose packer does not define it overrides this."""
+        from qcore.plugins import get_registry
 
-            return dequantize_int(qweight)
-        if qweight.format == "vq":
-            from qcore.codebook import dequantize_vq
-
-            return dequantize_vq(qweight)
+        for reg in get_registry().of_kind("packer"):
+            packer_cls = reg.cls
+            if (getattr(packer_cls, "format", None) == qweight.format
+                    and packer_cls.dequantize is not Packer.dequantize):
+                return packer_cls().dequantize(qweight)  # type: ignore[attr-defined]
         raise NotImplementedError(
-            f"quantizer {self.name!r} produces format {qweight.format!r} and must "
-            "override dequantize()")
+            f"no installed packer of format {qweight.format!r} defines dequantize(): "
+            f"quantizer {self.name!r} must override dequantize()")
 
 
 # ----------------------------------------------------------------------------- packers
@@ -268,11 +267,18 @@ class Packer(Component):
         """Exact inverse of :meth:`pack`."""
         raise NotImplementedError
 
+    def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
+        """The reference dense float32 weight of a ``format`` weight (logical, not packed).
+        Optional (contract 1.2): :meth:`Quantizer.dequantize` uses the one of the
+        weight's format, so a quantizer producing that format needs none of its own."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------ kernels
 
 #: Ops a kernel provider may implement. ``linear`` and ``lut_linear`` share the signature
-#: ``(x, prepared, bias) -> y``; ``selective_scan`` is Mamba's recurrence (see hookspecs).
+#: ``(x, prepared, bias) -> y``; ``selective_scan`` is Mamba's recurrence (see hookspecs),
+#: declared for the planned Quamba plugin: no provider implements it yet.
 KNOWN_OPS: frozenset[str] = frozenset({"linear", "lut_linear", "selective_scan"})
 
 

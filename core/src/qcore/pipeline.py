@@ -26,25 +26,31 @@ class Step:
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Recorded for a transform that ran after quantization (in a checkpoint's spec), so
+    #: that the pipeline reads in its order where that transform is not installed.
+    after_quantization: bool = False
 
     @classmethod
     def parse(cls, value: Any, where: str) -> Step:
         if isinstance(value, str):
             return cls(value)
         if isinstance(value, Mapping) and isinstance(value.get("name"), str):
-            extra = set(value) - {"name", "options"}
+            extra = set(value) - {"name", "options", "after_quantization"}
             if extra:
                 raise ConfigError(f"{where}: unexpected key(s) {sorted(extra)}; a step is "
                                   "{name = '...', options = {...}}")
             options = value.get("options") or {}
             if not isinstance(options, Mapping):
                 raise ConfigError(f"{where}: options must be a table, got {options!r}")
-            return cls(value["name"], dict(options))
+            return cls(value["name"], dict(options), value.get("after_quantization") is True)
         raise ConfigError(f"{where}: expected a name or {{name = '...', options = {{...}}}}, "
                           f"got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "options": dict(self.options)}
+        out = {"name": self.name, "options": dict(self.options)}
+        if self.after_quantization:
+            out["after_quantization"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class Pipeline:
                    kernel: str = AUTO) -> Pipeline:
         """From the short form ``"awq,gptq"``: transforms in order, then the quantizer
         (``rtn`` when the list names none), then any after-quantization transforms
-        (``"vptq,finetune"``). ``kind:name`` (``transform:x``, ``quantizer:x``) settles a
+        (``"vptq,finetune"`` with qcore-plugin-finetune). ``kind:name`` (``transform:x``, ``quantizer:x``) settles a
         name that is registered as both. ``options`` maps a step's name to its options."""
         registry = registry if registry is not None else _default_registry()
         options = dict(options or {})
@@ -129,8 +135,8 @@ class Pipeline:
                 raise ConfigError(
                     f"pipeline {names!r}: {', '.join(before)} {'edits' if one else 'edit'} "
                     f"the block before quantization; put {'it' if one else 'them'} before "
-                    f"the quantizer {quantizers[0]!r} (only after-quantization transforms, "
-                    "such as 'finetune', may follow it)")
+                    f"the quantizer {quantizers[0]!r} (only after-quantization transforms "
+                    "may follow it)")
         quantizer = quantizers[0] if quantizers else DEFAULT_QUANTIZER
         unused = sorted(set(options) - {name for _, name in steps} - {quantizer})
         if unused:
@@ -157,7 +163,8 @@ class Pipeline:
         """``"awq,gptq"``: the transforms, the quantizer, then the after-quantization
         transforms (as :meth:`from_names` reads them)."""
         registry = registry if registry is not None else _default_registry()
-        after = [t.name for t in self.transforms if _after_quantization(registry, t.name)]
+        after = [t.name for t in self.transforms
+                 if t.after_quantization or _after_quantization(registry, t.name)]
         before = [t.name for t in self.transforms if t.name not in after]
         return ",".join([*before, self.quantizer.name, *after])
 
@@ -239,6 +246,8 @@ class ResolvedPipeline:
         spec = self.pipeline.to_spec()
         for step, instance in zip(spec["transforms"], self.transforms, strict=True):
             step["options"] = config_to_dict(instance.config)
+            if instance.after_quantization:
+                step["after_quantization"] = True
         spec["quantizer"]["options"] = config_to_dict(self.quantizer.config)
         spec["observers"] = [{"name": name, "options": config_to_dict(factory.config)}
                              for name, factory in self.observers.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,6 +54,20 @@ class QuantLinear(nn.Module):
         return PackedWeight(layout=self.layout, shape=(self.out_features, self.in_features),
                             tensors={k: getattr(self, k) for k in self.tensor_names},
                             params=dict(self.params))
+
+    def replace_tensors(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Replace stored tensors by name (each cast to its buffer's dtype and device, as
+        a new tensor: the old one may be an inference tensor); every kernel prepares again
+        on the next forward. For methods that edit a quantized layer's float tensors."""
+        unknown = sorted(set(values) - set(self.tensor_names))
+        if unknown:
+            raise KeyError(f"{', '.join(unknown)}: not stored by this layer "
+                           f"(it stores {', '.join(self.tensor_names)})")
+        with torch.no_grad():
+            for key, value in values.items():
+                old = self._buffers[key]
+                setattr(self, key, value.detach().to(old.device, old.dtype).clone())
+        self._providers.clear()
 
     def request(self, device: torch.device, dtype: torch.dtype) -> KernelRequest:
         cc = None

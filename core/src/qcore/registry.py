@@ -17,6 +17,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "awq-clip": "qcore-plugin-awq",
     "act_absmean": "qcore-plugin-awq",
     "vptq": "qcore-plugin-vptq",
+    "finetune": "qcore-plugin-finetune",
     "quamba": "qcore-plugin-quamba",
     "svdquant": "qcore-plugin-svdquant",
     "cupy": "qcore-kernels[cuda]",

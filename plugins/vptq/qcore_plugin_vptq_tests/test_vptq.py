@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qcore.builtin.observers import HessianObserver
-from qcore.builtin.vq_packer import VQPacker
-from qcore.codebook import bits_per_weight, dequantize_vq, validate_vq
+from qcore.codebook import VQPacker, bits_per_weight, dequantize_vq, validate_vq
 from qcore.errors import ConfigError
 from qcore.options import build_config
 from qcore.scheme import Scheme

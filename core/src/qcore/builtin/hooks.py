@@ -6,26 +6,20 @@ from typing import Callable
 
 from qcore import hookimpl
 from qcore.builtin.cpu_packed_kernels import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
-from qcore.builtin.finetune import FinetuneTransform
 from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.builtin.torch_lut_kernels import TorchLUTKernels
-from qcore.builtin.vq_packer import VQPacker
+from qcore.codebook import VQPacker
 
-QCORE_CONTRACT_VERSION = "1.1"
+QCORE_CONTRACT_VERSION = "1.2"
 
 
 @hookimpl
 def qcore_register_observers(register: Callable[[type], None]) -> None:
     register(MinMaxObserver)
     register(HessianObserver)
-
-
-@hookimpl
-def qcore_register_transforms(register: Callable[[type], None]) -> None:
-    register(FinetuneTransform)
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from qcore.interfaces import PackedWeight, Packer, QuantizedWeight
 
 if TYPE_CHECKING:
-    pass
+    import torch
 
 LAYOUT = "int-packed"
 
@@ -20,6 +20,11 @@ class IntPacker(Packer):
     layout = LAYOUT
     op = "linear"
     supported_bits = frozenset(range(1, 9))
+
+    def dequantize(self, qweight: QuantizedWeight) -> torch.Tensor:
+        from qcore.grid import dequantize_int
+
+        return dequantize_int(qweight)
 
     def pack(self, qweight: QuantizedWeight) -> PackedWeight:
         from qcore.bitpack import pack_codes

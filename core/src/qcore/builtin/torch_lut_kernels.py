@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qcore.builtin.vq_packer import LAYOUT, OP, VQPacker
+from qcore.codebook import LAYOUT, OP, VQPacker
 from qcore.interfaces import KernelProvider, KernelSupport, PackedWeight
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ style::
             return MyQuantizer()
 
 The fixtures ``qcore_plugin_manager``, ``qcore_registry`` and ``qcore_register_plugin``
-come from the pytest plugin :mod:`qcore.testing.plugin`, which pytest loads by itself once
-qcore is installed. Importing this package is cheap; the base classes (and torch) load
+come from the pytest plugin :mod:`qcore.testing.plugin`, which a test session turns on
+with ``-p qcore.testing.plugin`` (docs/plugins.md, "Testing with qcore.testing"). Importing this package is cheap; the base classes (and torch) load
 on first use.
 """
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         BasePackerTests,
         BaseQuantizerTests,
         BaseTransformTests,
+        ToyVQQuantizer,
         random_int_weight,
         random_vq_weight,
         reference_linear,
@@ -41,6 +42,7 @@ _FROM_BASE = {
     "BasePackerTests",
     "BaseQuantizerTests",
     "BaseTransformTests",
+    "ToyVQQuantizer",
     "random_int_weight",
     "random_vq_weight",
     "reference_linear",
@@ -52,6 +54,7 @@ __all__ = [
     "BasePackerTests",
     "BaseQuantizerTests",
     "BaseTransformTests",
+    "ToyVQQuantizer",
     "isolated_plugin_manager",
     "make_plugin",
     "random_int_weight",

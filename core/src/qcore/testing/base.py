@@ -117,6 +117,60 @@ def random_int_weight(
                            params=params)
 
 
+def _nearest_rows(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(vectors, codebook.float()).argmin(1).to(torch.int32)
+
+
+def _vectors_of(columns: torch.Tensor, vector_size: int) -> torch.Tensor:
+    """``[out, width]`` -> ``[out * n_vec, v]``, the partial last vector zero-padded."""
+    pad = -columns.shape[1] % vector_size
+    return torch.nn.functional.pad(columns, (0, pad)).reshape(-1, vector_size)
+
+
+class ToyVQQuantizer(Quantizer):
+    """A small, deterministic quantizer of the ``"vq"`` format with every optional part
+    (a residual stage, outlier columns, a per-channel scale), for testing what consumes
+    vq weights: packers, kernels, after-quantization transforms. Rows are scaled to unit
+    maximum, the 3 columns of largest norm are the outliers, and each codebook is drawn
+    from the weight's own vectors (the nearest row is chosen). Not a method: its error
+    is large. Name ``toy-vq``; bits 2 or 3 (index bits ``4 * bits``, vectors of 4)."""
+
+    name = "toy-vq"
+    produces = "vq"
+    supported_bits = frozenset({2, 3})
+    vector_size = 4
+    n_outliers = 3
+
+    def quantize(self, weight: torch.Tensor, stats: Any, scheme: Scheme) -> QuantizedWeight:
+        v = self.vector_size
+        out_f, in_f = weight.shape
+        scale = weight.abs().amax(1).clamp(min=1e-6).to(torch.float16)
+        w = weight / scale.float()[:, None]
+        outlier_cols = w.norm(dim=0).topk(self.n_outliers).indices.sort().values
+        keep = torch.ones(in_f, dtype=torch.bool)
+        keep[outlier_cols] = False
+        main = _vectors_of(w[:, keep], v)
+        index_bits = scheme.bits * v
+        g = torch.Generator().manual_seed(0)
+        codebook = main[torch.randperm(len(main), generator=g)[:1 << index_bits]].half()
+        indices = _nearest_rows(main, codebook)
+        residual = main - codebook.float()[indices.long()]
+        res_codebook = residual[torch.randperm(len(main), generator=g)[:16]].half()
+        res_indices = _nearest_rows(residual, res_codebook)
+        outliers = _vectors_of(w[:, outlier_cols], v)
+        outlier_codebook = outliers[:8].half()
+        tensors = {
+            "indices": indices.view(out_f, -1), "codebook": codebook,
+            "res_indices": res_indices.view(out_f, -1), "res_codebook": res_codebook,
+            "outlier_cols": outlier_cols.to(torch.int32),
+            "outlier_indices": _nearest_rows(outliers, outlier_codebook).view(out_f, -1),
+            "outlier_codebook": outlier_codebook, "scale": scale,
+        }
+        params = {"bits": scheme.bits, "vector_size": v, "index_bits": index_bits,
+                  "res_index_bits": 4, "outlier_index_bits": 3, "n_outliers": self.n_outliers}
+        return QuantizedWeight(format="vq", shape=(out_f, in_f), tensors=tensors, params=params)
+
+
 def random_vq_weight(
     out_features: int,
     in_features: int,

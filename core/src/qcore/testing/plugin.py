@@ -1,6 +1,9 @@
-"""qcore's pytest plugin, loaded through the ``pytest11`` entry point ``qcore``.
+"""qcore's pytest plugin: turn it on with ``-p qcore.testing.plugin`` (e.g. ``addopts``
+in ``[tool.pytest.ini_options]``) or ``pytest_plugins = ["qcore.testing.plugin"]`` in a
+root ``conftest.py``. It is not a ``pytest11`` entry point, so it stays out of the test
+sessions of projects that only have qcore installed (docs/plugins.md says more).
 
-It gives every test session (qcore's own and a plugin author's) these fixtures:
+It gives the test sessions that load it these fixtures:
 
 - ``qcore_plugin_manager``: a fresh :class:`~qcore.plugins.PluginManager` that loads no
   installed plugin, only qcore's built-ins (registered as plugin ``builtin`` of
@@ -11,7 +14,7 @@ It gives every test session (qcore's own and a plugin author's) these fixtures:
   adds a test's own hooks module (or :func:`make_plugin` object) to that manager and
   raises its load errors, if any.
 
-Disable it with ``-p no:qcore``. Loading it is cheap: no torch import.
+Loading it is cheap: no torch import.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qcore.grid import grid_from_range, max_code, n_groups, zero_points
+from qcore.ops import grid_from_range, max_code, n_groups, zero_points
 from qcore.scheme import PER_CHANNEL, Scheme
 
 

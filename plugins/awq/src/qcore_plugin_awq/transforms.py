@@ -59,7 +59,7 @@ class AWQScales(Transform):
     def apply(self, ctx: BlockContext) -> None:
         import torch
 
-        from qcore.model import fold_scales_into_source, weight_matrix
+        from qcore.ops import fold_scales_into_source, weight_matrix
         from qcore_plugin_awq.search import awq_scales, search_alpha
 
         start = time.perf_counter()
@@ -148,7 +148,7 @@ class _BlockScore:
     def __init__(self, ctx: BlockContext, names: tuple[str, ...], samples: int) -> None:
         import torch
 
-        from qcore.calibration import forward
+        from qcore.ops import forward
 
         self.ctx, self.names = ctx, names
         self.calls, rows = [], 0
@@ -163,8 +163,7 @@ class _BlockScore:
     def __call__(self, w_hat: torch.Tensor) -> float:
         import torch
 
-        from qcore.calibration import forward
-        from qcore.model import set_weight_matrix, weight_matrix
+        from qcore.ops import forward, set_weight_matrix, weight_matrix
 
         linears = [self.ctx.structure.linears[n] for n in self.names]
         originals = [weight_matrix(m).detach().clone() for m in linears]
@@ -208,7 +207,7 @@ class AWQClip(Transform):
         quantized (a no-op factor of 1 is among the candidates)."""
         import torch
 
-        from qcore.model import set_weight_matrix, weight_matrix
+        from qcore.ops import set_weight_matrix, weight_matrix
         from qcore_plugin_awq.search import _grouped, search_clip
 
         start = time.perf_counter()

@@ -68,7 +68,7 @@ class GPTQQuantizer(Quantizer):
         it: stacking their rows and solving once is exactly the per-linear result."""
         import torch
 
-        from qcore.builtin.rtn import make_int_weight
+        from qcore.ops import make_int_weight
         from qcore_plugin_gptq.solver import gptq
 
         c = self.config

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qcore import second_order
-from qcore.grid import grid_from_range, max_code, minmax_grid, n_groups, zero_points
+from qcore import ops
+from qcore.ops import grid_from_range, max_code, minmax_grid, n_groups, zero_points
 from qcore.scheme import PER_CHANNEL
 
 
-class GPTQError(second_order.HessianFactorError):
+class GPTQError(ops.HessianFactorError):
     """The Hessian could not be factorised even with strong dampening."""
 
 
@@ -34,9 +34,9 @@ class GPTQResult:
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹``; λ grows ×10 on failure
-    (:func:`qcore.second_order.inverse_hessian_factor`, raising :class:`GPTQError`)."""
-    return second_order.inverse_hessian_factor(hessian, dampening, method="GPTQ",
-                                               option="gptq.dampening", error=GPTQError)
+    (:func:`qcore.ops.inverse_hessian_factor`, raising :class:`GPTQError`)."""
+    return ops.inverse_hessian_factor(hessian, dampening, method="GPTQ",
+                                      option="gptq.dampening", error=GPTQError)
 
 
 def search_grid(span: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,

@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from qcore.second_order import HessianFactorError, inverse_hessian_factor
+from qcore.ops import HessianFactorError, inverse_hessian_factor
 from qcore_plugin_vptq.kmeans import kmeans, nearest_centroid
 
 Normalization = Literal["none", "scale", "scale_offset"]

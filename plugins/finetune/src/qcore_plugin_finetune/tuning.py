@@ -54,8 +54,7 @@ class _Tuned:
 
 def finetune_block(ctx: BlockContext, *, epochs: int, lr: float, samples: int, seed: int) -> None:
     """Tune the ``"vq"`` layers of ``ctx.block`` (module doc); ``ctx.targets`` must be set."""
-    from qcore.calibration import forward
-    from qcore.qlinear import QuantLinear
+    from qcore.ops import QuantLinear, forward
 
     if ctx.targets is None:
         raise RuntimeError("finetune runs after quantization: the block context has no targets")
@@ -129,8 +128,7 @@ def _tuning(module: nn.Module, device: torch.device) -> _Tuned:
 def _tuning_int(module: nn.Module, device: torch.device) -> _Tuned:
     """An ``"int"`` layer: its group scales times a parameter (one per scale, starting at
     one); codes, zero points and groups as stored."""
-    from qcore.builtin.int_packer import IntPacker
-    from qcore.grid import dequantize_codes, effective_g_idx
+    from qcore.ops import IntPacker, dequantize_codes, effective_g_idx
 
     qweight = IntPacker().unpack(module.packed())
     t = qweight.tensors
@@ -154,10 +152,10 @@ def _tuning_vq(module: nn.Module, device: torch.device) -> _Tuned:
     """The layer's tuned tensors in float32, each through a parameter of relative size
     (so that one learning rate moves each by a like fraction: a codebook is its RMS times
     a parameter, the scale its value times one, the offset its value plus the scale times
-    one), and the dense weight from them (:mod:`qcore.codebook`'s reference decoding,
+    one), and the dense weight from them (the reference decoding of
+    :func:`qcore.ops.decode_part` and :func:`qcore.ops.assemble_weight`,
     differentiable in those parameters)."""
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import assemble_weight, decode_part, main_columns, vq_params
+    from qcore.ops import VQPacker, assemble_weight, decode_part, main_columns, vq_params
 
     qweight = VQPacker().unpack(module.packed())
     t = qweight.tensors
@@ -198,14 +196,10 @@ def _tuning_vq(module: nn.Module, device: torch.device) -> _Tuned:
 
 
 def _store(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    """Write tensors back into the layer's stored (float16) buffers; its kernels prepare
-    again from them."""
-    with torch.no_grad():
-        for key, value in values.items():
-            buffer = getattr(module, key)  # may be an inference tensor: replaced, not written
-            setattr(module, key, value.detach().clamp(-_FP16_MAX, _FP16_MAX).to(
-                buffer.device, buffer.dtype).clone())
-    module._providers.clear()
+    """Write tensors back into the layer's stored (float16) buffers, clamped to their
+    range; its kernels prepare again from them."""
+    module.replace_tensors({k: v.detach().clamp(-_FP16_MAX, _FP16_MAX)
+                            for k, v in values.items()})
 
 
 def _rows(call: BlockCall) -> int:

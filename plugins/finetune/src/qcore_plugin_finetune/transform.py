@@ -1,6 +1,6 @@
-"""The built-in ``finetune`` transform (after quantization): block fine-tuning of the
-quantized weights' floating-point tensors (codebooks, scales); the work is in
-:mod:`qcore.finetune`."""
+"""The ``finetune`` transform (after quantization): block fine-tuning of the quantized
+weights' floating-point tensors (codebooks, scales); the work is in
+:mod:`qcore_plugin_finetune.tuning`."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class FinetuneTransform(Transform):
                     raise ValueError(message)
 
     def apply(self, ctx: BlockContext) -> None:
-        from qcore.finetune import finetune_block
+        from qcore_plugin_finetune.tuning import finetune_block
 
         finetune_block(ctx, epochs=self.config.epochs, lr=self.config.lr,
                        samples=self.config.samples, seed=self.config.seed)
