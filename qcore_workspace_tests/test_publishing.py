@@ -425,6 +425,35 @@ def test_wheelhouse_installs_a_plugin_in_a_fresh_environment(wheelhouse: Path,
             ) in load.stderr
 
 
+@pytest.mark.slow
+def test_wheelhouse_vptq_without_finetune_names_the_missing_distribution(
+        wheelhouse: Path, tmp_path: Path) -> None:
+    """qcore and qcore-plugin-vptq from the wheelhouse, without qcore-plugin-finetune:
+    ``vptq`` runs, and ``--pipeline vptq,finetune`` stops before loading the model, naming
+    the distribution to install, and writes nothing."""
+    venv = fresh_venv(tmp_path / "venv", wheelhouse, "qcore-plugin-vptq")
+    env = venv_env(venv)
+    listing = json.loads(run(["qcore", "plugins", "--json"], env=env, cwd=tmp_path).stdout)
+    assert listing["errors"] == []
+    assert {p["name"]: p["distribution"] for p in listing["plugins"]} == {
+        "builtin": "qcore", "vptq": "qcore-plugin-vptq"}
+
+    from qcore.testing.models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny-llama")
+    common = [str(model), "--bits", "2", "--calib", str(model / "calibration.txt"),
+              "--samples", "4", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
+    run(["qcore", "quantize", *common, "--pipeline", "vptq", "--out", str(tmp_path / "vq")],
+        env=env, cwd=tmp_path)
+    refused = subprocess.run(["qcore", "quantize", *common, "--pipeline", "vptq,finetune",
+                              "--out", str(tmp_path / "never-written")],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert ("'finetune' is provided by qcore-plugin-finetune: pip install "
+            "qcore-plugin-finetune") in refused.stderr, refused.stderr
+    assert "Loading" not in refused.stderr and not (tmp_path / "never-written").exists()
+
+
 def docs_bash_blocks(*sections: str) -> str:
     """The ``bash`` blocks of these sections of docs/plugins.md, in page order."""
     text = DOCS.read_text()

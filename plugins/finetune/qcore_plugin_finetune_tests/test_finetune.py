@@ -63,6 +63,16 @@ class TestFinetuneConforms(BaseTransformTests):
         return FinetuneTransform()
 
 
+def test_qcore_plugins_lists_finetune_from_its_distribution(capsys) -> None:
+    from qcore.cli import main
+
+    assert main(["plugins", "--json"]) == 0
+    plugins = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
+    assert plugins["finetune"]["distribution"] == "qcore-plugin-finetune"
+    assert plugins["finetune"]["components"] == {"transform": ["finetune"]}
+    assert "transform" not in plugins["builtin"]["components"]
+
+
 def test_finetune_is_an_after_quantization_transform_of_the_int_and_vq_formats() -> None:
     assert FinetuneTransform.after_quantization
     assert FinetuneTransform.formats == frozenset({"int", "vq"})
