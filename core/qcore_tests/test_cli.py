@@ -63,8 +63,7 @@ def test_plugins_json_lists_builtins_quickly_without_torch():
     assert builtin["distribution"] == "qcore"
     assert builtin["components"] == {"observer": ["minmax", "hessian"], "quantizer": ["rtn"],
                                      "packer": ["int", "vq"],
-                                     "kernel": ["torch", "torch-lut", "cpu-int4", "cpu-int8",
-                                                "cpu-w8a8"]}
+                                     "kernel": ["torch", "torch-lut"]}
 
 
 def test_plugins_requirements_prints_pins(capsys):

@@ -37,6 +37,7 @@ _WHERE: dict[str, tuple[str, str]] = {
     "dequantize_codes": ("qcore.grid", "dequantize_codes"),
     "effective_g_idx": ("qcore.grid", "effective_g_idx"),
     "dequantize_int": ("qcore.grid", "dequantize_int"),
+    "quantize_activations": ("qcore.grid", "quantize_activations"),
     "fake_quantize_activations": ("qcore.grid", "fake_quantize_activations"),
     "make_int_weight": ("qcore.builtin.rtn", "make_int_weight"),
     "IntPacker": ("qcore.builtin.int_packer", "IntPacker"),
@@ -109,6 +110,7 @@ if TYPE_CHECKING:
         max_code,
         minmax_grid,
         n_groups,
+        quantize_activations,
         quantize_codes,
         zero_points,
     )

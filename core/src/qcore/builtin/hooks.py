@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 from qcore import hookimpl
-from qcore.builtin.cpu_packed_kernels import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
 from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
@@ -37,6 +36,3 @@ def qcore_register_packers(register: Callable[[type], None]) -> None:
 def qcore_register_kernels(register: Callable[[type], None]) -> None:
     register(TorchKernels)
     register(TorchLUTKernels)
-    register(CpuInt4Kernels)
-    register(CpuInt8Kernels)
-    register(CpuW8A8Kernels)

@@ -1,5 +1,6 @@
 """Kernel providers for the ``int-packed`` layout on CPU, through torch's packed-weight CPU
-operators (AVX-512/AMX builds of torch):
+operators (AVX-512/AMX builds of torch). They need no CuPy: installing qcore-kernels
+makes quantized checkpoints faster than float on CPU.
 
 - ``cpu-int4``: 4-bit weights, per channel or in groups of a multiple of 32, symmetric or
   asymmetric, natural or act-order column order, through
@@ -41,8 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qcore.builtin.int_packer import LAYOUT, IntPacker
 from qcore.interfaces import KernelProvider, KernelSupport, PackedWeight
+from qcore.ops import INT_LAYOUT as LAYOUT
+from qcore.ops import IntPacker
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +76,7 @@ def _missing_ops(names: tuple[str, ...]) -> str | None:
 
 def _unpacked(packed: PackedWeight) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
     """The int format's tensors and params, and each group's zero point as floats."""
-    from qcore.grid import zero_points
+    from qcore.ops import zero_points
 
     qweight = IntPacker().unpack(packed)
     t = qweight.tensors
@@ -312,11 +314,11 @@ class CpuW8A8Kernels(KernelProvider):
     def linear(self, x: torch.Tensor, prepared: PreparedInt8,
                bias: torch.Tensor | None) -> torch.Tensor:
         """Activations quantized as the reference quantizes them
-        (:func:`qcore.grid.quantize_activations`), then an exact int32 product, scaled
+        (:func:`qcore.ops.quantize_activations`), then an exact int32 product, scaled
         once."""
         import torch
 
-        from qcore.grid import quantize_activations
+        from qcore.ops import quantize_activations
 
         codes, scale = quantize_activations(x, prepared.act_bits,  # type: ignore[arg-type]
                                             prepared.input_scale)

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from qcore.builtin.cpu_packed_kernels import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
+from qcore_kernels.cpu_packed import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
 from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.grid import fake_quantize_activations, grid_from_range, quantize_codes
@@ -223,7 +223,7 @@ def test_the_reasons_for_falling_back_are_named() -> None:
 
 
 def test_unavailable_without_the_operators(monkeypatch) -> None:
-    import qcore.builtin.cpu_packed_kernels as cpu
+    import qcore_kernels.cpu_packed as cpu
 
     monkeypatch.setattr(cpu, "_INT4_OPS", ("_no_such_int4_operator",))
     reason = CpuInt4Kernels.unavailable_reason()
