@@ -23,6 +23,7 @@ MINMAX = {"act_order": True, "shrink_steps": 1}
 NO_ACT_ORDER = {"act_order": False, "shrink_steps": 1}
 SEARCH = {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}
 SEARCH_NO_ACT_ORDER = {**SEARCH, "act_order": False}
+STATIC = {"act_order": True, "static_groups": True, "shrink_steps": 1}
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), MINMAX),
     "W4 g64 asym, act-order, bf16 calibration": (dict(bits=4, group_size=64), MINMAX),
@@ -40,8 +41,14 @@ SETTINGS = {
     "W4 g64 sym, act-order, bf16 calibration, range search": (
         dict(bits=4, group_size=64, symmetric=True),
         SEARCH),
-    "W4 g64 asym, static act-order": (dict(bits=4, group_size=64),
-                                      {"act_order": True, "static_groups": True}),
+    # Like for like with the peer's GPTQModifier defaults: static act-order groups and
+    # min-max ranges.
+    "W4 g64 asym, static act-order, bf16 calibration": (dict(bits=4, group_size=64), STATIC),
+    "W3 g64 asym, static act-order, bf16 calibration": (dict(bits=3, group_size=64), STATIC),
+    "W4 g64 asym, static act-order, bf16 calibration, range search": (
+        dict(bits=4, group_size=64), {**SEARCH, "static_groups": True}),
+    "W3 g64 asym, static act-order, bf16 calibration, range search": (
+        dict(bits=3, group_size=64), {**SEARCH, "static_groups": True}),
     "W4 g64 asym, no act-order": (dict(bits=4, group_size=64), NO_ACT_ORDER),
     "W4 g64 sym, no act-order": (dict(bits=4, group_size=64, symmetric=True), NO_ACT_ORDER),
     "W3 g64 asym, no act-order": (dict(bits=3, group_size=64), NO_ACT_ORDER),

@@ -3,6 +3,7 @@ identity, act-order round trips, Cholesky retries, and true-sequential calibrati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,11 +14,12 @@ from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.observers import HessianObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
-from qcore.grid import dequantize_int, group_index, minmax_grid, quantize_codes
+from qcore.grid import dequantize_codes, dequantize_int, group_index, minmax_grid, quantize_codes
 from qcore.scheme import Scheme
 from qcore.testing import BaseQuantizerTests
+from qcore_plugin_gptq.options import GPTQOptions
 from qcore_plugin_gptq.quantizer import GPTQQuantizer
-from qcore_plugin_gptq.solver import GPTQError, gptq
+from qcore_plugin_gptq.solver import GPTQError, gptq, search_grid
 
 
 def _layer(seed: int = 0, out_f: int = 96, in_f: int = 160, tokens: int = 2048):
@@ -53,7 +55,8 @@ def test_identity_hessian_reduces_to_rtn():
     weight, _, _ = _layer()
     for bits, gs, sym in [(4, 64, False), (3, 32, True), (4, 48, False)]:
         result = gptq(weight, torch.eye(weight.shape[1]), bits=bits, group_size=gs,
-                      symmetric=sym, dampening=0.0)
+                      symmetric=sym, options=GPTQOptions(dampening=0.0, act_order=False,
+                                                         shrink_steps=1))
         scales, zeros = minmax_grid(weight, bits, gs, sym)
         codes = quantize_codes(weight, scales, zeros, bits, group_index(weight.shape[1], gs))
         assert torch.equal(result.scales, scales)
@@ -92,7 +95,8 @@ def test_act_order_g_idx_round_trips_through_packer_and_kernel():
 
 def test_static_groups_need_no_g_idx_and_keep_natural_groups():
     weight, x, hessian = _layer()
-    quantizer = GPTQQuantizer(GPTQQuantizer.Config(act_order=True, static_groups=True))
+    quantizer = GPTQQuantizer(GPTQQuantizer.Config(act_order=True, static_groups=True,
+                                                   shrink_steps=1))
     scheme = Scheme(4, 32, False)
     qweight = quantizer.quantize(weight, {"hessian": hessian}, scheme)
     assert "g_idx" not in qweight.tensors
@@ -289,3 +293,99 @@ def test_bf16_hessian_of_nearly_collinear_inputs_stays_positive_semidefinite():
     assert least["rounded"] < -0.01, least  # would need more than GPTQ's 1% dampening
     assert least["observer"] > -1e-3, least
     assert float((observer.compute().double() - reference).norm() / reference.norm()) < 1e-4
+
+
+# ------------------------------------------------------------- options, one by one
+
+
+def test_the_quantizers_defaults_are_the_solvers() -> None:
+    """One source of truth: the quantizer's Config is the solver's options plus
+    true_sequential, with the same defaults, and gptq() without options uses them."""
+    config, options = GPTQQuantizer.Config(), GPTQOptions()
+    for field in dataclasses.fields(GPTQOptions):
+        assert getattr(config, field.name) == getattr(options, field.name), field.name
+    assert (options.act_order, options.static_groups, options.shrink_steps) == (True, False, 20)
+    weight, _, hessian = _layer(out_f=24, in_f=64)
+    scheme = Scheme(3, 32, False)
+    via_quantizer = GPTQQuantizer().quantize(weight, {"hessian": hessian}, scheme)
+    direct = gptq(weight, hessian, bits=3, group_size=32, symmetric=False)
+    assert torch.equal(via_quantizer.tensors["codes"], direct.codes)
+    assert torch.equal(via_quantizer.tensors["scales"], direct.scales)
+    assert torch.equal(via_quantizer.tensors["g_idx"], direct.g_idx)
+
+
+def _expected_grid(span, bits, shrink_steps):
+    if shrink_steps > 1:
+        return search_grid(span, bits, False, torch.float16, shrink_steps, 0.2)
+    return minmax_grid(span, bits, -1, False)
+
+
+@pytest.mark.parametrize("shrink_steps", [1, 20])
+@pytest.mark.parametrize("static_groups", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_each_option_does_what_its_name_says(act_order, static_groups, shrink_steps):
+    """On a diagonal Hessian no error propagates, so every combination has a closed
+    form: ``act_order`` visits columns by decreasing diagonal, and only dynamic groups
+    then follow that order (``g_idx``); ``static_groups`` keeps natural groups; each
+    group's grid is the range search's (``shrink_steps`` > 1) or min-max, static or not;
+    the codes are the weight rounded on those grids."""
+    bits, gs = 3, 32
+    weight, _, _ = _layer(out_f=24, in_f=96)
+    diag = torch.rand(96, generator=torch.Generator().manual_seed(5)) + 0.5
+    options = GPTQOptions(act_order=act_order, static_groups=static_groups,
+                          shrink_steps=shrink_steps, dampening=0.0)
+    result = gptq(weight, torch.diag(diag), bits=bits, group_size=gs, symmetric=False,
+                  options=options)
+
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(96)
+    follows_order = act_order and not static_groups
+    assert (result.g_idx is not None) == follows_order
+    g_idx = torch.empty(96, dtype=torch.long)
+    g_idx[order if follows_order else torch.arange(96)] = torch.arange(96) // gs
+    if follows_order:
+        assert torch.equal(result.g_idx.long(), g_idx)
+    for g in range(3):
+        scale, zero = _expected_grid(weight[:, g_idx == g], bits, shrink_steps)
+        assert torch.equal(result.scales[:, g], scale.flatten()), g
+        assert torch.equal(result.zeros[:, g], zero.flatten()), g
+    codes = quantize_codes(weight, result.scales, result.zeros, bits, g_idx)
+    assert torch.equal(result.codes, codes)
+    if shrink_steps > 1:  # the search does shrink ranges here
+        minmax, _ = _expected_grid(weight[:, g_idx == 0], bits, 1)
+        assert bool((result.scales[:, 0] < minmax.flatten()).any())
+
+
+@pytest.mark.parametrize("shrink_steps", [1, 20])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_is_the_natural_solve_of_the_permuted_problem(static_groups, shrink_steps):
+    """On a dense Hessian: with dynamic groups, act-order equals quantizing the columns
+    permuted by decreasing diagonal in natural order; with static groups, the grids are
+    the unpermuted weight's, as without act-order."""
+    bits, gs = 3, 32
+    weight, x, hessian = _layer(out_f=24, in_f=96)
+    perm = torch.argsort(torch.diagonal(hessian), descending=True)
+    options = GPTQOptions(act_order=True, static_groups=static_groups,
+                          shrink_steps=shrink_steps)
+    result = gptq(weight, hessian, bits=bits, group_size=gs, symmetric=False, options=options)
+    if not static_groups:
+        natural = gptq(weight[:, perm], hessian[perm][:, perm], bits=bits, group_size=gs,
+                       symmetric=False, options=dataclasses.replace(options, act_order=False))
+        assert torch.equal(result.codes[:, perm], natural.codes)
+        assert torch.equal(result.scales, natural.scales)
+        assert torch.equal(result.g_idx[perm].long(), torch.arange(96) // gs)
+    else:
+        plain = gptq(weight, hessian, bits=bits, group_size=gs, symmetric=False,
+                     options=dataclasses.replace(options, act_order=False))
+        assert torch.equal(result.scales, plain.scales)  # grids before any update
+        assert not torch.equal(result.codes, plain.codes)  # but another order of updates
+    rtn = RTNQuantizer().quantize(weight, {}, Scheme(bits, gs, False))
+    dense = dequantize_codes(result.codes, result.scales, result.zeros, bits,
+                             result.g_idx if result.g_idx is not None else group_index(96, gs))
+    assert _output_error(weight, x, dense) < _output_error(weight, x, dequantize_int(rtn))
+
+
+def test_invalid_options_are_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="shrink_steps must be >= 1"):
+        GPTQQuantizer.Config(shrink_steps=0)
+    with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\), got 1.0"):
+        GPTQOptions(max_shrink=1.0)

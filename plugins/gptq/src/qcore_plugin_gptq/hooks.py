@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from qcore import hookimpl
 from qcore_plugin_gptq.quantizer import GPTQQuantizer

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qcore.interfaces import QuantizedWeight, Quantizer
+from qcore_plugin_gptq.options import GPTQOptions
 
 if TYPE_CHECKING:
     import torch
@@ -27,33 +29,12 @@ class GPTQQuantizer(Quantizer):
     sequential = True
 
     @dataclass(frozen=True)
-    class Config:
-        #: columns per lazy batch update
-        block_size: int = 128
-        #: added to the Hessian's diagonal, relative to its mean diagonal
-        dampening: float = 0.01
-        #: quantize columns by decreasing Hessian diagonal (stores ``g_idx`` unless
-        #: static_groups). On by default: on SmolLM2 it is what makes GPTQ beat RTN
-        #: (see BENCHMARKS.md), and the peer toolkits default to it too.
-        act_order: bool = True
-        #: group parameters from the whole weight before any update (with act_order: no
-        #: ``g_idx`` needed, groups stay contiguous)
-        static_groups: bool = False
+    class Config(GPTQOptions):
+        """The solver's options (:class:`~qcore_plugin_gptq.options.GPTQOptions`, their
+        defaults included), and how the core feeds the linears."""
+
         #: each group of linears sees the inputs of the already-quantized earlier ones
         true_sequential: bool = True
-        scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-        #: grid search of each group's range when the group is reached: shrink factors
-        #: tried from 1 down to 1 - max_shrink, the one with the least error kept (1 =
-        #: plain min-max). On by default: on SmolLM2 it takes W3 from 30.9 to 22.4 and W4
-        #: from 17.40 to 16.99 (BENCHMARKS.md), at a cost in time
-        shrink_steps: int = 20
-        max_shrink: float = 0.2
-
-        def __post_init__(self) -> None:
-            if self.block_size < 1:
-                raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-            if not 0 <= self.dampening < 10:
-                raise ValueError(f"dampening must be in [0, 10), got {self.dampening}")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -74,10 +55,7 @@ class GPTQQuantizer(Quantizer):
         c = self.config
         stacked = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
         result = gptq(stacked, stats["hessian"], bits=scheme.bits, group_size=scheme.group_size,
-                      symmetric=scheme.symmetric, act_order=c.act_order,
-                      static_groups=c.static_groups, block_size=c.block_size,
-                      dampening=c.dampening, scale_dtype=getattr(torch, c.scale_dtype),
-                      shrink_steps=c.shrink_steps, max_shrink=c.max_shrink)
+                      symmetric=scheme.symmetric, options=c)
         out = []
         start = 0
         for w in weights:

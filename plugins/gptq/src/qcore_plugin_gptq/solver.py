@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from qcore import ops
-from qcore.ops import grid_from_range, max_code, minmax_grid, n_groups, zero_points
+from qcore.ops import grid_from_range, max_code, n_groups, zero_points
 from qcore.scheme import PER_CHANNEL
+from qcore_plugin_gptq.options import GPTQOptions
 
 
 class GPTQError(ops.HessianFactorError):
@@ -84,11 +85,13 @@ def _group_grid(span: torch.Tensor, bits: int, symmetric: bool, scale_dtype: tor
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
-         symmetric: bool, act_order: bool = False, static_groups: bool = False,
-         block_size: int = 128, dampening: float = 0.01,
-         scale_dtype: torch.dtype = torch.float16, shrink_steps: int = 1,
-         max_shrink: float = 0.2) -> GPTQResult:
-    """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (not modified)."""
+         symmetric: bool, options: GPTQOptions | None = None) -> GPTQResult:
+    """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (not modified),
+    with ``options`` (:class:`GPTQOptions`' defaults when None)."""
+    o = options if options is not None else GPTQOptions()
+    act_order, static_groups, block_size = o.act_order, o.static_groups, o.block_size
+    shrink_steps, max_shrink = o.shrink_steps, o.max_shrink
+    scale_dtype = getattr(torch, o.scale_dtype)
     out_f, in_f = weight.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with "
@@ -108,17 +111,19 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
     groups = n_groups(in_f, group_size)
     scales = torch.empty(out_f, groups, dtype=scale_dtype, device=W.device)
     zeros = None if symmetric else torch.empty(out_f, groups, dtype=torch.uint8, device=W.device)
-    if static_groups:
-        static_scales, static_zeros = minmax_grid(W, bits, group_size, symmetric, scale_dtype)
-        scales.copy_(static_scales)
-        if zeros is not None and static_zeros is not None:
-            zeros.copy_(static_zeros)
+    if static_groups:  # each group's grid from its columns before any update
+        for g in range(groups):
+            s, z = _group_grid(W[:, g * gs:(g + 1) * gs], bits, symmetric, scale_dtype,
+                               shrink_steps, max_shrink)
+            scales[:, g] = s
+            if zeros is not None and z is not None:
+                zeros[:, g] = z
 
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, used_damp = inverse_hessian_factor(H, dampening)
+    U, used_damp = inverse_hessian_factor(H, o.dampening)
     del H
 
     # Group of each position in quantization order.
