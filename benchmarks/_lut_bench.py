@@ -95,64 +95,13 @@ def floor_timers(time_ms: Callable) -> tuple[Callable, Callable]:
     return empty, stream
 
 
-#: A first call of the table GEMV (never run on a GPU before this benchmark had it), in a
-#: process of its own: a fault there (an illegal address poisons the CUDA context) must not
-#: cost the rest of the run. Exits 0 when both the plain and the programmatic launch match
-#: the float32 reference.
-TABLE_CANARY = r"""
-import sys, torch
-import torch.nn.functional as F
-import qcore_kernels.lut_ops as lut_ops
-sys.path.insert(0, sys.argv[1])
-from _lut_bench import _v4_weight
-from qcore_kernels.runtime import cupy_launcher
-from qcore_kernels.testing import TOLERANCE
-launch = cupy_launcher()
-for k, n in ((1024, 1000), (4096, 4096)):
-    w, dense = _v4_weight(k, n, seed=8)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(9)).half().cuda()
-    ref = F.linear(x.float(), dense)
-    for pdl in (False, torch.cuda.get_device_capability()[0] >= 9):
-        lut_ops.LUT_PDL = pdl
-        for _ in range(2):
-            y = lut_ops.lut_linear(x, w, None, launch, path="table")
-        torch.cuda.synchronize()
-        err = float((y.float() - ref).abs().max() / ref.abs().max())
-        print(f"table canary {k} x {n} pdl={pdl}: error {err:.2e}", flush=True)
-        if not err <= TOLERANCE["float16"]:
-            sys.exit(1)
-"""
-
-
-def table_canary() -> str | None:
-    """None when the table GEMV ran correctly in a process of its own, else why not."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        done = subprocess.run([sys.executable, "-c", TABLE_CANARY, str(Path(__file__).parent)],
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "the table canary timed out (300 s)"
-    print(done.stdout + done.stderr[-2000:], flush=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-        return f"the table canary failed (exit {done.returncode}): {' / '.join(tail)}"[:400]
-    return None
-
-
-def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
-            table_failed: str | None = None) -> list[dict]:
+def run_lut(launch: Callable, bandwidth: float, time_ms: Callable) -> list[dict]:
     """The LUT rows; ``time_ms`` is the benchmark's timer (CUDA-graph replays), with an
-    eager fallback (noted in the row) should a LUT call fail to be captured. With
-    ``table_failed`` (the canary's message) the table GEMV is left out and the message
-    recorded in its place."""
+    eager fallback (noted in the row) should a LUT call fail to be captured."""
     import torch
     import torch.nn.functional as F
 
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import bits_per_weight, dequantize_vq
+    from qcore.codebook import VQPacker, bits_per_weight, dequantize_vq
     from qcore.interfaces import QuantizedWeight
     from qcore.testing.base import random_vq_weight
     from qcore_kernels.lut_layout import to_lut
@@ -196,16 +145,11 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
                     except Exception as exc:  # noqa: BLE001 - extra; the row goes on
                         torch.cuda.synchronize()
                         row["floor_failed"] = f"{type(exc).__name__}: {exc}"[:200]
-                row["lut"] = _time_paths(x, w, ref, launch, time_ms, m, table_failed,
-                                         weight_bytes, bandwidth, base_ms)
-                auto = lut_path(m, w, x.device)
-                if auto == "table" and table_failed:
-                    row["auto"] = {"ok": False, "failed": table_failed, "path": auto}
-                else:
-                    row["auto"] = _time_auto(x, w, ref, launch, time_ms, auto)
+                row["lut"] = _time_paths(x, w, ref, launch, time_ms, m, weight_bytes, bandwidth,
+                                         base_ms)
+                row["auto"] = _time_auto(x, w, ref, launch, time_ms, lut_path(m, w, x.device))
                 if (v, bits) == (4, 8) and pdl:
-                    row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m,
-                                           skip=("table",) if table_failed else ())
+                    row["pdl"] = _time_pdl(x, w, ref, launch, time_ms, m)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del q, packed, w, dense, dense16
@@ -213,9 +157,8 @@ def run_lut(launch: Callable, bandwidth: float, time_ms: Callable,
     return rows
 
 
-def _time_paths(x, w, ref, launch: Callable, time_ms: Callable, m: int,
-                table_failed: str | None, weight_bytes: int, bandwidth: float,
-                base_ms: float) -> dict:
+def _time_paths(x, w, ref, launch: Callable, time_ms: Callable, m: int, weight_bytes: int,
+                bandwidth: float, base_ms: float) -> dict:
     """Every path that can run ``m`` tokens of ``w``, each launched plainly
     (``lut_ops.LUT_PDL`` off) and checked against the float32 reference first."""
     import torch
@@ -229,9 +172,6 @@ def _time_paths(x, w, ref, launch: Callable, time_ms: Callable, m: int,
     try:
         lut_ops.LUT_PDL = False
         for path in lut_paths(m, w):
-            if path == "table" and table_failed:
-                out[path] = {"ok": False, "failed": table_failed}
-                continue
             y = lut_linear(x, w, None, launch, path=path)
             err = float((y.float() - ref).abs().max() / ref.abs().max())
             entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
@@ -272,9 +212,8 @@ def _time_auto(x, w, ref, launch: Callable, time_ms: Callable, path: str) -> dic
     return entry
 
 
-def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int,
-              skip: tuple[str, ...] = ()) -> dict:
-    """The tensor-core and table GEMVs with programmatic dependent launch
+def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
+    """The tensor-core GEMVs with programmatic dependent launch
     (``lut_ops.LUT_PDL``): each timed call may start while the call before it still runs
     (checked against the float32 reference first; a failure is recorded, not raised)."""
     import torch
@@ -286,8 +225,8 @@ def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int,
     saved = lut_ops.LUT_PDL
     try:
         lut_ops.LUT_PDL = True
-        for path in ("mma4", "mma", "table"):
-            if path not in lut_ops.lut_paths(m, w) or path in skip:
+        for path in ("mma4", "mma"):
+            if path not in lut_ops.lut_paths(m, w):
                 continue
             call = lambda p=path: lut_ops.lut_linear(x, w, None, launch, path=p)  # noqa: E731
             try:
@@ -311,7 +250,6 @@ def render_lut(result: dict) -> str:
         return ""
     floors = any(r.get("floor") for r in result["lut"])
     pdl = any(r.get("pdl") for r in result["lut"])
-    table = any(r["lut"].get("table") for r in result["lut"])
     auto = any(r.get("auto") for r in result["lut"])
     lines = [
         "",
@@ -331,24 +269,17 @@ def render_lut(result: dict) -> str:
         + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
            "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
            "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else "")
-        + (" LUT table (v4 i8, M = 1): the dot-product-table GEMV (`qk_lut_table`: per slice "
-           "of 32 Q vectors, every codebook row's dot product with x in float32 tables that "
-           "each lane reads in its own bank, 4 bytes per index; the slices' partial sums added "
-           "by the warp that completes a row group)." if table else "")
-        + (f" The table GEMV was left out: {result['table_canary']}."
-           if result.get("table_canary") else "")
-        + (" LUT PDL (v4 i8): the fastest of mma4, mma" + (" and table" if table else "")
-           + " launched with programmatic dependent "
+        + (" LUT PDL (v4 i8): the faster of mma4 and mma launched with programmatic dependent "
            "launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table build may "
            "overlap the end of the call before it (its x is read after griddepcontrol.wait); "
            "fp16 F.linear as cuBLAS launches it." if pdl else ""),
         "",
         "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
         + ("LUT auto | " if auto else "")
-        + "LUT mma4 | LUT mma | " + ("LUT table | " if table else "")
-        + ("LUT PDL | " if pdl else "") + "LUT gemv | LUT dequant+cuBLAS |",
+        + "LUT mma4 | LUT mma | " + ("LUT PDL | " if pdl else "") + "LUT gemv | "
+        "LUT dequant+cuBLAS |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else "")
-        + ("---|" if auto else "") + ("---|" if table else "") + ("---|" if pdl else ""),
+        + ("---|" if auto else "") + ("---|" if pdl else ""),
     ]
     for r in result["lut"]:
         floor = r.get("floor")
@@ -360,7 +291,6 @@ def render_lut(result: dict) -> str:
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
             + (f"{_auto_cell(r)} | " if auto else "")
             + f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
-            + (f"{cell(r['lut'].get('table'), True, 1)} | " if table else "")
             + (f"{_pdl_cell(r)} | " if pdl else "")
             + f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
@@ -408,8 +338,7 @@ def _v4_weight(in_f: int, out_f: int, seed: int) -> tuple:
     """A v4 i8 (2 bits per weight) codebook weight on the GPU: (qk-lut weight, float32 dense)."""
     import torch  # noqa: F401 - CUDA tensors
 
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import dequantize_vq
+    from qcore.codebook import VQPacker, dequantize_vq
     from qcore.interfaces import QuantizedWeight
     from qcore.testing.base import random_vq_weight
     from qcore_kernels.lut_layout import to_lut
@@ -464,31 +393,12 @@ def sweep_mma(launch: Callable, time_ms: Callable) -> list[dict]:
 
 #: qk_lut_mma4's launch parameters swept by ``sweep_mma4``: row groups per tile, warps per
 #: block, blocks per multiprocessor the persistent grid is sized for (only settings whose
-#: blocks can all be resident: lut_ops.mma4_warps_per_sm); for each, the variants of
-#: ``sweep4_variants``.
+#: blocks can all be resident: lut_ops.mma4_warps_per_sm); each with lut_ops' defaults (at
+#: one token the L2 requests off and, on sm_90+, programmatic dependent launch: both measured
+#: faster on the H200) and with each of lut_ops.UNMEASURED_SWITCHES turned on alone.
 SWEEP4_GROUPS = (1, 2)
 SWEEP4_WARPS = (4, 8, 16)
 SWEEP4_BLOCKS_PER_SM = (1, 2, 3)
-#: Where the index words go: stages after the table (``after``), stages in its free halves
-#: where x leaves room (``table``, lut_ops.LUT_MMA4_STAGES_IN_TABLE), or registers
-#: (``registers``, lut_ops.LUT_MMA4_REGISTER_INDICES).
-SWEEP4_STAGES = ("after", "table", "registers")
-SWEEP4_L2 = (True, False)
-#: Programmatic dependent launch (``lut_ops.LUT_PDL``; sm_90+ only).
-SWEEP4_PDL = (False, True)
-
-
-def sweep4_variants(pdl_capable: bool) -> list[tuple[str, bool, bool, bool]]:
-    """(index words, L2 requests, PDL, absent tokens' x reads skipped) of the ``qk_lut_mma4``
-    sweep: the stages after the table with the L2 requests and PDL on and off; every other
-    variant (the other index-word places, the x reads not skipped:
-    ``lut_ops.LUT_MMA4_SKIP_ABSENT_X`` off) only at the one-token default of those two (L2
-    requests off, PDL where the device has it), to compare with it."""
-    pdls = [p for p in SWEEP4_PDL if pdl_capable or not p]
-    out = [("after", l2, pdl, True) for l2 in SWEEP4_L2 for pdl in pdls]
-    out += [(stages, False, pdl_capable, True) for stages in SWEEP4_STAGES if stages != "after"]
-    out.append(("after", False, pdl_capable, False))
-    return out
 
 
 def _sweep_one_token(launch: Callable, time_ms: Callable, path: str, seeds: tuple[int, int],
@@ -531,103 +441,84 @@ def _sweep_one_token(launch: Callable, time_ms: Callable, path: str, seeds: tupl
 
 def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
     """qk_lut_mma4 at M = 1 on the benchmark shapes over its launch parameters (v4 i8
-    weights); each setting checked against the float32 reference first."""
+    weights), with lut_ops' defaults and with each unmeasured switch on alone; each setting
+    checked against the float32 reference first."""
     import itertools
 
     import torch
 
     import qcore_kernels.lut_ops as lut_ops
 
-    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-             lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X,
-             lut_ops.LUT_MMA4_REGISTER_INDICES)
+    switches = lut_ops.UNMEASURED_SWITCHES
+    saved = (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS,
+             {name: getattr(lut_ops, name) for name in switches})
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = sweep4_variants(torch.cuda.get_device_capability()[0] >= 9)
+    pdl = lut_ops.LUT_PDL and torch.cuda.get_device_capability()[0] >= 9
 
     def settings(in_f: int, out_f: int):
-        for g, warps, per_sm, (stages, l2, pdl, skip_x) in itertools.product(
-                SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, variants):
-            in_table, in_registers = stages == "table", stages == "registers"
-            if in_table and not lut_ops.mma4_stages_fit_in_table(1, in_f, g, warps):
-                continue
-            if warps * per_sm > lut_ops.mma4_warps_per_sm(g, in_table, in_registers):
+        for g, warps, per_sm, switch in itertools.product(
+                SWEEP4_GROUPS, SWEEP4_WARPS, SWEEP4_BLOCKS_PER_SM, (None, *switches)):
+            registers = switch == "LUT_MMA4_REGISTER_INDICES"  # other launch bounds
+            if warps * per_sm > lut_ops.mma4_warps_per_sm(g, registers):
                 continue
             blocks = min(-(-out_f // (8 * g)), sms * per_sm)
 
-            def apply(g=g, blocks=blocks, warps=warps, in_table=in_table, l2=l2, pdl=pdl,
-                      skip_x=skip_x, in_registers=in_registers):
+            def apply(g=g, blocks=blocks, warps=warps, switch=switch):
                 lut_ops.lut_mma4_config = lambda *_: (g, blocks)
                 lut_ops.LUT_MMA4_WARPS = warps
-                lut_ops.LUT_MMA4_STAGES_IN_TABLE = in_table
-                lut_ops.LUT_MMA4_REGISTER_INDICES = in_registers
-                lut_ops.LUT_MMA4_L2 = l2
-                lut_ops.LUT_PDL = pdl
-                lut_ops.LUT_MMA4_SKIP_ABSENT_X = skip_x
+                for name in switches:
+                    setattr(lut_ops, name, name == switch)
 
-            yield ({"groups": g, "warps": warps, "blocks_per_sm": per_sm, "stages": stages,
-                    "l2": l2, "pdl": pdl, "skip_x": skip_x}, apply)
+            yield ({"groups": g, "warps": warps, "blocks_per_sm": per_sm,
+                    "switch": switch or "default", "pdl": pdl}, apply)
 
     try:
         return _sweep_one_token(launch, time_ms, "mma4", (5, 2), settings)
     finally:
-        (lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, lut_ops.LUT_MMA4_STAGES_IN_TABLE,
-         lut_ops.LUT_MMA4_L2, lut_ops.LUT_PDL, lut_ops.LUT_MMA4_SKIP_ABSENT_X,
-         lut_ops.LUT_MMA4_REGISTER_INDICES) = saved
+        lut_ops.lut_mma4_config, lut_ops.LUT_MMA4_WARPS, values = saved
+        for name, value in values.items():
+            setattr(lut_ops, name, value)
 
 
 def render_sweep4(result: dict) -> str:
-    """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count, stage
-    layout, L2 setting, PDL and the absent tokens' x reads (runs before these were swept:
-    after the table, L2 on, no PDL, x read)."""
+    """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count and switch
+    (the defaults, or one of lut_ops.UNMEASURED_SWITCHES on)."""
     sweep = result.get("lut_mma4_sweep")
     if not sweep:
         return ""
     settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
-    pdls = any(r.get("pdl") for r in sweep)
-    skips = any("skip_x" in r for r in sweep)
+    pdl = any(r.get("pdl") for r in sweep)
     lines = [
         "",
-        "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row "
-        "groups (of 8 rows) per block tile; warps per block; blocks per multiprocessor the "
-        "persistent grid is sized for; index stages after the table (4 per warp) or in its "
-        "free halves next to x (2 per warp; only where they fit) or none, the index words "
-        "loaded into registers (`registers`); L2 requests of the next tile on or off"
-        + ("; programmatic dependent launch (PDL) on or off" if pdls else "")
-        + ("; the x reads of the lanes of the 3 absent tokens skipped or read" if skips else "")
-        + ". Bold: the fastest per shape." + _sweep_from(result, "lut_mma4_sweep"),
+        "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row groups (of 8 "
+        "rows) per block tile; warps per block; blocks per multiprocessor the persistent grid "
+        "is sized for; `lut_ops`' defaults (L2 requests off at one token"
+        + (", programmatic dependent launch" if pdl else "") + "), or one of its switches "
+        "not yet measured (`lut_ops.UNMEASURED_SWITCHES`) on. Bold: the fastest per shape."
+        + _sweep_from(result, "lut_mma4_sweep"),
         "",
-        "| in × out | groups | stages | L2 | " + ("PDL | " if pdls else "")
-        + ("absent x | " if skips else "")
+        "| in × out | groups | switch | "
         + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
-        "|---|---|---|---|" + ("---|" if pdls else "") + ("---|" if skips else "")
-        + "---|" * len(settings),
+        "|---|---|---|" + "---|" * len(settings),
     ]
-
-    def key(r: dict) -> tuple:
-        return (r["groups"], r.get("stages", "after"), r.get("l2", True), r.get("pdl", False),
-                r.get("skip_x", False))
-
     shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
     for shape in shapes:
         rows = [r for r in sweep if (r["in"], r["out"]) == shape]
         best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        variants = sorted({key(r) for r in rows},
-                          key=lambda v: (v[0], v[1], not v[2], v[3], not v[4]))
-        for variant in variants:
-            g, stages, l2, pdl, skip_x = variant
+        variants = sorted({(r["groups"], r.get("switch", "default")) for r in rows},
+                          key=lambda v: (v[0], v[1] != "default", v[1]))
+        for g, switch in variants:
             cells = []
             for warps, per_sm in settings:
-                hit = [r for r in rows if key(r) == variant and r["warps"] == warps
-                       and r["blocks_per_sm"] == per_sm]
+                hit = [r for r in rows if (r["groups"], r.get("switch", "default")) == (g, switch)
+                       and r["warps"] == warps and r["blocks_per_sm"] == per_sm]
                 if not hit or not hit[0].get("ok"):
                     cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
                     continue
                 text = f"{hit[0]['ms'] * 1e3:.1f} µs"
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
-            lines.append(f"| {shape[0]} × {shape[1]} | {g} | {stages} | {'on' if l2 else 'off'} | "
-                         + ("" if not pdls else f"{'on' if pdl else 'off'} | ")
-                         + ("" if not skips else f"{'skipped' if skip_x else 'read'} | ")
-                         + " | ".join(cells) + " |")
+            name = "defaults" if switch == "default" else f"`{switch}`"
+            lines.append(f"| {shape[0]} × {shape[1]} | {g} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -670,94 +561,5 @@ def render_sweep(result: dict) -> str:
                 text = f"{hit[0]['ms'] * 1e3:.1f} µs"
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
             lines.append(f"| {shape[0]} × {shape[1]} | {shape[2]} | {tiling[0]}, {tiling[1]} | "
-                         + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-#: qk_lut_table's launch parameters swept by ``sweep_table`` (M = 1): vectors per lane Q,
-#: warps per block, and blocks per multiprocessor the grid (slices x row ranges) is sized for
-#: (2 only where two blocks fit: 8 warps, and registers for 16 per multiprocessor); with and
-#: without programmatic dependent launch (sm_90+).
-SWEEP_TABLE_Q = (2, 4)
-SWEEP_TABLE_WARPS = (8, 16)
-SWEEP_TABLE_BLOCKS_PER_SM = (1, 2)
-SWEEP_TABLE_PDL = (False, True)
-
-
-def table_grid(n_vec: int, n: int, q: int, blocks: int, warps: int) -> tuple[int, int, int, int]:
-    """(Q, slices, rows per block, warps) of a qk_lut_table grid of about ``blocks`` blocks."""
-    slices = -(-n_vec // (32 * q))
-    groups = -(-n // 32)
-    ranges = max(1, min(groups, blocks // slices))
-    per_range = -(-groups // ranges)
-    return q, slices, 32 * per_range, min(warps, per_range)
-
-
-def sweep_table(launch: Callable, time_ms: Callable) -> list[dict]:
-    """qk_lut_table at M = 1 on the benchmark shapes over its launch parameters (v4 i8
-    weights); each setting checked against the float32 reference first."""
-    import itertools
-
-    import torch
-
-    import qcore_kernels.lut_ops as lut_ops
-
-    saved = (lut_ops.lut_table_config, lut_ops.LUT_PDL)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    pdl_capable = torch.cuda.get_device_capability()[0] >= 9
-
-    def settings(in_f: int, out_f: int):
-        for q, warps, per_sm, pdl in itertools.product(
-                SWEEP_TABLE_Q, SWEEP_TABLE_WARPS, SWEEP_TABLE_BLOCKS_PER_SM, SWEEP_TABLE_PDL):
-            if (pdl and not pdl_capable) or warps * per_sm > lut_ops.LUT_TABLE_WARPS:
-                continue
-            if per_sm > 1 and q == 4:  # two 132 KB blocks do not fit a multiprocessor
-                continue
-
-            def apply(q=q, blocks=sms * per_sm, warps=warps, pdl=pdl):
-                lut_ops.lut_table_config = (
-                    lambda n_vec, n, device: table_grid(n_vec, n, q, blocks, warps))
-                lut_ops.LUT_PDL = pdl
-
-            yield {"q": q, "warps": warps, "blocks_per_sm": per_sm, "pdl": pdl}, apply
-
-    try:
-        return _sweep_one_token(launch, time_ms, "table", (7, 6), settings)
-    finally:
-        lut_ops.lut_table_config, lut_ops.LUT_PDL = saved
-
-
-def render_sweep_table(result: dict) -> str:
-    """qk_lut_table's launch-parameter sweep, one line per shape, Q and PDL setting."""
-    sweep = result.get("lut_table_sweep")
-    if not sweep:
-        return ""
-    settings = [(w, b) for w in SWEEP_TABLE_WARPS for b in SWEEP_TABLE_BLOCKS_PER_SM
-                if w * b <= 16]
-    lines = [
-        "",
-        "`qk_lut_table` launch sweep (`--lut-sweep table`, v4 i8, fp16, M = 1): vectors per "
-        "lane Q (tables of 64 or 128 KB); warps per block; blocks per multiprocessor the "
-        "grid of slices x row ranges is sized for; programmatic dependent launch on or off. "
-        "Bold: the fastest per shape." + _sweep_from(result, "lut_table_sweep"),
-        "",
-        "| in × out | Q | PDL | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
-        "|---|---|---|" + "---|" * len(settings),
-    ]
-    shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
-    for shape in shapes:
-        rows = [r for r in sweep if (r["in"], r["out"]) == shape]
-        best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        for q, pdl in sorted({(r["q"], r["pdl"]) for r in rows}):
-            cells = []
-            for warps, per_sm in settings:
-                hit = [r for r in rows if r["q"] == q and r["pdl"] == pdl and r["warps"] == warps
-                       and r["blocks_per_sm"] == per_sm]
-                if not hit or not hit[0].get("ok"):
-                    cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
-                    continue
-                text = f"{hit[0]['ms'] * 1e3:.1f} µs"
-                cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
-            lines.append(f"| {shape[0]} × {shape[1]} | {q} | {'on' if pdl else 'off'} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

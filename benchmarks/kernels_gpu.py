@@ -177,11 +177,10 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
             row["w8a8"]["auto"] = dict(row["w8a8"][auto8], path=auto8)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    from _lut_bench import run_lut, table_canary
+    from _lut_bench import run_lut
 
-    table_failed = table_canary()
-    lut_rows = run_lut(launch, bw, time_ms, table_failed)
-    sweep, sweep4, sweep_t = [], [], []
+    lut_rows = run_lut(launch, bw, time_ms)
+    sweep, sweep4 = [], []
     sweeps = set(LUT_SWEEPS if lut_sweep == "all" else (lut_sweep or "").split(",")) - {""}
     if "mma" in sweeps:
         from _lut_bench import sweep_mma
@@ -191,10 +190,6 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         from _lut_bench import sweep_mma4
 
         sweep4 = sweep_mma4(launch, time_ms)
-    if "table" in sweeps and not table_failed:
-        from _lut_bench import sweep_table
-
-        sweep_t = sweep_table(launch, time_ms)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": f"torch {torch.__version__}, cupy {cupy.__version__}, CUDA runtime "
@@ -205,14 +200,10 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         "rows": rows,
         "lut": lut_rows,
     }
-    if table_failed:
-        result["table_canary"] = table_failed
     if sweep:
         result["lut_mma_sweep"] = sweep
     if sweep4:
         result["lut_mma4_sweep"] = sweep4
-    if sweep_t:
-        result["lut_table_sweep"] = sweep_t
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "kernels_gpu.md").write_text(render(result))
@@ -261,10 +252,10 @@ def render(result: dict) -> str:
             f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
             f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
-    from _lut_bench import render_lut, render_sweep, render_sweep4, render_sweep_table
+    from _lut_bench import render_lut, render_sweep, render_sweep4
 
-    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep_table(result)
-            + render_sweep4(result) + render_sweep(result))
+    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep4(result)
+            + render_sweep(result))
 
 
 def record(path: Path) -> None:
@@ -290,8 +281,9 @@ def record(path: Path) -> None:
     )
 
 
-#: The LUT GEMVs whose launch parameters ``--lut-sweep`` can sweep.
-LUT_SWEEPS = ("mma4", "mma", "table")
+#: The LUT GEMVs whose launch parameters ``--lut-sweep`` can sweep (``mma4``: also each of
+#: ``qcore_kernels.lut_ops.UNMEASURED_SWITCHES``).
+LUT_SWEEPS = ("mma4", "mma")
 
 
 def _lut_sweeps(text: str) -> str:

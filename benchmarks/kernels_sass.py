@@ -9,9 +9,8 @@ between GPU sessions (``qk_lut_mma4`` then turned out latency-bound). This compi
 disassembles the cubin with ``cuobjdump -sass`` and, for every
 ``qk_lut_mma``/``qk_lut_mma4`` instance, finds the innermost loop holding its ``HMMA``
 instructions. One ``LDS.64`` there is one table read, i.e. one index of one lane, so
-instructions / ``LDS.64`` is the cost per index. For ``qk_lut_table`` it counts a group of
-32 rows on the path a warp takes when the next group is full (one ``LDS`` per lookup). Results go to
-``results/kernels_sass.json`` and the ``kernels-sass`` section of BENCHMARKS.md.
+instructions / ``LDS.64`` is the cost per index. Results go to ``results/kernels_sass.json``
+and the ``kernels-sass`` section of BENCHMARKS.md.
 
 ``cuobjdump`` comes with the CUDA toolkit, or ``pip install nvidia-cuda-cuobjdump`` (found
 on PATH, under CUDA_HOME, or in that wheel).
@@ -85,44 +84,6 @@ def main_loop(code: list[tuple[int, str]]) -> list[str] | None:
     return best
 
 
-_TARGET = re.compile(r"BRA(?:\.DIV)? (?:UR\d+, )?(?:`\(\S+\) )?0x([0-9a-f]+)")
-
-
-def blocks(code: list[tuple[int, str]]) -> list[list[str]]:
-    """The basic blocks of the loop that holds a function's butterfly (``SHFL.BFLY``): split
-    at every branch and branch target inside it."""
-    back = [(a, int(m.group(1), 16)) for a, i in code
-            if (m := _TARGET.search(i)) and int(m.group(1), 16) < a]
-    loops = [(t, a) for a, t in back
-             if any(t <= b <= a and opcode(i).startswith("SHFL") for b, i in code)]
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    cuts = {start, end + 16}
-    for a, i in code:
-        if start <= a <= end and (m := _TARGET.search(i)):
-            cuts.add(a + 16)
-            if start <= int(m.group(1), 16) <= end:
-                cuts.add(int(m.group(1), 16))
-    cuts = sorted(c for c in cuts if start <= c <= end + 16)
-    return [[i for a, i in code if lo <= a < hi] for lo, hi in zip(cuts, cuts[1:], strict=False)]
-
-
-def measure_table(code: list[tuple[int, str]]) -> dict:
-    """qk_lut_table's group of 32 rows when the next group is full: the loop's first block,
-    the lookup block without predicated loads (the most table reads, no ISETP), and the
-    butterfly block (the shuffles); the count and, for the last warp, the partial sums are
-    left out (about 20-35 instructions per group)."""
-    parts = blocks(code)
-    lookups = [b for b in parts if sum(opcode(i) == "LDS" for i in b)
-               and not any(opcode(i).startswith("ISETP") for i in b)]
-    fast = max(lookups, key=lambda b: sum(opcode(i) == "LDS" for i in b))
-    butterfly = max(parts, key=lambda b: sum(opcode(i).startswith("SHFL") for i in b))
-    reads = sum(opcode(i) == "LDS" for i in fast)
-    total = len(parts[0]) + len(fast) + len(butterfly)
-    return {"group_instructions": total, "lookups": reads, "per_lookup": round(total / reads, 2),
-            "lookup_block": len(fast), "butterfly_block": len(butterfly),
-            "shfl": sum(opcode(i).startswith("SHFL") for i in butterfly)}
-
-
 def measure(arch: str) -> list[dict]:
     from qcore_kernels.nvrtc import compile_source, nvrtc_unavailable_reason
     from qcore_kernels.sources import source
@@ -139,10 +100,6 @@ def measure(arch: str) -> list[dict]:
     code = functions(sass)
     rows = []
     for inst, k in result.kernels.items():
-        if inst.startswith("qk_lut_table"):
-            rows.append({"instance": inst, "arch": arch, "registers": k.registers,
-                         **measure_table(code[k.name])})
-            continue
         if not inst.startswith("qk_lut_mma"):
             continue
         loop = main_loop(code[k.name])
@@ -165,11 +122,12 @@ def render(result: dict) -> str:
         "per table read (one index of one lane), and the loop's make-up. Static counts: "
         "`qk_lut_mma4`'s loop (one chunk step) also holds the move to the next tile, taken "
         "once per tile: with 2 row groups a chunk step ran about 130 of the loop's 353 "
-        "instructions (4.1 per index; 145 with the stages in the table), counted by hand on "
-        "2026-11-27's build. Instances with a fifth template argument `true` load the index "
-        "words into registers (`lut_ops.LUT_MMA4_REGISTER_INDICES`): no stage reads (LDS), "
-        "the moves of the words held 2 steps ahead among 'other'. Since 2026-11-28 the x "
-        "reads of every `qk_lut_mma4` instance are predicated (absent tokens' lanes skip them).",
+        "instructions (4.1 per index), counted by hand on 2026-11-27's build. Instances with a "
+        "fourth template argument `true` load the index words into registers "
+        "(`lut_ops.LUT_MMA4_REGISTER_INDICES`): no stage reads (LDS), the moves of the words "
+        "held 2 steps ahead among 'other'. Since 2026-11-28 the x reads of every `qk_lut_mma4` "
+        "instance are predicated (absent tokens' lanes may skip them: "
+        "`lut_ops.LUT_MMA4_SKIP_ABSENT_X`).",
         "",
         "| instance | registers | loop instructions | table reads (LDS.64) | per index | HMMA | "
         "LDS (all) | PRMT | other |",
@@ -180,25 +138,6 @@ def render(result: dict) -> str:
             f"| `{r['instance']}` | {r['registers']} | {r['loop_instructions']} | "
             f"{r['table_reads']} | **{r['per_index']:.2f}** | {r['hmma']} | {r['lds']} | "
             f"{r['prmt']} | {r['other']} |")
-    table = [r for r in result["rows"] if "per_lookup" in r]
-    if table:
-        lines += [
-            "",
-            "The dot-product-table GEMV `qk_lut_table` (one token): a group of 32 rows when the "
-            "next group is full, per lookup (one 4-byte table read of one lane): the loop's "
-            "first block, the lookups with the next group's index loads, and the butterfly "
-            "that sums the lanes (the row-group count and, for the last warp, the slices' "
-            "partial sums are left out: about 20-35 more per group).",
-            "",
-            "| instance | registers | group instructions | lookups (LDS) | per lookup | "
-            "lookup block | butterfly (SHFL) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in table:
-            lines.append(
-                f"| `{r['instance']}` | {r['registers']} | {r['group_instructions']} | "
-                f"{r['lookups']} | **{r['per_lookup']:.2f}** | {r['lookup_block']} | "
-                f"{r['butterfly_block']} ({r['shfl']}) |")
     return "\n".join(lines) + "\n"
 
 

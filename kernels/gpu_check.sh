@@ -45,7 +45,8 @@ tests_s=$((SECONDS - t0))
 
 echo "== kernel benchmark" | tee -a "$log"
 t0=$SECONDS
-# BENCH_ARGS adds options to the benchmark (e.g. "--lut-sweep").
+# BENCH_ARGS adds options to the benchmark (e.g. "--lut-sweep": qk_lut_mma4's launch sweep, which
+# also times each switch of qcore_kernels.lut_ops.UNMEASURED_SWITCHES against the defaults).
 "$py" benchmarks/kernels_gpu.py run --out "$out" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$((SECONDS - t0))

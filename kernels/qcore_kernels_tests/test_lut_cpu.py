@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from qcore.builtin.vq_packer import VQPacker
-from qcore.codebook import dequantize_vq
+from qcore.codebook import VQPacker, dequantize_vq
 from qcore_kernels.lut_layout import to_lut, unpack_stream
 from qcore_kernels.testing import LUTCase, assert_close, random_vq, run_lut_case
 
@@ -78,24 +77,6 @@ MMA4_CASES = [dataclasses.replace(c, path="mma4") for c in MMA4_CASES] + [
     dataclasses.replace(MMA4_CASES[2], path=None),  # auto picks mma4
     dataclasses.replace(MMA4_CASES[-2], path=None),  # 9 tokens too
 ]
-# The dot-product-table GEMV (qk_lut_table; one token, the weights of the tensor-core GEMVs).
-# On the harness: blocks of at most 2 warps, row ranges sized for 4 multiprocessors; Q = 4
-# unless forced (test_table_gemv_vectors_per_lane...).
-TABLE_CASES = [
-    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=F16),  # 1 slice (Q = 4), 2 ranges of 32 rows
-    LUTCase(1, 40, 512, 4, 8, rows=None, dtype=BF16),
-    # a partial last vector (130 = 32 * 4 + 2), rows ending inside a group; scale and offset
-    LUTCase(1, 70, 130, 4, 8, rows=200, scale=True, offset=True, dtype=BF16),
-    # 3 slices (258 vectors: the last slice's lanes 8-31 past the row's words) x 1 range of
-    # 10 groups over 2 warps (5 each: the next group's indices load during one), 150 rows
-    LUTCase(1, 300, 1030, 4, 8, rows=150, scale=True, dtype=F16),
-    # outliers (their own launch into the float buffer, which the main launch adds)
-    LUTCase(1, 33, 300, 4, 8, rows=None, outliers=13, scale=True, offset=True, dtype=BF16),
-    LUTCase(1, 9, 8, 4, 8, rows=3, dtype=F16, bias=False),  # k = 8: 2 vectors of one slice
-    # every column an outlier: the main part has no columns (one slice of zero tables)
-    LUTCase(1, 8, 16, 4, 8, rows=None, outliers=16, scale=True, dtype=BF16),
-]
-TABLE_CASES = [dataclasses.replace(c, path="table") for c in TABLE_CASES]
 DEQUANT_CASES = [
     LUTCase(20, 37, 100, 6, 12, res_bits=6, outliers=7, scale=True, offset=True,
             dtype=F16, path="dequant"),
@@ -124,7 +105,7 @@ def launch():
     return run
 
 
-@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + MMA4_CASES + TABLE_CASES + DEQUANT_CASES,
+@pytest.mark.parametrize("case", GEMV_CASES + MMA_CASES + MMA4_CASES + DEQUANT_CASES,
                          ids=lambda c: c.id)
 def test_lut_kernels_on_the_cpu_match_the_reference(case, launch):
     from qcore_kernels.lut_ops import lut_path
@@ -153,10 +134,10 @@ def test_auto_path_between_the_tensor_core_gemvs():
                      16: ("mma4", "mma4")}
 
 
-def test_mma4_l2_requests_off_for_one_token_unless_forced(launch, monkeypatch):
+def test_mma4_l2_requests_off_for_one_token(launch):
     """qk_lut_mma4's L2 requests of the next tile (a launch argument) are off for one token,
-    where the H200 sweeps ran faster without them, and on for more; LUT_MMA4_L2 forces
-    either. The outputs are the same bit for bit."""
+    where the H200 sweeps ran faster without them, and on for more, where they were measured
+    on."""
     import qcore_kernels.lut_ops as lut_ops
 
     seen = []
@@ -169,21 +150,30 @@ def test_mma4_l2_requests_off_for_one_token_unless_forced(launch, monkeypatch):
     case = LUTCase(5, 64, 512, 4, 8, rows=None, scale=True, path="mma4")
     w = to_lut(random_vq(case), "cpu")
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1)).half()
-    outputs = {}
-    for forced in (None, True, False):
-        monkeypatch.setattr(lut_ops, "LUT_MMA4_L2", forced)
-        seen.clear()
-        outputs[forced] = [lut_ops.lut_linear(x[:m], w, None, spy, path="mma4") for m in (1, 5)]
-        assert seen == ([0, 1] if forced is None else [int(forced)] * 2)
-    for forced in (True, False):
-        assert all(torch.equal(a, b) for a, b in zip(outputs[None], outputs[forced]))
+    for m in (1, 5):
+        lut_ops.lut_linear(x[:m], w, None, spy, path="mma4")
+    assert seen == [0, 1]
+
+
+def test_every_switch_is_measured_or_listed_as_unmeasured():
+    """lut_ops keeps what a GPU measured best: its only boolean switches are LUT_PDL (on,
+    measured faster, kept as a correctness escape hatch) and those of UNMEASURED_SWITCHES,
+    each off until the GPU run named there decides it."""
+    import qcore_kernels.lut_ops as lut_ops
+
+    switches = {name for name, value in vars(lut_ops).items()
+                if name.startswith("LUT_") and isinstance(value, bool)}
+    assert switches == {"LUT_PDL", *lut_ops.UNMEASURED_SWITCHES}
+    assert len(set(lut_ops.UNMEASURED_SWITCHES)) == len(lut_ops.UNMEASURED_SWITCHES)
+    assert lut_ops.LUT_PDL is True
+    assert all(getattr(lut_ops, name) is False for name in lut_ops.UNMEASURED_SWITCHES)
 
 
 def test_mma4_absent_tokens_skip_their_x_reads(launch, monkeypatch):
-    """qk_lut_mma4's lanes of the tokens a block lacks skip their x reads (a launch argument,
-    LUT_MMA4_SKIP_ABSENT_X, on by default): the outputs are the same bit for bit with and
-    without, at 1-3 tokens and in a partial second block of 4 (5-7 tokens), with outliers,
-    scale and offset."""
+    """With LUT_MMA4_SKIP_ABSENT_X (a launch argument; off until a GPU times it), qk_lut_mma4's
+    lanes of the tokens a block lacks skip their x reads: the outputs are the same bit for
+    bit with and without, at 1-3 tokens and in a partial second block of 4 (5-7 tokens), with
+    outliers, scale and offset."""
     import qcore_kernels.lut_ops as lut_ops
 
     seen = []
@@ -197,7 +187,7 @@ def test_mma4_absent_tokens_skip_their_x_reads(launch, monkeypatch):
                    path="mma4")
     w = to_lut(random_vq(case), "cpu")
     x = torch.randn(7, 700, generator=torch.Generator().manual_seed(3)).half()
-    assert lut_ops.LUT_MMA4_SKIP_ABSENT_X is True
+    assert lut_ops.LUT_MMA4_SKIP_ABSENT_X is False
     outputs = {}
     for skip in (True, False):
         monkeypatch.setattr(lut_ops, "LUT_MMA4_SKIP_ABSENT_X", skip)
@@ -240,55 +230,14 @@ def test_mma4_row_groups_and_token_independence(launch, monkeypatch, groups):
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
-@pytest.mark.parametrize("l2", [True, False])
-def test_mma4_index_stream_across_tiles(launch, monkeypatch, l2):
+def test_mma4_index_stream_across_tiles(launch):
     """qk_lut_mma4's asynchronous index stream (4 stages per warp, 3 chunk steps ahead)
-    matches the reference, with or without the L2 requests, bit for bit either way: one
-    chunk step per tile and 4-5 tiles per block (the first stages cross several tiles and run
-    past the block's last one), and 3 steps per tile over 5 tiles per block."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    monkeypatch.setattr(lut_ops, "LUT_MMA4_L2", l2)
+    matches the reference: one chunk step per tile and 4-5 tiles per block (the first stages
+    cross several tiles and run past the block's last one), and 3 steps per tile over 5
+    tiles per block."""
     for case in (LUTCase(3, 200, 512, 4, 8, rows=None, scale=True, dtype=F16, path="mma4"),
                  LUTCase(2, 230, 1030, 4, 8, rows=150, offset=True, dtype=BF16, path="mma4")):
         y, ref = run_lut_case(case, launch, "cpu")
-        assert_close(y, ref, case)
-        with monkeypatch.context() as mp:
-            mp.setattr(lut_ops, "LUT_MMA4_L2", not l2)
-            y_other, _ = run_lut_case(case, launch, "cpu")
-        assert torch.equal(y, y_other)
-
-
-@pytest.mark.parametrize("threads", [64, 256])
-def test_mma4_stages_in_the_table(launch, monkeypatch, threads):
-    """qk_lut_mma4 with its index stages in the table's free halves next to x (2 per warp, 4
-    halves per row group) gives the outputs of the default layout bit for bit, and is
-    launched exactly where x leaves room: 1 token of 2048 columns (32 x slots), 3 of 1030
-    (60), not 4 of 4096 (all 256 slots are x; that weight's 9 outlier columns do fit)."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    monkeypatch.setattr(lut_ops, "CPU_THREADS", threads)
-    cases = [
-        (LUTCase(1, 40, 2048, 4, 8, rows=None, dtype=F16, path="mma4"), ["true"]),
-        (LUTCase(3, 200, 1030, 4, 8, rows=150, scale=True, offset=True, dtype=BF16,
-                 path="mma4"), ["true"]),
-        (LUTCase(4, 37, 4096, 4, 8, rows=None, outliers=9, dtype=F16, path="mma4"),
-         ["true", "false"]),
-    ]
-    instances = []
-
-    def spy(file, instance, grid, block, args, shared_mem=0):
-        instances.append(instance)
-        launch(file, instance, grid, block, args, shared_mem=shared_mem)
-
-    for case, want in cases:
-        y_default, ref = run_lut_case(case, launch, "cpu")
-        instances.clear()
-        with monkeypatch.context() as mp:
-            mp.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", True)
-            y, _ = run_lut_case(case, spy, "cpu")
-        assert [i.rsplit(", ", 1)[1].rstrip(">") for i in instances] == want, instances
-        assert torch.equal(y, y_default)
         assert_close(y, ref, case)
 
 
@@ -298,8 +247,8 @@ def test_mma4_index_words_in_registers(launch, monkeypatch, threads):
     (LUT_MMA4_REGISTER_INDICES: no stages) gives the outputs of the default layout bit for
     bit: one chunk step per tile over several tiles per block (the loads ahead cross tiles
     and run past the block's last one), 1-2 row groups, x in the table and after it,
-    outliers, scale and offset, a partial second block of tokens, L2 requests on and off;
-    and it even takes the stages-in-the-table setting's place."""
+    outliers, scale and offset, a partial second block of tokens, L2 requests off (one
+    token) and on."""
     import qcore_kernels.lut_ops as lut_ops
 
     monkeypatch.setattr(lut_ops, "CPU_THREADS", threads)
@@ -317,41 +266,28 @@ def test_mma4_index_words_in_registers(launch, monkeypatch, threads):
 
     for case in cases:
         y_default, ref = run_lut_case(case, launch, "cpu")
-        for l2, in_table in ((None, False), (True, True)):
-            instances.clear()
-            with monkeypatch.context() as mp:
-                mp.setattr(lut_ops, "LUT_MMA4_REGISTER_INDICES", True)
-                mp.setattr(lut_ops, "LUT_MMA4_L2", l2)
-                mp.setattr(lut_ops, "LUT_MMA4_STAGES_IN_TABLE", in_table)
-                y, _ = run_lut_case(case, spy, "cpu")
-            assert instances and all(i.endswith(", false, true>") for i, _ in instances), instances
-            assert torch.equal(y, y_default), (case.id, l2)
+        instances.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(lut_ops, "LUT_MMA4_REGISTER_INDICES", True)
+            y, _ = run_lut_case(case, spy, "cpu")
+        assert instances and all(i.endswith(", true>") for i, _ in instances), instances
+        assert torch.equal(y, y_default), case.id
         assert_close(y, ref, case)
     # 1 token of 2048 columns, 2 row groups, 8 warps: the table, partial sums and zero slots
     assert instances[-1][1] < lut_ops.mma4_smem(4, 4096, 2, 8)
 
 
-def test_mma4_stages_in_the_table_sizes():
-    """Shared memory and resident warps of the two stage layouts (8 warps, 2 row groups):
-    103,424 bytes and 16 warps with the stages after the table, 70,656 bytes and 24 warps
-    (three blocks per multiprocessor) with them in the table; where they fit there."""
-    from qcore_kernels.lut_ops import (
-        mma4_smem,
-        mma4_stages_fit_in_table,
-        mma4_warps_per_sm,
-    )
+def test_mma4_shared_memory_and_resident_warps():
+    """Shared memory and resident warps of qk_lut_mma4 (8 warps, 2 row groups): 103,424
+    bytes and 16 warps with the index stages after the table, 24 warps with one row group;
+    without stages (the index words in registers) 70,656 bytes, and 16 warps either way."""
+    from qcore_kernels.lut_ops import mma4_smem, mma4_warps_per_sm
 
     assert mma4_smem(1, 8192, 2, 8) == 65536 + 4096 + 1024 + 32768
-    assert mma4_smem(1, 8192, 2, 8, stages_in_table=True) == 65536 + 4096 + 1024
-    assert (mma4_warps_per_sm(2), mma4_warps_per_sm(2, True), mma4_warps_per_sm(1)) == (16, 24, 24)
+    assert (mma4_warps_per_sm(2), mma4_warps_per_sm(1)) == (16, 24)
     # the index words in registers: no stages; 128 registers for 1 row group too
     assert mma4_smem(1, 8192, 2, 8, register_indices=True) == 65536 + 4096 + 1024
-    assert (mma4_warps_per_sm(1, False, True), mma4_warps_per_sm(2, False, True)) == (16, 16)
-    # 8 warps x 2 stages x 2 row groups x 4 halves = 128: x may take the other 128
-    assert mma4_stages_fit_in_table(1, 8192, 2, 8)  # 32 chunks x 4 = 128 slots
-    assert not mma4_stages_fit_in_table(1, 8193, 2, 8)
-    assert mma4_stages_fit_in_table(2, 4096, 2, 8) and not mma4_stages_fit_in_table(4, 4096, 2, 8)
-    assert mma4_stages_fit_in_table(1, 12288, 1, 8)  # 1 row group: 64 halves of stages
+    assert (mma4_warps_per_sm(1, True), mma4_warps_per_sm(2, True)) == (16, 16)
 
 
 def test_mma4_refuses_what_it_cannot_run(launch):
@@ -375,125 +311,10 @@ def test_mma4_refuses_what_it_cannot_run(launch):
         lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="mma4")
 
 
-@pytest.mark.parametrize("q", [2, 4])
-def test_table_gemv_vectors_per_lane_and_repeated_calls(launch, monkeypatch, q):
-    """qk_lut_table with 2 and 4 vectors per lane (64 or 128 KB of tables): slices and row
-    ranges as configured, the reference matched, the mma path agreed with far inside the
-    tolerance, and a second call (the row-group counters reset by the warps that completed
-    them) equal to the first bit for bit, with every counter back at zero."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", q)
-    case = LUTCase(1, 200, 1300, 4, 8, rows=None, outliers=5, scale=True, offset=True,
-                   dtype=F16, path="table")
-    w = to_lut(random_vq(case), "cpu")
-    x = torch.randn(1, 1300, generator=torch.Generator().manual_seed(2)).half()
-    grids = []
-
-    def spy(file, instance, grid, block, args, shared_mem=0):
-        grids.append((instance, grid, block[0] // 32, shared_mem))
-        launch(file, instance, grid, block, args, shared_mem=shared_mem)
-
-    y = lut_ops.lut_linear(x, w, None, spy, path="table")
-    # main columns: 1295 -> 324 vectors (slices of 64 or 128); 200 rows = 7 groups of 32,
-    # over 4 // slices ranges (at least 1: 7 groups over 2 warps); outliers: 5 columns, 2
-    # vectors, one slice, 4 ranges of 2 groups
-    main = {2: (6, 1, 2), 4: (3, 1, 2)}[q]
-    assert grids == [
-        (f"qk_lut_table<__half, {q}>", (1, 4, 1), 2, q * 32768 + 4096),
-        (f"qk_lut_table<__half, {q}>", main[:2] + (1,), main[2], q * 32768 + 4096),
-    ]
-    ref = torch.nn.functional.linear(x.float(), dequantize_vq(random_vq(case)))
-    y_again = lut_ops.lut_linear(x, w, None, launch, path="table")
-    assert torch.equal(y, y_again)
-    mma = lut_ops.lut_linear(x, w, None, launch, path="mma").float()
-    assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
-    assert float((y.float() - ref).abs().max() / ref.abs().max()) < 2e-3
-    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
-        assert int(counters.abs().sum()) == 0
-
-
-def test_table_gemv_does_not_depend_on_which_block_finishes_last(launch, monkeypatch):
-    """The table GEMV's slices meet in the workspace, where the warp that completes a row
-    group adds them in slice order: blocks run in reverse (another warp completes each
-    group) give the same outputs bit for bit, counters back at zero."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 2)
-    case = LUTCase(1, 150, 1500, 4, 8, rows=None, outliers=9, scale=True, offset=True,
-                   dtype=BF16, path="table")
-    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "forward")
-    y, ref = run_lut_case(case, launch, "cpu")
-    monkeypatch.setenv("QK_CPU_BLOCK_ORDER", "reverse")
-    y_reversed, _ = run_lut_case(case, launch, "cpu")
-    assert torch.equal(y, y_reversed)
-    assert_close(y, ref, case)
-    for _, counters in lut_ops._TABLE_WORKSPACES.current.values():
-        assert int(counters.abs().sum()) == 0
-
-
-def test_table_gemv_config_on_an_h100_like_device(monkeypatch):
-    """lut_table_config on 132 multiprocessors with 227 KB per block: (4096, 4096) takes
-    Q = 2 (16 slices x 8 ranges of 512 rows: every warp of a 16-warp block has a group),
-    (8192, 8192) Q = 4 (16 x 8 ranges of 1024 rows); 99 KB per block (sm_86/89) leaves
-    Q = 2; LUT_TABLE_Q forces it."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    cuda = torch.device("cuda", 0)
-    limits = {"value": (132, 228 * 1024, 227 * 1024)}
-    monkeypatch.setattr(lut_ops, "_device_limits", lambda device: limits["value"])
-    assert lut_ops.lut_table_config(1024, 4096, cuda) == (2, 16, 512, 16)
-    assert lut_ops.lut_table_config(2048, 8192, cuda) == (4, 16, 1024, 16)
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 2)
-    assert lut_ops.lut_table_config(2048, 8192, cuda) == (2, 32, 2048, 16)
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", 4)
-    limits["value"] = (84, 100 * 1024, 99 * 1024)
-    with pytest.raises(ValueError, match="no qk_lut_table instance fits"):
-        lut_ops.lut_table_config(2048, 8192, cuda)
-    monkeypatch.setattr(lut_ops, "LUT_TABLE_Q", None)
-    assert lut_ops.lut_table_config(2048, 8192, cuda)[0] == 2
-
-
-def test_table_gemv_is_picked_only_when_asked_for(launch, monkeypatch):
-    """lut_path takes the table GEMV for one token with LUT_TABLE on, never for more tokens
-    or other weights; lut_paths offers it for one token; forcing it elsewhere is refused."""
-    import qcore_kernels.lut_ops as lut_ops
-    from qcore_kernels.sources import LUT_TABLE_VECTORS
-
-    assert tuple(sorted(lut_ops.LUT_TABLE_BYTES)) == LUT_TABLE_VECTORS
-    w = to_lut(random_vq(LUTCase(1, 64, 512, 4, 8, rows=None)), "cpu")
-    assert lut_ops.lut_path(1, w, "cpu") == "mma4" and "table" in lut_ops.lut_paths(1, w)
-    assert "table" not in lut_ops.lut_paths(2, w)
-    monkeypatch.setattr(lut_ops, "LUT_TABLE", True)
-    assert lut_ops.lut_path(1, w, "cpu") == "table" and lut_ops.lut_path(2, w, "cpu") == "mma4"
-    with pytest.raises(ValueError, match="table path cannot run this weight: 2 tokens"):
-        lut_ops.lut_linear(torch.randn(2, 512).half(), w, None, launch, path="table")
-    v6 = to_lut(random_vq(LUTCase(1, 8, 64, 6, 8)), "cpu")
-    assert lut_ops.lut_path(1, v6, "cpu") == "gemv"
-    with pytest.raises(ValueError, match="table path cannot run this weight: vector size 6"):
-        lut_ops.lut_linear(torch.randn(1, 64).half(), v6, None, launch, path="table")
-
-
-def test_table_workspace_per_stream_grows_and_keeps_what_it_replaced():
-    """The table GEMV's workspace: one (partial sums, counters) pair per device and stream,
-    counters zeroed when made; it grows at least twofold and keeps the pair it replaced (a
-    captured CUDA graph may still use it)."""
-    from qcore_kernels.lut_ops import _TableWorkspaces
-
-    ws = _TableWorkspaces()
-    cpu = torch.device("cpu")
-    a = ws.get(cpu, 100, 4)
-    assert a[0].numel() == 100 and a[1].dtype == torch.int32 and int(a[1].abs().sum()) == 0
-    assert ws.get(cpu, 50, 2) is a
-    b = ws.get(cpu, 150, 3)
-    assert (b[0].numel(), b[1].numel()) == (200, 8) and ws.retired == [a]
-    assert ws.get(cpu, 200, 8) is b
-
-
 def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypatch):
     """LUT_PDL asks the launcher for a programmatic dependent launch of the tensor-core
-    GEMVs and the table GEMV on CUDA devices of compute capability 9.0 and above only; the
-    harness (a CPU device) launches as before and gives the same outputs."""
+    GEMVs on CUDA devices of compute capability 9.0 and above only; the harness (a CPU
+    device) launches as before and gives the same outputs."""
     import qcore_kernels.lut_ops as lut_ops
 
     cuda = torch.device("cuda")
@@ -514,15 +335,15 @@ def test_programmatic_launch_only_where_asked_for_and_supported(launch, monkeypa
         calls.append(kw)
         launch(file, instance, grid, block, args, shared_mem=shared_mem)
 
-    for path in ("mma4", "mma", "table"):
-        one = dataclasses.replace(case, path=path, m=1 if path == "table" else case.m)
+    for path in ("mma4", "mma"):
+        one = dataclasses.replace(case, path=path)
         monkeypatch.setattr(lut_ops, "LUT_PDL", True)
         y_on, ref = run_lut_case(one, spy, "cpu")
         monkeypatch.setattr(lut_ops, "LUT_PDL", False)
         y_off, _ = run_lut_case(one, launch, "cpu")
         assert torch.equal(y_on, y_off)
         assert_close(y_on, ref, one)
-    assert calls == [{}] * 6  # outliers and main columns, three paths: no keyword on a CPU
+    assert calls == [{}] * 4  # outliers and main columns, two paths: no keyword on a CPU
 
 
 def test_mma_path_rows_equal_the_gemv_path_within_rounding(launch):

@@ -143,33 +143,17 @@ def _default_and_with(case, launcher, monkeypatch, flag: str):
 
 @pytest.mark.parametrize("case", [
     LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
-    LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),  # x and stages fill the table
-    LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
-    LUTCase(2, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
-], ids=lambda c: c.id)
-def test_mma4_stages_in_the_table(case, launcher, monkeypatch):
-    """qk_lut_mma4 with its index stages in the table's free halves (three 8-warp blocks per
-    multiprocessor) gives the outputs of the default layout bit for bit."""
-    y_default, y, ref, instances = _default_and_with(case, launcher, monkeypatch,
-                                                     "LUT_MMA4_STAGES_IN_TABLE")
-    assert instances[-1].endswith(", true>"), instances  # the main columns' launch
-    assert torch.equal(y, y_default)
-    assert_close(y, ref, case)
-
-
-@pytest.mark.parametrize("case", [
-    LUTCase(1, 4096, 4096, 4, 8, rows=None, path="mma4"),
     LUTCase(1, 8192, 8192, 4, 8, rows=None, path="mma4"),
     LUTCase(2, 1000, 4100, 4, 8, rows=200, scale=True, offset=True, outliers=64, path="mma4"),
     LUTCase(6, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
     LUTCase(1, 64, 20000, 4, 8, rows=None, path="mma4"),  # x after the table
 ], ids=lambda c: c.id)
 def test_mma4_index_words_in_registers(case, launcher, monkeypatch):
-    """qk_lut_mma4 with its index words loaded into registers (no stages) gives the outputs
-    of the default layout bit for bit."""
+    """qk_lut_mma4 with its index words loaded into registers (no stages; an unmeasured
+    switch, off) gives the outputs of the default layout bit for bit."""
     y_default, y, ref, instances = _default_and_with(case, launcher, monkeypatch,
                                                      "LUT_MMA4_REGISTER_INDICES")
-    assert instances and all(i.endswith(", false, true>") for i in instances), instances
+    assert instances and all(i.endswith(", true>") for i in instances), instances
     assert torch.equal(y, y_default)
     assert_close(y, ref, case)
 
@@ -181,14 +165,10 @@ def test_mma4_index_words_in_registers(case, launcher, monkeypatch):
     LUTCase(6, 14336, 4096, 4, 8, rows=None, scale=True, dtype="bfloat16", path="mma4"),
 ], ids=lambda c: c.id)
 def test_mma4_absent_tokens_skip_their_x_reads(case, launcher, monkeypatch):
-    """qk_lut_mma4 with the x reads of a block's absent tokens skipped (the default) gives
-    the outputs of reading them bit for bit, and the float32 reference's."""
-    import qcore_kernels.lut_ops as lut_ops
-
-    assert lut_ops.LUT_MMA4_SKIP_ABSENT_X is True
-    y_skip, ref = run_lut_case(case, launcher, "cuda")
-    monkeypatch.setattr(lut_ops, "LUT_MMA4_SKIP_ABSENT_X", False)
-    y_read, _ = run_lut_case(case, launcher, "cuda")
+    """qk_lut_mma4 with the x reads of a block's absent tokens skipped (an unmeasured switch,
+    off) gives the outputs of reading them bit for bit, and the float32 reference's."""
+    y_read, y_skip, ref, _ = _default_and_with(case, launcher, monkeypatch,
+                                               "LUT_MMA4_SKIP_ABSENT_X")
     assert torch.equal(y_skip, y_read)
     assert_close(y_skip, ref, case)
 
@@ -218,7 +198,7 @@ def test_mma4_tilings_and_tokens_agree(launcher, monkeypatch, groups):
     assert float((y.float() - mma).abs().max() / mma.abs().max()) < 2e-3
 
 
-@pytest.mark.parametrize("path", ["mma4", "mma"])  # the table GEMV: test_lut_table_gpu.py
+@pytest.mark.parametrize("path", ["mma4", "mma"])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "outliers-scale-offset"])
 def test_programmatic_launch_waits_for_the_kernel_before(path, extras, launcher):
     """With LUT_PDL (sm_90+), each call's x is written late by the kernel launched just
@@ -253,7 +233,7 @@ def test_lut_kernels_launch_on_torchs_current_stream(launcher):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_linear_selects_cupy_lut_and_matches_torch_lut(launcher, dtype):
-    from qcore.builtin.vq_packer import VQPacker
+    from qcore.codebook import VQPacker
     from qcore.qlinear import QuantLinear
 
     packed = VQPacker().pack(random_vq(LUTCase(1, 384, 1000, 6, 12, rows=None, res_bits=8,

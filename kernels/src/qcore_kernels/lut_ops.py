@@ -15,23 +15,13 @@ Paths by the number of tokens ``M``:
   that its random reads never conflict. Each lane's codebook row read is half of an mma A
   operand as is (a vector's two column pairs go to A rows g and g + 8, x's pairs to two B
   columns per token), and a table read costs one byte permutation and one load; the index
-  words stream into shared memory by cp.async, 3 chunk steps ahead (or, with
-  :data:`LUT_MMA4_REGISTER_INDICES`, into registers, 2 steps ahead); in a block of fewer
-  than 4 tokens the lanes of the absent tokens skip their x reads
-  (:data:`LUT_MMA4_SKIP_ABSENT_X`). Picked up to 4 tokens,
+  words stream into shared memory by cp.async, 3 chunk steps ahead. Picked up to 4 tokens,
   above 8 tokens, and from 5 to 8 tokens for at most 4096 output rows
-  (:func:`mma4_preferred`).
+  (:func:`mma4_preferred`). Its options not yet timed on a GPU are off
+  (:data:`UNMEASURED_SWITCHES`).
 * ``mma`` (M <= 16, the same weights; 5-8 tokens of more output rows, and what ``mma4``
   cannot hold): the tensor-core GEMV ``qk_lut_mma``, weights as the A operand (up to 8
   tokens) or the B operand (16).
-* ``table`` (one token, the same weights; picked by :func:`lut_path` only with
-  :data:`LUT_TABLE` on): ``qk_lut_table``, which replaces the codebook reads by dot-product
-  tables. A block takes a slice of 32 Q vectors (Q = 2 or 4 per lane) and computes, for each
-  of them and each codebook row, the row's dot product with x's 4 columns (float32, 64 or
-  128 KB of tables); lane l reads only the tables of its own vectors, all in bank l (no
-  conflicts, no copies), 4 bytes per index instead of the codebook row's 8 plus x. The
-  slices' partial sums meet in a per-stream workspace, where the warp that completes a
-  group of 32 rows adds them in slice order and applies the epilogue.
 * ``gemv`` (M <= ``LUT_GEMV_MAX_M``, vector sizes 4, 6, 8, codebooks that fit in shared
   memory): the codebooks in shared memory, indices decoded inside the GEMV, up to 16
   tokens per block. Outlier columns run first (into a float32 buffer), the main columns
@@ -57,7 +47,7 @@ FILE = "qk_lut.cu"
 CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 LUT_TILES = (1, 4, 8, 16)
 LUT_GEMV_MAX_M = 16
-LUT_PATHS = ("mma4", "mma", "table", "gemv", "dequant")
+LUT_PATHS = ("mma4", "mma", "gemv", "dequant")
 #: Shared memory a qk_lut_mma block may use for its copy of x (beyond it, x is read from
 #: global memory): the table (32 KB) and this leave room for two blocks per multiprocessor.
 LUT_MMA_X_SHARED_MAX = 64 * 1024
@@ -71,16 +61,17 @@ CPU_SMEM = 256 * 1024
 CPU_THREADS = 64
 #: Blocks of the persistent GEMV grid in the CPU harness (several channels per warp).
 CPU_BLOCKS = 3
-#: Programmatic dependent launch of the tensor-core GEMVs and the table GEMV on sm_90+
+#: Programmatic dependent launch of the tensor-core GEMVs on sm_90+
 #: (``launch(..., programmatic=True)``): a launch may start while the kernel before it in the
-#: stream still runs, loading its weights (the table GEMV: its codebook only), and waits for that
-#: kernel (griddepcontrol) before it reads x, the addend or the epilogue's tensors, and before
-#: it writes anything. The weights must therefore not be written by the kernel launched just
-#: before a call: ``to_lut`` waits for its own copies, and ``QuantLinear`` prepares its weight
-#: again (through ``to_lut``) when one of its tensors was changed in place. On by default:
-#: on the H200 it took 0.7-1.9 us off every one-token call in the launch sweeps
-#: (BENCHMARKS.md, 2026-11-28; ``qk_lut_mma4``'s default grid at (8192, 8192): 11.7 ->
-#: 10.4 us), and every GPU test passed with it.
+#: stream still runs, loading its weights, and waits for that kernel (griddepcontrol) before
+#: it reads x, the addend or the epilogue's tensors, and before it writes anything. The
+#: weights must therefore not be written by the kernel launched just before a call:
+#: ``to_lut`` waits for its own copies, and ``QuantLinear`` prepares its weight again
+#: (through ``to_lut``) when one of its tensors was changed in place. On by default: on the
+#: H200 it took 0.7-1.9 us off every one-token call in the launch sweeps (BENCHMARKS.md,
+#: 2026-11-28; ``qk_lut_mma4``'s default grid at (8192, 8192): 11.7 -> 10.4 us), and every
+#: GPU test passed with it. It stays a switch for callers whose weights a kernel may have
+#: just written (and for the benchmark's plain per-path columns), not as a tuning option.
 LUT_PDL = True
 
 
@@ -197,8 +188,6 @@ def mma4_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) 
 def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
     """The fastest path that can run ``m`` tokens of ``w`` (the H200 benchmark's choice
     between the tensor-core GEMVs: :func:`mma4_preferred`)."""
-    if LUT_TABLE and table_unsupported_reason(w, m, device) is None:
-        return "table"
     mma4 = mma4_unsupported_reason(w, m, device) is None
     mma = m <= LUT_GEMV_MAX_M and mma_unsupported_reason(w) is None
     if mma4 and (not mma or mma4_preferred(m, w.out_features)):
@@ -214,7 +203,7 @@ def mma4_preferred(m: int, n: int) -> bool:
     """Whether ``qk_lut_mma4`` beats ``qk_lut_mma`` at ``m`` tokens and ``n`` output rows
     (v4 i8 weights on the H200, BENCHMARKS.md): above 8 tokens always (``qk_lut_mma``'s
     16-token tile is the slow one, 15-30% behind); at one token, without the L2 requests
-    (:data:`LUT_MMA4_L2`), level without programmatic launch and ahead with it ((8192, 8192):
+    (:func:`_mma4`), level without programmatic launch and ahead with it ((8192, 8192):
     10.4 against 11.3 us or more for ``qk_lut_mma``); up to 4 tokens (one block of tokens,
     so about the cost of one) with programmatic launch ahead at every shape measured (M = 4:
     (8192, 8192) 13.2 against 14.3 us, 4096 x 14336 12.2 against 13.0) and within about 5%
@@ -245,11 +234,11 @@ def lut_mma4_config(
     """(row groups per block tile, blocks along the rows) of ``qk_lut_mma4`` for ``n``
     output rows, ``token_blocks`` blocks of 4 tokens and ``warps`` warps per block; ``smem``
     maps row groups to a block's shared memory, ``warps_per_sm`` to the instance's resident
-    warps (:func:`mma4_warps_per_sm` of the stages after the table by default). Persistent
-    blocks, as many as fit on the multiprocessors (registers; shared memory) shared by the
-    token blocks, each taking tiles of 8 * G rows in turn. G minimises the busiest
-    multiprocessor's shared-memory traffic (blocks placed round robin; a tile of G row
-    groups reads 2G + 1 units: the table 2 per group, x 1), ties going to 2 groups."""
+    warps (:func:`mma4_warps_per_sm` by default). Persistent blocks, as many as fit on the
+    multiprocessors (registers; shared memory) shared by the token blocks, each taking
+    tiles of 8 * G rows in turn. G minimises the busiest multiprocessor's shared-memory
+    traffic (blocks placed round robin; a tile of G row groups reads 2G + 1 units: the table
+    2 per group, x 1), ties going to 2 groups."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     if warps_per_sm is None:
@@ -445,176 +434,53 @@ def _mma4(
     epilogue: dict[str, torch.Tensor | None] | None,
     out: torch.Tensor,
 ) -> None:
-    """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`)."""
+    """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`). The L2 requests of the
+    next tile (launch argument ``l2``) are off for one token, where the H200 sweeps ran 6-12%
+    faster without them (BENCHMARKS.md, 2026-11-28; the default grid with programmatic
+    launch: 4.8 -> 4.5 us at (4096, 4096), 11.1 -> 10.4 us at (8192, 8192)), and on for more
+    tokens, where they were measured on."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA4_WARPS)
     tokens, token_blocks = min(m, LUT_MMA4_TOKENS), _cdiv(m, LUT_MMA4_TOKENS)
     in_table = tokens * chunks * 4 <= LUT_MMA4_X_SLOTS  # x in the table's free halves
-    # the index words in registers where asked for; else the index stages in the table
-    # too, where asked for and x leaves room
     ri = LUT_MMA4_REGISTER_INDICES
-    sh = {g: not ri and LUT_MMA4_STAGES_IN_TABLE
-          and mma4_stages_fit_in_table(tokens, part.width, g, warps) for g in LUT_MMA4_GROUPS}
-    smem = {g: mma4_smem(tokens, part.width, g, warps, sh[g], ri) for g in LUT_MMA4_GROUPS}
+    smem = {g: mma4_smem(tokens, part.width, g, warps, ri) for g in LUT_MMA4_GROUPS}
     groups, blocks = lut_mma4_config(n, smem, x.device, token_blocks, warps,
-                                     {g: mma4_warps_per_sm(g, sh[g], ri) for g in LUT_MMA4_GROUPS})
+                                     {g: mma4_warps_per_sm(g, ri) for g in LUT_MMA4_GROUPS})
     flag = {True: "true", False: "false"}
     launch(
         FILE,
-        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {flag[in_table]}, {flag[sh[groups]]}"
-        + (", true>" if ri else ">"),
+        f"qk_lut_mma4<{_ctype(x.dtype)}, {groups}, {flag[in_table]}, {flag[ri]}>",
         (blocks, token_blocks, 1),
         (warps * 32, 1, 1),
-        [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part),
-         np.int32(m > 1 if LUT_MMA4_L2 is None else LUT_MMA4_L2),
-         np.int32(LUT_MMA4_SKIP_ABSENT_X),
-         *_epilogue_args(addend, epilogue, out, m, n)],
+        [xp, np.int32(ld), np.int32(part.width), *_mma_stage_args(part), np.int32(m > 1),
+         np.int32(LUT_MMA4_SKIP_ABSENT_X), *_epilogue_args(addend, epilogue, out, m, n)],
         shared_mem=smem[groups],
         **_programmatic(x.device),
     )
 
 
-def table_unsupported_reason(w: PreparedLUT, m: int, device: torch.device | str) -> str | None:
-    """Why the dot-product-table GEMV (``qk_lut_table``) cannot run ``m`` tokens of ``w`` on
-    ``device``."""
-    reason = mma_unsupported_reason(w)
-    if reason is not None:
-        return reason
-    if m != 1:
-        return f"{m} tokens (the table GEMV takes one)"
-    limit = _device_limits(torch.device(device))[2]
-    need = min(LUT_TABLE_BYTES.values()) + LUT_TABLE_CODEBOOK_BYTES
-    if need > limit:
-        return f"its tables need {need} bytes of shared memory, the device offers {limit}"
-    return None
-
-
-def lut_table_config(n_vec: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(vectors per lane Q, slices, rows per block, warps per block) of ``qk_lut_table`` for
-    ``n_vec`` vectors per row and ``n`` output rows. Blocks of one slice (32 Q vectors) and
-    a range of 32-row groups, about one per multiprocessor (the instances' launch bound);
-    Q minimises the instructions a block issues over the waves of blocks (the kernel is
-    issue-bound on paper): its lookups at :data:`LUT_TABLE_LOOKUP_COST` each and its
-    8192 Q table entries at :data:`LUT_TABLE_ENTRY_COST` each. :data:`LUT_TABLE_Q` forces Q
-    (the launch sweep)."""
-    sms, _, optin = _device_limits(device)
-    cuda = device.type == "cuda"
-    if not cuda:
-        sms = CPU_TABLE_BLOCKS
-    groups = _cdiv(n, 32)
-    best = None
-    for q in sorted(LUT_TABLE_BYTES, reverse=True):
-        if LUT_TABLE_Q is not None and q != LUT_TABLE_Q:
-            continue
-        if LUT_TABLE_BYTES[q] + LUT_TABLE_CODEBOOK_BYTES > optin:
-            continue
-        slices = max(1, _cdiv(n_vec, 32 * q))  # one (of zero tables) for a part of no columns
-        ranges = max(1, min(groups, sms // slices))
-        per_range = _cdiv(groups, ranges)
-        ranges = _cdiv(groups, per_range)
-        waves = _cdiv(slices * ranges, sms)
-        lookups = 32 * per_range * 32 * q
-        cost = waves * (lookups * LUT_TABLE_LOOKUP_COST[q] + 8192 * q * LUT_TABLE_ENTRY_COST)
-        warps = min(LUT_TABLE_WARPS if cuda else CPU_THREADS // 32, per_range)
-        if best is None or cost < best[0]:
-            best = (cost, q, slices, 32 * per_range, warps)
-    if best is None:
-        raise ValueError(f"no qk_lut_table instance fits this device (Q = {LUT_TABLE_Q})")
-    return best[1:]
-
-
-class _TableWorkspaces:
-    """``qk_lut_table``'s partial sums and row-group counters, one pair per (device, stream):
-    calls on one stream run one after another, so they share it (the counters are zero
-    between calls: the warp that completes a group resets it), and calls on different
-    streams never meet. It grows geometrically; replaced pairs are kept, because a CUDA graph
-    captured earlier still writes into them."""
-
-    def __init__(self) -> None:
-        self.current: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def get(
-        self, device: torch.device, floats: int, groups: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (str(device), stream)
-        ws = self.current.get(key)
-        if ws is not None and ws[0].numel() >= floats and ws[1].numel() >= groups:
-            return ws
-        if ws is not None:
-            self.retired.append(ws)
-            floats = max(floats, 2 * ws[0].numel())
-            groups = max(groups, 2 * ws[1].numel())
-        ws = (torch.empty(floats, dtype=torch.float32, device=device),
-              torch.zeros(groups, dtype=torch.int32, device=device))
-        self.current[key] = ws
-        return ws
-
-
-_TABLE_WORKSPACES = _TableWorkspaces()
-
-
-def _table(
-    x: torch.Tensor,
-    part: LUTPart,
-    w: PreparedLUT,
-    launch: Any,
-    *,
-    addend: torch.Tensor | None,
-    epilogue: dict[str, torch.Tensor | None] | None,
-    out: torch.Tensor,
-) -> None:
-    """One ``qk_lut_table`` launch over one part (see :func:`_gemv`)."""
-    n = w.out_features
-    xp, _ = _part_input(x, part)
-    q, slices, rows, warps = lut_table_config(part.n_vec(w.vector_size), n, x.device)
-    partial, counters = _TABLE_WORKSPACES.get(x.device, slices * n, _cdiv(n, 32))
-    launch(
-        FILE,
-        f"qk_lut_table<{_ctype(x.dtype)}, {q}>",
-        (slices, _cdiv(n, rows), 1),
-        (warps * 32, 1, 1),
-        [xp, np.int32(part.width), *_mma_stage_args(part), np.int32(rows), partial, counters,
-         *_epilogue_args(addend, epilogue, out, 1, n)],
-        shared_mem=LUT_TABLE_BYTES[q] + LUT_TABLE_CODEBOOK_BYTES,
-        **_programmatic(x.device),
-    )
-
-
 def mma4_smem(
-    tokens: int, width: int, groups: int, warps: int, stages_in_table: bool = False,
-    register_indices: bool = False,
+    tokens: int, width: int, groups: int, warps: int, register_indices: bool = False
 ) -> int:
     """Shared memory of a ``qk_lut_mma4`` block: the table (x in its free halves when 4 slots
     per token and 256-column chunk fit in its 256), two buffers of the warps' partial sums,
-    the zero slots, each warp's index stages (unless they are in the table's free halves
-    too, or the index words go to registers), and x after them when it does not fit in the
-    table."""
+    the zero slots, each warp's index stages (unless the index words go to registers), and
+    x after them when it does not fit in the table."""
     slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
     x_after = 0 if slots <= LUT_MMA4_X_SLOTS else slots * 128
-    stages = 0 if stages_in_table or register_indices else (
-        warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES)
+    stages = 0 if register_indices else warps * LUT_MMA4_STAGES * groups * LUT_MMA4_STAGE_BYTES
     return (LUT_MMA4_TABLE_BYTES + 2 * warps * LUT_MMA4_TOKENS * 8 * groups * 4
             + LUT_MMA4_ZERO_BYTES + stages + x_after)
 
 
-def mma4_stages_fit_in_table(tokens: int, width: int, groups: int, warps: int) -> bool:
-    """Whether x and the index stages (2 per warp, 4 free halves per row group) share the
-    table's 256 free halves (``qk_lut_mma4<..., SH = true>``)."""
-    slots = tokens * _cdiv(_cdiv(width, 4), 64) * 4
-    return slots + warps * LUT_MMA4_STAGES_SH * groups * 4 <= LUT_MMA4_X_SLOTS
-
-
-def mma4_warps_per_sm(
-    groups: int, stages_in_table: bool = False, register_indices: bool = False
-) -> int:
+def mma4_warps_per_sm(groups: int, register_indices: bool = False) -> int:
     """Resident ``qk_lut_mma4`` warps per multiprocessor that the instance's launch bounds
     leave registers for (``qk_lut::mma4_warps_per_sm``): 24 with one row group and index
-    stages, or with the stages in the table (80 registers per thread), else 16 (128); also
-    the most warps a block may have. Shared memory may allow fewer blocks."""
-    return 24 if (groups == 1 and not register_indices) or stages_in_table else 16
+    stages (80 registers per thread), else 16 (128); also the most warps a block may have.
+    Shared memory may allow fewer blocks."""
+    return 24 if groups == 1 and not register_indices else 16
 
 
 def mma_x_stride(chunks: int) -> int:
@@ -635,53 +501,35 @@ LUT_MMA4_ZERO_BYTES = 1024
 LUT_MMA4_WARPS = 8
 #: The most output rows for which :func:`mma4_preferred` picks ``qk_lut_mma4`` at 5-8 tokens.
 LUT_MMA4_MAX_ROWS = 4096
-#: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::mma4_stages``, ``MMA4_STAGE_BYTES``):
+#: ``qk_lut_mma4``'s asynchronous index stream (``qk_lut::MMA4_STAGES``, ``MMA4_STAGE_BYTES``):
 #: stages per warp after the table (3 chunk steps in flight ahead of the one computed), 512
-#: bytes of shared memory per row group and stage; whether the tile after the one being
-#: loaded is also requested into L2 (``l2``, a launch argument: None = off for one token,
-#: where the H200 sweeps ran 8-12% faster without, on for more, where they were measured
-#: on; True or False forces it); and, off by default since the H200 sweeps found it no
-#: faster, 2 stages per warp in the table's free halves next to x where they fit: a 69 KB
-#: block of 8 warps, three per multiprocessor.
+#: bytes of shared memory per row group and stage.
 LUT_MMA4_STAGES = 4
 LUT_MMA4_STAGE_BYTES = 512
-LUT_MMA4_L2: bool | None = None
-LUT_MMA4_STAGES_IN_TABLE = False
-LUT_MMA4_STAGES_SH = 2
 #: ``qk_lut_mma4`` with fewer than 4 tokens in a block (one token: a GEMV): the lanes whose
 #: mma B columns belong to the absent tokens skip their x reads (a launch argument; the
 #: outputs are the same bit for bit). Each 16-byte x read of a warp then costs one
 #: shared-memory wavefront per token present instead of four: at one token and 2 row
 #: groups, about 42 instead of 48 wavefronts per 512 indices (the codebook rows 32, x 8 ->
-#: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (70%). Not yet
-#: measured on a GPU.
-LUT_MMA4_SKIP_ABSENT_X = True
+#: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (70%).
+LUT_MMA4_SKIP_ABSENT_X = False
 #: ``qk_lut_mma4<..., RI = true>``: each lane loads its index words straight into registers,
 #: 2 chunk steps ahead (``qk_lut::MMA4_RI_AHEAD``), instead of streaming them through
 #: shared-memory stages by cp.async: per 512 indices, 4 fewer shared-memory wavefronts (the
 #: stage's 16-byte reads) and the stage writes, against 3 steps of latency hiding cut to 2.
-#: Off (not yet measured on a GPU); ``benchmarks/kernels_gpu.py --lut-sweep mma4`` times it.
 LUT_MMA4_REGISTER_INDICES = False
-
-
-#: ``qk_lut_table``: its tables' shared memory by vectors per lane (``qk_lut::table_bytes``),
-#: warps per block (at most; the instances' launch bound), the pseudo multiprocessors the CPU
-#: harness sizes its grid for (several row ranges), and Q forced (None: lut_table_config's
-#: choice). Slower than ``qk_lut_mma4`` wherever measured (H200, one token: (4096, 4096) 6.2
-#: against 4.4 us at best, (8192, 8192) 11.7 against 10.3; Nsight Compute: a quarter of the
-#: warps resident, half the issue slots idle), so :func:`lut_path` picks it only with
-#: ``LUT_TABLE``.
-LUT_TABLE_BYTES = {2: 64 * 1024, 4: 128 * 1024}
-LUT_TABLE_CODEBOOK_BYTES = 256 * 16  # the codebook as float32, after the tables
-LUT_TABLE_WARPS = 16
-CPU_TABLE_BLOCKS = 4
-LUT_TABLE_Q: int | None = None
-LUT_TABLE = False
-#: ``qk_lut_table``'s instructions per lookup and lane on a full group of 32 rows (the
-#: lookups, the index loads, the butterfly and the row-group count), and per table entry,
-#: by Q: the sm_90 SASS (``benchmarks/kernels_sass.py``, BENCHMARKS.md).
-LUT_TABLE_LOOKUP_COST = {2: 7.7, 4: 5.4}
-LUT_TABLE_ENTRY_COST = 6.9
+#: The switches above that have never run on a GPU: each stays off until a GPU run decides
+#: it, and is then made the default or deleted with its code, tests and sweep entry. The
+#: command that decides them (about 5 device-minutes):
+#:
+#:     PYTEST_ARGS="-m gpu -k lut" BENCH_ARGS="--only-lut --lut-sweep mma4" \
+#:         bash kernels/gpu_check.sh OUTDIR
+#:
+#: Its GPU tests check that each switch gives the default's outputs bit for bit, and its
+#: ``qk_lut_mma4`` sweep (``benchmarks/_lut_bench.py``) times each one alone against the
+#: defaults at one token; record with ``python benchmarks/kernels_gpu.py record
+#: OUTDIR/kernels_gpu.json``.
+UNMEASURED_SWITCHES: tuple[str, ...] = ("LUT_MMA4_SKIP_ABSENT_X", "LUT_MMA4_REGISTER_INDICES")
 
 
 def dequantize(w: PreparedLUT, dtype: torch.dtype, launch: Any) -> torch.Tensor:
@@ -736,9 +584,6 @@ def lut_linear(
     elif path == "mma":
         reason = mma_unsupported_reason(w)
         run = _mma
-    elif path == "table":
-        reason = table_unsupported_reason(w, m, x.device)
-        run = _table
     else:
         reason = gemv_unsupported_reason(w, x.device)
         run = _gemv
@@ -766,7 +611,5 @@ def lut_paths(m: int, w: PreparedLUT | None = None) -> Sequence[str]:
         return ("gemv", "dequant")
     device = w.main.stage.codes.device
     return tuple(
-        p for p in LUT_PATHS
-        if (p != "mma4" or mma4_unsupported_reason(w, m, device) is None)
-        and (p != "table" or table_unsupported_reason(w, m, device) is None)
+        p for p in LUT_PATHS if p != "mma4" or mma4_unsupported_reason(w, m, device) is None
     )

@@ -51,12 +51,8 @@ MMA_TILINGS: tuple[tuple[int, int, int], ...] = ((1, 2, 8), (1, 4, 8), (2, 2, 4)
 LUT_MMA_TILINGS: tuple[tuple[int, int], ...] = ((8, 1), (8, 2), (16, 2))
 
 #: Row groups (of 8 output rows) per block tile of the qk_lut_mma4 instances (up to 4
-#: tokens; qcore_kernels.lut_ops.lut_mma4_groups picks among them).
+#: tokens; qcore_kernels.lut_ops.lut_mma4_config picks among them).
 LUT_MMA4_GROUPS: tuple[int, ...] = (1, 2)
-
-#: Vectors per lane of the qk_lut_table instances (one token; tables of 64 or 128 KB;
-#: qcore_kernels.lut_ops.lut_table_config picks).
-LUT_TABLE_VECTORS: tuple[int, ...] = (2, 4)
 
 
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -101,24 +97,13 @@ SOURCES: tuple[KernelSource, ...] = (
             for mt, g in LUT_MMA_TILINGS
         )
         + tuple(
-            f"qk_lut_mma4<{t}, {g}, {xt}, {sh}>"
-            for t in ("__half", "__nv_bfloat16")
-            for g in LUT_MMA4_GROUPS
-            # x in the table's free halves, or after it; the index stages after the table,
-            # or (with x there) in its free halves too
-            for xt, sh in (("true", "false"), ("false", "false"), ("true", "true"))
-        )
-        + tuple(
-            # the index words loaded into registers, no stages
-            f"qk_lut_mma4<{t}, {g}, {xt}, false, true>"
+            # x in the table's free halves, or after it; the index words through shared-memory
+            # stages, or (lut_ops.LUT_MMA4_REGISTER_INDICES, not yet timed) into registers
+            f"qk_lut_mma4<{t}, {g}, {xt}, {ri}>"
             for t in ("__half", "__nv_bfloat16")
             for g in LUT_MMA4_GROUPS
             for xt in ("true", "false")
-        )
-        + tuple(
-            f"qk_lut_table<{t}, {q}>"
-            for t in ("__half", "__nv_bfloat16")
-            for q in LUT_TABLE_VECTORS
+            for ri in ("false", "true")
         )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
     ),

@@ -198,8 +198,7 @@ def random_vq(case: LUTCase, seed: int = 0) -> Any:
 def run_lut_case(case: LUTCase, launch: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``qk-lut`` kernels' output (through the ``vq`` packer) and the float32 reference
     (``qcore.codebook.dequantize_vq`` + ``F.linear``)."""
-    from qcore.builtin.vq_packer import VQPacker
-    from qcore.codebook import dequantize_vq
+    from qcore.codebook import VQPacker, dequantize_vq
     from qcore_kernels.lut_layout import to_lut
     from qcore_kernels.lut_ops import lut_linear
 
@@ -255,12 +254,11 @@ def check_programmatic_launch(path: str, extras: bool, launch: Any) -> None:
     launch adds the sums of the outlier launch before it. Asserts that every launch asked
     for the programmatic attribute and that the outputs equal plain launches bit for bit,
     eagerly and replayed from a CUDA graph: a GEMV that read x or its addend before its
-    griddepcontrol wait would see the previous call's x (or garbage). Two tokens (one for
-    the table GEMV)."""
+    griddepcontrol wait would see the previous call's x (or garbage). Two tokens."""
     import qcore_kernels.lut_ops as lut_ops
     from qcore_kernels.lut_layout import to_lut
 
-    m = 1 if path == "table" else 2
+    m = 2
     case = LUTCase(m, 1000, 4096, 4, 8, rows=None) if not extras else LUTCase(
         m, 1000, 4100, 4, 8, rows=200, outliers=64, scale=True, offset=True)
     w = to_lut(random_vq(case), "cuda")

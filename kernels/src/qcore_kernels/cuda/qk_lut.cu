@@ -64,18 +64,11 @@
 // row group; every warp runs the same number of chunk steps (steps past the last chunk read
 // zero index words and zero x slots), which keeps the loop uniform. The index words stream
 // into per-warp shared-memory stages by cp.async, 3 chunk steps ahead and across tiles (or,
-// SH, 2 stages in the table's free halves next to x: one step ahead, three blocks per SM);
-// the partial sums of consecutive tiles alternate between two buffers (one barrier a tile).
+// RI, into registers 2 steps ahead: lut_ops.UNMEASURED_SWITCHES); the partial sums of
+// consecutive tiles alternate between two buffers (one barrier a tile).
 //
-// Both tensor-core GEMVs and qk_lut_table may be launched programmatically (lut_ops.LUT_PDL,
-// sm_90+): they load their index words and codebook before lut_grid_wait(), everything else
-// after it.
-//
-// Dot-product-table GEMV (qk_lut_table; M = 1, the weights of the tensor-core GEMVs; see its
-// definition): per slice of the vectors, every codebook row's dot product with x's 4 columns
-// in float32 tables that each lane reads in its own bank (4 bytes per index instead of the
-// codebook row's 8 and x's), the slices' partial sums added by the warp that completes a
-// group of 32 rows.
+// Both tensor-core GEMVs may be launched programmatically (lut_ops.LUT_PDL, sm_90+): they
+// load their index words and codebook before lut_grid_wait(), everything else after it.
 //
 // Dequantize (any M, any V): one thread per vector writes its V weights of the dense T
 // weight, scale and offset applied, for torch's GEMM.
@@ -121,20 +114,15 @@ constexpr int MMA4_X_SLOTS = MMA_ROWS;                      // 128-byte x slots 
 __host__ __device__ constexpr int mma4_red_bytes(int warps, int g) { return warps * MMA4_TOKENS * 8 * g * 4; }
 constexpr int MMA4_ZERO_BYTES = 1024;  // 4 zero x slots (after the partial sums) for empty chunk steps
 constexpr int MMA4_STAGE_BYTES = 512;  // a row group's index words of one chunk step of a warp (32 x 16)
-// Index stages per warp: 4 after the table (3 chunk steps in flight ahead), or 2 in the
-// table's free halves (SH: one step ahead; the block is then 69 KB, three fit on a
-// multiprocessor), each row group's 512 bytes in 4 consecutive halves (8 lanes per half).
-__host__ __device__ constexpr int mma4_stages(bool sh) { return sh ? 2 : 4; }
+constexpr int MMA4_STAGES = 4;         // index stages per warp after the table: 3 chunk steps in flight ahead
 // qk_lut_mma4<..., RI>: chunk steps whose index words are loaded into registers ahead of the
 // one computed (G 16-byte words per lane each; no stages, no shared-memory pass).
 constexpr int MMA4_RI_AHEAD = 2;
 // Resident warps per multiprocessor the launch bounds ask registers for (lut_ops'
-// mma4_warps_per_sm): 24 of one row group with stages, or of two with the stages in the
-// table (80 registers per thread), else 16 (128; the index words in registers need more
-// than 80 for one row group too), as 3 or 2 blocks of 8 warps, or one block of them all.
-__host__ __device__ constexpr int mma4_warps_per_sm(int g, bool sh, bool ri = false) {
-    return (g == 1 && !ri) || sh ? 24 : 16;
-}
+// mma4_warps_per_sm): 24 of one row group with stages (80 registers per thread), else 16
+// (128; the index words in registers need more than 80 for one row group too), as 3 or 2
+// blocks of 8 warps, or one block of them all.
+__host__ __device__ constexpr int mma4_warps_per_sm(int g, bool ri = false) { return g == 1 && !ri ? 24 : 16; }
 }  // namespace qk_lut
 
 #ifdef QK_CPU_HARNESS
@@ -282,18 +270,6 @@ __device__ __forceinline__ void lut_grid_wait() {
 __device__ __forceinline__ void lut_grid_trigger() {
 #if !defined(QK_CPU_HARNESS) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" : : : "memory");
-#endif
-}
-
-// A release/acquire fence at GPU scope (PTX fence.acq_rel.gpu: with a relaxed atomic after
-// it, this thread's and, through __syncwarp, its warp's earlier writes are visible to whoever
-// observes the atomic and fences in turn); lighter than __threadfence's sequentially
-// consistent fence. The harness's memory is one process's: a full fence.
-__device__ __forceinline__ void lut_fence() {
-#ifndef QK_CPU_HARNESS
-    asm volatile("fence.acq_rel.gpu;\n" : : : "memory");
-#else
-    __threadfence();
 #endif
 }
 
@@ -714,13 +690,12 @@ __global__ void __launch_bounds__(256, 2) qk_lut_mma(
 
 // Tensor-core LUT GEMV in blocks of 4 tokens (see the header): y [M, N] = x [M, K] @ W^T for
 // one part of 8-bit-indexed V = 4 codebook weights, x in the table's free halves (XT; the
-// host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the zero slots, the index
-// stages after the zero slots or (SH, with XT) in the table's last free halves (the host
-// checks that x's and the stages' halves fit in its 256), or (RI) no stages: the index
-// words are loaded into registers MMA4_RI_AHEAD chunk steps ahead; same epilogue and raw
-// mode as qk_lut_gemv. Grid: (persistent tiles of 8 * G rows, ceil(M / 4)).
-template <typename T, int G, bool XT, bool SH, bool RI = false>
-__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) qk_lut_mma4(
+// host checks that rows_x * chunks * 4 <= MMA4_X_SLOTS) or after the index stages, the index
+// stages after the zero slots or (RI) none: the index words are loaded into registers
+// MMA4_RI_AHEAD chunk steps ahead; same epilogue and raw mode as qk_lut_gemv. Grid:
+// (persistent tiles of 8 * G rows, ceil(M / 4)).
+template <typename T, int G, bool XT, bool RI>
+__global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, RI), 1) qk_lut_mma4(
     const T* __restrict__ x, int ldx, int K,
     const unsigned* __restrict__ codes, int row_words,
     const __half* __restrict__ codebook, int cb_rows, int l2, int skip_absent_x,
@@ -737,23 +712,18 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) 
     const int tiles = (N + ROWS - 1) / ROWS;
     const int m0 = blockIdx.y * MT;
     const int rows_x = min(MT, M - m0);
-    static_assert(XT || !SH, "stages in the table's free halves need x there too");
-    static_assert(!(SH && RI), "index words in registers have no stages");
-    constexpr int STAGES = mma4_stages(SH);
+    constexpr int STAGES = MMA4_STAGES;
     constexpr int AHEAD = RI ? MMA4_RI_AHEAD : STAGES - 1;  // items in flight ahead
-    // Shared memory: the table (x in its free halves: XT; the stages in its last ones: SH),
-    // two buffers of the warps' partial sums (tiles alternate), the zero x slots, the index
-    // stages (!SH), x (!XT).
+    // Shared memory: the table (x in its free halves: XT), two buffers of the warps' partial
+    // sums (tiles alternate), the zero x slots, the index stages (!RI), x (!XT).
     const int red_floats = mma4_red_bytes(warps, G) / 4;
     float* s_red = reinterpret_cast<float*>(smem + MMA4_TABLE_BYTES);
     const unsigned zeros = MMA4_TABLE_BYTES + 2 * mma4_red_bytes(warps, G);  // MMA4_ZERO_BYTES of zeros
-    // A row group's stage: 512 bytes after the zero slots, or 4 free halves (1024 bytes
-    // apart in all: 8 lanes' 16 bytes in each half) ending at the table's last.
-    constexpr unsigned rg_bytes = SH ? 4 * MMA4_ROW_BYTES : MMA4_STAGE_BYTES;
+    // A row group's stage: 512 bytes after the zero slots.
+    constexpr unsigned rg_bytes = MMA4_STAGE_BYTES;
     constexpr unsigned slot_bytes = G * rg_bytes;               // one chunk step of a warp
     constexpr unsigned ring_bytes = RI ? 0u : STAGES * slot_bytes;
-    const unsigned stage0 = SH ? MMA4_TABLE_BYTES - static_cast<unsigned>(warps) * ring_bytes
-                               : zeros + MMA4_ZERO_BYTES;
+    const unsigned stage0 = zeros + MMA4_ZERO_BYTES;
     // x slots: in the table's free halves (XT: 256 bytes apart, from byte 128), or 128 bytes
     // apart after the stages (the host sized shared memory accordingly).
     const unsigned x_base = XT ? 128u : stage0 + static_cast<unsigned>(warps) * ring_bytes;
@@ -787,14 +757,13 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) 
     // The index stream, asynchronously: item q of a warp is step q % steps of the block's
     // tile q / steps (the same count for every warp: the loop stays uniform), one commit
     // group of G 16-byte copies per lane into stage slot q % STAGES (row group rg at
-    // rg * rg_bytes, lane l at 16 l or, SH, in half l / 8 at 128 + 16 (l % 8)), or (RI) G
-    // 16-byte loads per lane into the last of the AHEAD register sets rw (the older ones
-    // moved down one first); items past the block's last tile are zeros. AHEAD items are in
+    // rg * rg_bytes, lane l at 16 l), or (RI) G 16-byte loads per lane into the last of the
+    // AHEAD register sets rw (the older ones moved down one first); items past the block's
+    // last tile are zeros. AHEAD items are in
     // flight ahead of the one being computed, across tile boundaries; with l2 the tile after
     // the one being issued is also requested into L2.
     const int block_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-    const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes
-        + (SH ? MMA4_ROW_BYTES * (lane / 8) + 128u + 16u * (lane % 8) : 16u * lane);
+    const unsigned stage_lane = stage0 + static_cast<unsigned>(warp) * ring_bytes + 16u * lane;
     // The next item to issue: step is of the block's tile ij; ip / ib: the lane's sources
     // and 64 * its chunk (present while ib < lim), advanced a step at a time.
     Rows ir = rows_of(blockIdx.x);
@@ -910,7 +879,8 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) 
     // at + 4 * x_slot * c, mma pair j at + x_slot j. The B columns of tokens past rows_x only
     // feed C columns that are dropped: with skip_absent_x their lanes (the quarter-warps of
     // those tokens) read nothing and take zeros, so a 16-byte x read of a warp costs one
-    // shared-memory wavefront per token present instead of four (not yet measured).
+    // shared-memory wavefront per token present instead of four (lut_ops.LUT_MMA4_SKIP_ABSENT_X,
+    // off until timed: lut_ops.UNMEASURED_SWITCHES).
     const unsigned x_lane = x_base + 16 * (2 * t + g % 2)
         + static_cast<unsigned>(min(g / 2, rows_x - 1) * chunks) * (4 * x_slot);
     const unsigned x_zero = zeros + 16 * (2 * t + g % 2);  // 4 zero slots x_slot apart
@@ -980,181 +950,6 @@ __global__ void __launch_bounds__(32 * qk_lut::mma4_warps_per_sm(G, SH, RI), 1) 
         lut_tile_out<T>(buf, warps, MT, ROWS, tile, m0, rows_x, QK_LUT_EPILOGUE_ARGS);
     }
     if constexpr (!RI) lut_cp_wait<0>();  // the zero items past the last tile
-}
-
-// Dot-product-table GEMV (qk_lut_table; M = 1, the weights of the tensor-core GEMVs): block
-// (s, r) computes slice s of the vectors (32 Q of them) for the rows of range r, lane l of
-// every warp owning vectors 32 Q s + Q l .. + Q - 1 of the slice. The block first fills
-// T[p][e] = codebook[e] . x[4p .. 4p + 3] (float32; fmaf in column order) for its vectors p
-// and codebook rows e, in shared memory at byte (k / 2) << 16 | e << 8 | (k % 2) << 7 | l << 2
-// for lane l's k-th vector: a lane reads only its own tables, always in bank l, so random
-// rows never conflict without any copies, and one byte permutation of the index word with a
-// lane constant is a lookup's whole address. A warp then takes groups of 32 output rows of
-// its range: per row one Q-byte load of the lane's indices (the warp's 32 Q bytes are
-// contiguous) and Q lookups added into the row's float; after 32 rows a butterfly exchange
-// leaves lane j with row j's sum over the lanes, written to the slice's partial sums. The
-// warp that completes a row group's last slice (a counter per group of 32 rows, which it
-// resets for the next call) adds the slices' partial sums in slice order (deterministic)
-// and applies the epilogue of qk_lut_gemv. Grid: (slices, row ranges); `rows` (a multiple
-// of 32) rows per range; partial [slices, N] float32 and counters [ceil(N / 32)] int32 (zero
-// between calls) are the host's workspace. Shared memory: the tables, then the codebook as
-// float32 (4 KB). With a programmatic launch (lut_ops.LUT_PDL) only the codebook is read
-// before lut_grid_wait().
-namespace qk_lut {
-__host__ __device__ constexpr int table_bytes(int q) { return q == 4 ? 128 * 1024 : 64 * 1024; }
-}  // namespace qk_lut
-
-// Butterfly sum of 2 O rows over the warp's lanes (O = 16: 32 rows): at distance O the lanes
-// with bit O keep the upper half of their rows and add their partner's, and so on down to 1;
-// then lane j holds row j's sum in acc[0]. Compile-time steps keep acc in registers.
-template <int O>
-__device__ __forceinline__ void lut_butterfly(float (&acc)[32], int lane) {
-    const bool upper = lane & O;
-#pragma unroll
-    for (int i = 0; i < O; ++i) {
-        const float send = upper ? acc[i] : acc[i + O];
-        const float keep = upper ? acc[i + O] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-    }
-    if constexpr (O > 1) lut_butterfly<O / 2>(acc, lane);
-}
-
-// qk_lut_table: the Q index bytes of row j from p (the lane's bytes of a group's first row).
-template <int Q>
-__device__ __forceinline__ unsigned lut_table_word(const unsigned char* p, unsigned row_bytes, int j) {
-    const unsigned char* q = p + static_cast<unsigned long long>(row_bytes) * static_cast<unsigned>(j);
-    if constexpr (Q == 4) return __ldg(reinterpret_cast<const unsigned*>(q));
-    else return __ldg(reinterpret_cast<const unsigned short*>(q));
-}
-
-// qk_lut_table: the 32 rows of a group, Q lookups each (the lane's tables: constants lc) into
-// acc, each row's word replaced in w by the next group's (its first `present` rows from
-// `next`, unpredicated when FULL): those loads overlap this group's lookups without more
-// registers.
-template <bool FULL, int Q>
-__device__ __forceinline__ void lut_table_rows(const unsigned char* smem, const unsigned (&lc)[Q],
-                                               unsigned (&w)[32], float (&acc)[32],
-                                               const unsigned char* next, unsigned row_bytes,
-                                               int present) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        unsigned address[Q];  // byte 0 and 2 from the lane constant, byte 1 = index k of the word
-#pragma unroll
-        for (int k = 0; k < Q; ++k) address[k] = __byte_perm(w[j], lc[k], 0x7604u | (k << 4));
-        if constexpr (FULL) w[j] = lut_table_word<Q>(next, row_bytes, j);
-        else w[j] = j < present ? lut_table_word<Q>(next, row_bytes, j) : 0u;
-        float v = 0.f;
-#pragma unroll
-        for (int k = 0; k < Q; ++k) v += *reinterpret_cast<const float*>(smem + address[k]);
-        acc[j] = v;
-    }
-}
-
-template <typename T, int Q>
-__global__ void __launch_bounds__(512, 1) qk_lut_table(
-    const T* __restrict__ x, int K,
-    const unsigned* __restrict__ codes, int row_words,
-    const __half* __restrict__ codebook, int cb_rows, int rows,
-    float* __restrict__ partial, int* __restrict__ counters,
-    QK_LUT_EPILOGUE_PARAMS(T)) {
-    static_assert(Q == 2 || Q == 4, "2 or 4 vectors per lane (tables of 64 or 128 KB)");
-    QK_LUT_SHARED_MEMORY(smem);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const int slice = blockIdx.x, slices = gridDim.x;
-    // This lane's table k: byte (k / 2) << 16 | (k % 2) << 7 | lane << 2, entry e at + e << 8.
-    unsigned lc[Q];
-#pragma unroll
-    for (int k = 0; k < Q; ++k) lc[k] = (k / 2) << 16 | (k % 2) << 7 | lane << 2;
-
-    // The lane's indices of a row: Q bytes at unit 32 * slice + lane of the row's stream.
-    // A lane whose unit is past the row's words reads unit 0 instead: its vectors are past
-    // K, where every table entry is zero. Rows past N are not read (their words are 0), nor
-    // is a part of no columns (no words).
-    const int unit = 32 * slice + lane;
-    const unsigned row_bytes = static_cast<unsigned>(row_words) * 4u;
-    const unsigned char* lane_codes = reinterpret_cast<const unsigned char*>(codes)
-        + (unit < row_words * 4 / Q ? unit * Q : 0);
-    const int groups = (N + 31) / 32;
-    const int g_end = min(groups, (static_cast<int>(blockIdx.y) + 1) * (rows / 32));
-    auto group_rows = [&](int g) { return g < g_end && row_words > 0 ? min(32, N - 32 * g) : 0; };
-    auto group_codes = [&](int g) { return lane_codes + static_cast<size_t>(32 * g) * row_bytes; };
-    // The warp's first group loads while the tables are made (weights: before the PDL wait).
-    int gi = blockIdx.y * (rows / 32) + warp;
-    unsigned w[32];
-    {
-        const int present = group_rows(gi);
-        const unsigned char* p = group_codes(gi);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) w[j] = j < present ? lut_table_word<Q>(p, row_bytes, j) : 0u;
-    }
-
-    // The tables: the codebook as float32 after them (one row per thread), x of the lane's
-    // vectors (zeros past K; both loads in flight together), then, for e = warp, warp +
-    // warps, ..., codebook row e (a broadcast read) times each of the lane's vectors: one
-    // 4-byte store per table, in bank `lane`.
-    float4* s_cb = reinterpret_cast<float4*>(smem + qk_lut::table_bytes(Q));
-    for (int e = threadIdx.x; e < cb_rows; e += blockDim.x) {
-        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(codebook) + e);
-        const __half2 lo = qk::bits_as<__half2>(raw.x), hi = qk::bits_as<__half2>(raw.y);
-        s_cb[e] = make_float4(__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi));
-    }
-    lut_grid_wait();  // x, the workspace and the epilogue's tensors may come from the kernel before
-    lut_grid_trigger();
-    float xv[Q][4];
-#pragma unroll
-    for (int k = 0; k < Q; ++k)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int col = 4 * (32 * Q * slice + Q * lane + k) + j;
-            xv[k][j] = col < K ? qk::to_float(x[col]) : 0.f;
-        }
-    __syncthreads();
-#pragma unroll 4
-    for (int e = warp; e < cb_rows; e += warps) {
-        const float4 c = s_cb[e];
-        float* row = reinterpret_cast<float*>(smem + (lane << 2) + (e << 8));  // table 0's entry e
-#pragma unroll
-        for (int k = 0; k < Q; ++k) {
-            float t = c.x * xv[k][0];
-            t = fmaf(c.y, xv[k][1], t);
-            t = fmaf(c.z, xv[k][2], t);
-            t = fmaf(c.w, xv[k][3], t);
-            row[(k / 2) * 16384 + (k % 2) * 32] = t;  // + lc[k] - lc[0] bytes
-        }
-    }
-    __syncthreads();
-
-    for (; gi < g_end; gi += warps) {
-        const int gn = gi + warps, present = group_rows(gn);
-        float acc[32];
-        if (present == 32)
-            lut_table_rows<true, Q>(smem, lc, w, acc, group_codes(gn), row_bytes, 32);
-        else
-            lut_table_rows<false, Q>(smem, lc, w, acc, group_codes(gn), row_bytes, present);
-        lut_butterfly<16>(acc, lane);
-        const int row = 32 * gi + lane;
-        if (row < N) partial[static_cast<size_t>(slice) * N + row] = acc[0];
-        // The last slice's warp of this group adds the slices in order. Release: every lane's
-        // partial sum before lane 0's count; acquire: lane 0's fence after it, then the warp
-        // barrier orders the lanes' reads after that.
-        lut_fence();
-        __syncwarp();
-        int last = 0;
-        if (lane == 0) {
-            last = atomicAdd(counters + gi, 1) == slices - 1;
-            if (last) lut_fence();
-        }
-        last = __shfl_sync(0xffffffffu, last, 0);
-        if (last) {
-            __syncwarp();
-            if (row < N) {
-                float v = 0.f;
-                for (int s = 0; s < slices; ++s) v += __ldcg(partial + static_cast<size_t>(s) * N + row);
-                lut_out(v, 0, row, QK_LUT_EPILOGUE_ARGS);
-            }
-            if (lane == 0) counters[gi] = 0;  // for the next call
-        }
-    }
 }
 
 // Decode one part to the dense weight w [N, ldw] in T: column col of the part goes to
