@@ -9,7 +9,6 @@ import dataclasses
 import pytest
 import torch
 
-from qcore_kernels.cpu_packed import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
 from qcore.builtin.int_packer import IntPacker
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.grid import fake_quantize_activations, grid_from_range, quantize_codes
@@ -17,6 +16,7 @@ from qcore.interfaces import KernelRequest, QuantizedWeight
 from qcore.qlinear import QuantLinear
 from qcore.testing import BaseKernelProviderTests
 from qcore.testing.base import _TOLERANCE
+from qcore_kernels.cpu_packed import CpuInt4Kernels, CpuInt8Kernels, CpuW8A8Kernels
 
 
 class TestCpuInt4Kernels(BaseKernelProviderTests):

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qcore.builtin.int_packer import IntPacker
-from qcore.grid import zero_points
 from qcore.interfaces import PackedWeight
+from qcore.ops import IntPacker, zero_points
 from qcore_kernels.support import w8a8_unsupported_reason, wq_unsupported_reason
 
 

@@ -114,10 +114,11 @@ def _layout_error(message: str) -> Exception:
 def to_lut(weight: PackedWeight | QuantizedWeight, device: torch.device | str) -> PreparedLUT:
     """The ``qk-lut`` layout of a ``vq-packed`` weight (or of a logical ``"vq"`` weight,
     packed here with ``qcore.bitpack``), on ``device``."""
-    from qcore.codebook import INDEX_TENSORS, main_columns, n_vectors, validate_vq, vq_params
+    from qcore.ops import VQ_INDEX_TENSORS as INDEX_TENSORS
+    from qcore.ops import main_columns, n_vectors, validate_vq, vq_params
 
     if isinstance(weight, QuantizedWeight):
-        from qcore.bitpack import pack_codes
+        from qcore.ops import pack_codes
 
         validate_vq(weight)
         p = vq_params(weight.params)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qcore.builtin.int_packer import LAYOUT as INT_PACKED
 from qcore.interfaces import KernelProvider, KernelRequest, KernelSupport, PackedWeight
+from qcore.ops import INT_LAYOUT as INT_PACKED
 from qcore_kernels.support import (
     W8A8_IN_MULTIPLE,
     WQ_IN_MULTIPLE,

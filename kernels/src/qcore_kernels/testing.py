@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from qcore.builtin.int_packer import IntPacker
 from qcore.interfaces import PackedWeight
+from qcore.ops import IntPacker
 from qcore.testing.base import random_int_weight, reference_linear
 from qcore_kernels.layouts import to_w8a8, to_wq
 from qcore_kernels.ops import Launch, MmaConfig, w8a8_linear, wq_linear
@@ -97,7 +97,7 @@ def _inputs(case: Case, device: Any, act_bits: int | None) -> tuple[Any, Any, An
 
 def run_wq_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``qk-wq`` kernels' output and the float32 reference for ``case``."""
-    from qcore.grid import dequantize_int
+    from qcore.ops import dequantize_int
 
     packed, x, bias = _inputs(case, device, None)
     w = to_wq(packed, x.dtype, device)
@@ -113,7 +113,7 @@ def run_wq_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor, 
 
 def run_w8a8_case(case: Case, launch: Launch, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``qk-w8a8`` kernels' output and the reference (activations fake-quantized)."""
-    from qcore.grid import dequantize_int
+    from qcore.ops import dequantize_int
 
     packed, x, bias = _inputs(case, device, 8)
     w = to_w8a8(packed, device)
@@ -198,7 +198,7 @@ def random_vq(case: LUTCase, seed: int = 0) -> Any:
 def run_lut_case(case: LUTCase, launch: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``qk-lut`` kernels' output (through the ``vq`` packer) and the float32 reference
     (``qcore.codebook.dequantize_vq`` + ``F.linear``)."""
-    from qcore.codebook import VQPacker, dequantize_vq
+    from qcore.ops import VQPacker, dequantize_vq
     from qcore_kernels.lut_layout import to_lut
     from qcore_kernels.lut_ops import lut_linear
 

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcore.assets import cache_dir
+from qcore.ops import cache_dir
 from qcore_kernels.sources import source
 
 __all__ = ["CpuHarness", "HarnessError", "Parameter", "harness_unavailable_reason"]
