@@ -1,10 +1,14 @@
-"""GPTQ on the embedded SmolLM2-135M under the protocol of BENCHMARKS.md, next to the
-llm-compressor reference measured on this machine (the peer toolkit is not installed in
-this workspace; its numbers come from the table in the GPTQ issue).
+"""GPTQ on the embedded SmolLM2-135M under the protocol of BENCHMARKS.md, with
+llm-compressor (benchmarks/peers/llm_compressor.py, its own virtual environment) run in
+the same invocation on the same model and token windows.
 
 Each setting runs in its own process: quantize (timed: model load to saved checkpoint),
-perplexity (97 x 512, fp32), peak RSS.
+perplexity (97 x 512, fp32), peak RSS. ``--compare`` runs exactly the settings of the
+comparison table, qcore's and the peer's, one after the other, and records the load
+average around them.
 
+    .venv/bin/python benchmarks/peers/llm_compressor.py install     # once
+    .venv/bin/python benchmarks/gptq_smollm2.py --compare
     .venv/bin/python benchmarks/gptq_smollm2.py [--settings NAME ...] [--no-write]
 """
 
@@ -24,6 +28,32 @@ NO_ACT_ORDER = {"act_order": False, "shrink_steps": 1}
 SEARCH = {"act_order": True, "shrink_steps": 20, "max_shrink": 0.2}
 SEARCH_NO_ACT_ORDER = {**SEARCH, "act_order": False}
 STATIC = {"act_order": True, "static_groups": True, "shrink_steps": 1}
+STATIC_SEARCH = {**SEARCH, "static_groups": True}
+#: Peer settings (run by benchmarks/peers/llm_compressor.py): "peer: <its setting>, <scheme>".
+PEER_SETTINGS = {
+    f"peer: {name}, {label}": (scheme, name)
+    for name in ("GPTQModifier defaults (static act-order, min-max)",
+                 "GPTQModifier, memoryless_mse observer (static act-order)")
+    for label, scheme in (("W4 g64 asym", dict(bits=4, group_size=64)),
+                          ("W3 g64 asym", dict(bits=3, group_size=64)))
+}
+#: The comparison table: (scheme, what is compared, qcore setting, peer setting). qcore's
+#: default calibrates in bf16 autocast; the like-for-like rows calibrate in float32, as the
+#: peer does.
+COMPARISONS = [
+    (label, kind, qcore, f"peer: {peer}, {label}")
+    for label in ("W4 g64 asym", "W3 g64 asym")
+    for kind, qcore, peer in (
+        ("defaults: qcore (act-order with g_idx, range search, bf16 calibration) vs peer",
+         f"{label}, act-order, bf16 calibration, range search",
+         "GPTQModifier defaults (static act-order, min-max)"),
+        ("like for like: static act-order, min-max ranges, fp32 calibration",
+         f"{label}, static act-order", "GPTQModifier defaults (static act-order, min-max)"),
+        ("range search vs the peer's MSE observer (static act-order, fp32 calibration)",
+         f"{label}, static act-order, range search",
+         "GPTQModifier, memoryless_mse observer (static act-order)"),
+    )
+]
 SETTINGS = {
     "W4 g64 asym, act-order": (dict(bits=4, group_size=64), MINMAX),
     "W4 g64 asym, act-order, bf16 calibration": (dict(bits=4, group_size=64), MINMAX),
@@ -42,7 +72,11 @@ SETTINGS = {
         dict(bits=4, group_size=64, symmetric=True),
         SEARCH),
     # Like for like with the peer's GPTQModifier defaults: static act-order groups and
-    # min-max ranges.
+    # min-max ranges (fp32 calibration, as the peer's), and with its MSE observer.
+    "W4 g64 asym, static act-order": (dict(bits=4, group_size=64), STATIC),
+    "W3 g64 asym, static act-order": (dict(bits=3, group_size=64), STATIC),
+    "W4 g64 asym, static act-order, range search": (dict(bits=4, group_size=64), STATIC_SEARCH),
+    "W3 g64 asym, static act-order, range search": (dict(bits=3, group_size=64), STATIC_SEARCH),
     "W4 g64 asym, static act-order, bf16 calibration": (dict(bits=4, group_size=64), STATIC),
     "W3 g64 asym, static act-order, bf16 calibration": (dict(bits=3, group_size=64), STATIC),
     "W4 g64 asym, static act-order, bf16 calibration, range search": (
@@ -59,33 +93,31 @@ SETTINGS = {
     "W3 g64 asym, no act-order, bf16 calibration, range search": (
         dict(bits=3, group_size=64), SEARCH_NO_ACT_ORDER),
 }
-#: How the range-search rows were timed.
-QUIET_NOTE = ("The three range-search rows were measured on 2026-11-27 after the changes "
-              "described above, one setting after another with nothing else running on this "
-              "2-core machine (checked every 10 s during the runs); they replace the earlier "
-              "rows (114 s for W4 asym alone; 822 s and 1206 s for W3 and W4 sym, timed under "
-              "load). A quiet run of the same three settings just before the centring was "
-              "added took 100, 94 and 94 s. Their peak RSS fell from 2.96 GB to "
-              "1.66-1.73 GB: reference cycles no longer keep earlier blocks' activations "
-              "until the next full garbage collection, the merged forward reuses the block's "
-              "inputs instead of copying them, block 0's captured inputs are not held all run "
-              "long, and the float weights of quantized blocks no longer stay resident "
-              "through the checkpoint file's mapping. The three 'no act-order' range-search rows "
-              "were measured the same way right after (act-order is GPTQ's default; the peer's "
-              "numbers are with its static act-order, so they compare with the act-order "
-              "rows). The other rows were measured before these changes.")
-#: llm-compressor 0.14.0.1, GPTQModifier defaults (static act-order), this machine.
-PEER = {"W4 g64 asym": ("19.27", "17.33", "224 s", "2.9 GB"),
-        "W4 g64 sym": ("21.62", "19.19", "209 s", "2.9 GB"),
-        "W3 g64 asym": ("49.22", "28.61", "n/a (1 thread)", "2.0 GB")}
-
-
+#: Notes under the table of every setting.
+NOTES = (
+    "Notes on the rows of earlier runs (each measured in its own invocation, so compare "
+    "their times only with rows of the same day): rows named 'range search' use GPTQ's "
+    "default since 2026-11-27 (20 shrink factors from 1 to 0.8 per group); the other rows "
+    "pin `shrink_steps` 1 (min-max). 'bf16 calibration' rows calibrate under bf16 "
+    "autocast; the `hessian` observer then builds Hessians from centred bf16 products "
+    "summed in float32 ('fp32 Hessian products' turns that off). Act-order ranks columns "
+    "by the Hessian's diagonal, so rounding-level changes reorder near-ties: ppl moves by "
+    "about 0.1 at W4 from them alone. Before 2026-12-07 `static_groups` silently turned "
+    "the range search off; the 'static act-order' rows of 2026-12-07 were measured under "
+    "load from other work on this machine (their times are not comparable).")
 def child(setting: str) -> dict:
     import torch
 
     from qcore.pipeline import Pipeline, Step
     from qcore.scheme import Scheme
 
+    if setting in PEER_SETTINGS:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+        import llm_compressor
+
+        scheme, name = PEER_SETTINGS[setting]
+        return {"setting": setting, **llm_compressor.run(
+            name, symmetric=False, threads=torch.get_num_threads(), **scheme)}
     scheme, options = SETTINGS[setting]
     pipeline = Pipeline.from_names("gptq", scheme=Scheme(**scheme), options={"gptq": options})
     if "fp32 Hessian products" in setting:
@@ -95,40 +127,79 @@ def child(setting: str) -> dict:
     return quantize_and_evaluate(setting, pipeline, calib_dtype)
 
 
+def compare_settings() -> list[str]:
+    names = []
+    for _, _, qcore, peer in COMPARISONS:
+        names += [n for n in (qcore, peer) if n not in names]
+    return names
+
+
+def comparison_table(compare: dict) -> list[str]:
+    """The same-invocation table: each pair's perplexities, times, time ratio, RSS."""
+    rows = {r["setting"]: r for r in compare["rows"]}
+    lines = ["| scheme | comparison | qcore ppl | peer ppl | qcore time | peer time | "
+             "time ratio | qcore RSS | peer RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, kind, qcore, peer in COMPARISONS:
+        if qcore not in rows or peer not in rows:
+            continue
+        q, r = rows[qcore], rows[peer]
+        lines.append(f"| {label} | {kind} | {q['ppl']:.3f} | {r['ppl']:.3f} | "
+                     f"{q['quantize_s']:.0f} s | {r['quantize_s']:.0f} s | "
+                     f"{q['quantize_s'] / r['quantize_s']:.2f}x | {q['peak_rss_gb']:.2f} GB | "
+                     f"{r['peak_rss_gb']:.2f} GB |")
+    return lines
+
+
 def main() -> None:
-    rows, write = settings_main(__file__, "gptq_smollm2", SETTINGS, child)
-    lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", "",
-             f"Machine: {machine()}. Calibration 128 x 512, eval 97 x 512 (fp32), group 64, "
-             "integer zero points or symmetric. Time: model load to saved checkpoint. Peer: "
-             "llm-compressor 0.14.0.1 (GPTQModifier defaults: block 128, dampening 0.01, static "
-             "act-order) measured on this machine earlier (from the GPTQ issue; not installed "
-             "here, so not rerun in the same run). With bf16 calibration the `hessian` "
-             "observer's default `bf16_products` builds Hessians from bf16 products summed in "
-             "float32; the row marked 'fp32 Hessian products' turns that off. Before "
-             "2026-11-27 only inputs that arrive in bf16 (o_proj's, down_proj's) took that "
-             "path, each chunk's product rounded to bf16, which made some o_proj and "
-             "down_proj Hessians indefinite (block 0's o_proj: least eigenvalue -8% of the "
-             "mean diagonal) so that GPTQ raised their dampening 10x or 100x. Since then the "
-             "observer is told the calibration dtype, so q/k/v's and gate/up's float32 norm "
-             "outputs are rounded to bf16 as those linears round them and take bf16 products "
-             "too, and each chunk is centred before its bf16 product (the mean part added in "
-             "float32): no layer needs more than the default dampening. Only the range-search "
-             "rows are measured with that. Before the first bf16 change (fp32 products over "
-             "whole batches, not chunks) the same settings measured 17.287 (147 s, 3.38 GB), "
-             "18.492 (153 s) and 31.702 (150 s) for W4 asym, W4 sym and W3; the fp32 row now, "
-             "which differs from that only in summation order, measures 17.445. Act-order "
-             "ranks columns by the Hessian's diagonal, so rounding-level changes reorder "
-             "near-ties: ppl moves by about ±0.1 at W4 from them alone; read smaller "
-             "differences as noise. Rows named 'range search' use GPTQ's default since "
-             "2026-11-27 (`shrink_steps` 20: each group's range shrunk by the best of 20 "
-             "factors from 1 to 0.8 when the group is reached); the other rows pin "
-             "`shrink_steps` 1 (min-max ranges, the earlier default). " + QUIET_NOTE, "",
-             "| setting | qcore ppl | time | peak RSS | RTN ppl | peer ppl | peer time | peer RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+    import json
+    import os
+
+    from _common import RESULTS
+
+    compare_file = RESULTS / "gptq_smollm2_compare.json"
+    if "--compare" in sys.argv:
+        sys.argv.remove("--compare")
+        sys.argv += ["--settings", *compare_settings()]
+        load_before = os.getloadavg()
+        rows, write = settings_main(__file__, "gptq_smollm2", {**SETTINGS, **PEER_SETTINGS},
+                                    child)
+        names = set(compare_settings())
+        compare_file.write_text(json.dumps({
+            "machine": machine(), "load_before": load_before, "load_after": os.getloadavg(),
+            "rows": [r for r in rows if r["setting"] in names]}, indent=1) + "\n")
+    else:
+        rows, write = settings_main(__file__, "gptq_smollm2", {**SETTINGS, **PEER_SETTINGS},
+                                    child)
+    compare = json.loads(compare_file.read_text()) if compare_file.exists() else None
+    lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", ""]
+    if compare is not None:
+        load = (f"1-minute load average {compare['load_before'][0]:.2f} before and "
+                f"{compare['load_after'][0]:.2f} after")
+        lines += [
+            "qcore against llm-compressor 0.14.0.1 (`benchmarks/peers/llm_compressor.py`), "
+            "both run by one `--compare` invocation, one setting after the other, on the "
+            "same float model and the same token windows: calibration 128 x 512, eval 97 x "
+            "512 (fp32), group 64, integer zero points. Time: model load to saved "
+            f"checkpoint; ratio = qcore / peer. {compare['machine']}; {load}.", "",
+            *comparison_table(compare), "",
+            "Notes: the peer's GPTQModifier defaults are static act-order (columns in "
+            "decreasing Hessian diagonal, groups in natural order, no `g_idx`), min-max "
+            "ranges (`memoryless_minmax`), block 128, dampening 0.01, float32 calibration. "
+            "qcore's defaults are act-order with `g_idx` (each group's grid when the group "
+            "is reached), a range search of 20 shrink factors per group and bf16 autocast "
+            "calibration. The like-for-like rows set qcore to the peer's choices "
+            "(`static_groups=true, shrink_steps=1`, float32 calibration). The last kind "
+            "pairs qcore's range search with the peer's MSE observer (its grid search of "
+            "shrink factors), both with static groups.", ""]
+    lines += [
+        "Every setting measured (rows from earlier runs keep their numbers; "
+        "`--settings NAME` remeasures one):", "",
+        "| setting | ppl | time | peak RSS | bits / weight |", "|---|---|---|---|---|"]
     for r in rows:
-        peer = PEER.get(r["setting"].split(",")[0], ("", "", "", ""))
+        bits = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
         lines.append(f"| {r['setting']} | {r['ppl']:.3f} | {r['quantize_s']:.0f} s | "
-                     f"{r['peak_rss_gb']:.2f} GB | {peer[0]} | {peer[1]} | {peer[2]} | {peer[3]} |")
+                     f"{r['peak_rss_gb']:.2f} GB | {bits} |")
+    lines += ["", NOTES]
     body = "\n".join(lines)
     print(body)
     if write:
