@@ -180,7 +180,8 @@ def main() -> None:
             "both run by one `--compare` invocation, one setting after the other, on the "
             "same float model and the same token windows: calibration 128 x 512, eval 97 x "
             "512 (fp32), group 64, integer zero points. Time: model load to saved "
-            f"checkpoint; ratio = qcore / peer. {compare['machine']}; {load}.", "",
+            f"checkpoint; ratio = qcore / peer. {compare['machine']}; {load}. "
+            f"{compare.get('conditions', '')}".rstrip(), "",
             *comparison_table(compare), "",
             "Notes: the peer's GPTQModifier defaults are static act-order (columns in "
             "decreasing Hessian diagonal, groups in natural order, no `g_idx`), min-max "

@@ -4,6 +4,9 @@ Each setting runs in its own process: load, quantize (timed: load to saved check
 perplexity on the eval split (97 x 512, fp32), peak RSS. Also the memory growth check:
 quantization's peak RSS with the first 8 blocks vs all 30 blocks of the same model.
 
+The peer, llm-compressor's QuantizationModifier (benchmarks/peers/llm_compressor.py), runs
+in the same invocation on the same model and token windows ("peer: ..." settings).
+
     .venv/bin/python benchmarks/rtn_smollm2.py            # all settings, writes BENCHMARKS.md
     .venv/bin/python benchmarks/rtn_smollm2.py --quick    # 16 calibration windows, 8 eval windows
 """
@@ -30,8 +33,11 @@ SETTINGS = {
     "W8 per-channel sym": dict(bits=8, group_size=-1, symmetric=True),
     "W8A8 per-channel sym, per-token act": dict(bits=8, group_size=-1, symmetric=True, act_bits=8),
 }
-REFERENCE = {"fp32": "14.934", "W4 g64 asym": "19.27", "W4 g64 sym, fp32 scales": "21.62",
-             "W3 g64 asym": "49.2", "W8A8 per-channel sym, per-token act": "14.94"}
+PEER = "QuantizationModifier (RTN, min-max)"
+#: The peer's rows, run by benchmarks/peers/llm_compressor.py: "peer: <setting>, <scheme>".
+PEER_SETTINGS = {f"peer: {PEER}, {name}": SETTINGS[name]
+                 for name in ("W4 g64 asym", "W4 g64 sym", "W3 g64 asym")}
+SETTINGS.update(PEER_SETTINGS)
 
 
 def child(setting: str, samples: int, windows: int, blocks: int | None, evaluate: bool) -> dict:
@@ -45,6 +51,12 @@ def child(setting: str, samples: int, windows: int, blocks: int | None, evaluate
     from qcore.scheme import Scheme
 
     torch.manual_seed(0)
+    if setting in PEER_SETTINGS:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+        import llm_compressor
+
+        return {"setting": setting, "measured": time.strftime("%Y-%m-%d"), **llm_compressor.run(
+            PEER, threads=torch.get_num_threads(), **PEER_SETTINGS[setting])}
     start = time.perf_counter()
     model, tokenizer = load_model()
     for p in model.parameters():  # page in lazily loaded weights before measuring memory
@@ -53,7 +65,7 @@ def child(setting: str, samples: int, windows: int, blocks: int | None, evaluate
         model.model.layers = model.model.layers[:blocks]
         model.config.num_hidden_layers = blocks
     rss_loaded = peak_rss_gb()
-    result: dict = {"setting": setting}
+    result: dict = {"setting": setting, "measured": time.strftime("%Y-%m-%d")}
     scheme = SETTINGS[setting]
     if scheme is not None:
         calib = calibration_windows(tokenizer, embedded_corpus("calibration"), samples, 512)
@@ -96,6 +108,8 @@ def main() -> None:
     if not args.quick:
         stored = {r["setting"]: r for r in merge_results("rtn_smollm2", rows, "setting")}
         rows = [stored[s] for s in SETTINGS if s in stored]
+    by_name = {r["setting"]: r for r in rows}
+    rows = [r for r in rows if r["setting"] not in PEER_SETTINGS]
     memory = []
     for blocks in (() if args.no_memory else (8, 30)):
         r = run_child(me, ["--child", "W4 g64 asym", "--blocks", str(blocks), "--no-eval", *flags])
@@ -114,13 +128,25 @@ def main() -> None:
         "a group's extreme lands on exactly -7.5 steps, and rounds to -8, depends on the scale's "
         "rounding). Time: load to saved checkpoint.",
         "",
-        "| setting | ppl | reference ppl | quantize wall time | peak RSS |",
-        "|---|---|---|---|---|",
+        "Peer columns: llm-compressor 0.14.0.1's QuantizationModifier (min-max observer) on "
+        "the same model and token windows, run in the same invocation as the qcore row "
+        "beside it (both rows carry the date they were measured); time ratio = qcore / peer.",
+        "",
+        "| setting | measured | ppl | peer ppl | quantize wall time | peer time | time ratio "
+        "| peak RSS | peer RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = f"{r['quantize_s']:.1f} s" if "quantize_s" in r else ""
         m = f"{r['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in r else ""
-        lines.append(f"| {r['setting']} | {r['ppl']:.3f} | {REFERENCE.get(r['setting'], '')} | {t} | {m} |")
+        peer = by_name.get(f"peer: {PEER}, {r['setting']}")
+        cells = ["", "", "", ""]  # peer ppl, peer time, time ratio, peer RSS
+        if peer is not None and peer.get("measured") == r.get("measured") and "quantize_s" in r:
+            cells = [f"{peer['ppl']:.3f}", f"{peer['quantize_s']:.1f} s",
+                     f"{r['quantize_s'] / peer['quantize_s']:.2f}x",
+                     f"{peer['peak_rss_gb']:.2f} GB"]
+        lines.append(f"| {r['setting']} | {r.get('measured', 'earlier')} | {r['ppl']:.3f} | "
+                     f"{cells[0]} | {t} | {cells[1]} | {cells[2]} | {m} | {cells[3]} |")
     if memory:
         lines += ["", "Weight-only RTN reads no calibration data (W4 g64 asym, the model cut to its "
                   "first N blocks, no eval): the peak grows only by what saving copies (the "

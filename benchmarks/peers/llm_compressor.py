@@ -51,13 +51,15 @@ def installed_reason() -> str | None:
     if not python().is_file():
         return (f"llm-compressor {VERSION} is not installed in {venv()}: run "
                 "'python benchmarks/peers/llm_compressor.py install'")
-    probe = subprocess.run([str(python()), "-c", "import llmcompressor, torch; "
-                            "print(llmcompressor.__version__, torch.__version__)"],
+    # Versions from the package metadata: importing llmcompressor logs to stdout.
+    probe = subprocess.run([str(python()), "-c", "from importlib.metadata import version; "
+                            "print(version('llmcompressor'), version('torch'))"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         return f"{venv()} is broken ({probe.stderr.strip()[-300:]}); delete it and install again"
-    if not probe.stdout.startswith(VERSION):
-        return f"{venv()} holds llm-compressor {probe.stdout.split()[0]}, not {VERSION}"
+    found = probe.stdout.split()
+    if found[:1] != [VERSION]:
+        return f"{venv()} holds llm-compressor {found[:1]}, not {VERSION}"
     return None
 
 
