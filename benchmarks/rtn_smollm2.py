@@ -121,7 +121,9 @@ def main() -> None:
     lines = [
         "## Round-to-nearest on SmolLM2-135M (`benchmarks/rtn_smollm2.py`)",
         "",
-        f"Machine: {machine()}. Calibration {samples} x 512, eval {windows} x 512 (fp32).",
+        f"Machine of the latest invocation: {machine()}. Rows marked 'earlier' were "
+        "measured on 2026-11-27 (transformers 5.24.0), each in its own run. Calibration "
+        f"{samples} x 512, eval {windows} x 512 (fp32).",
         "Symmetric grids use compressed-tensors' convention: scale = max|w| / 7.5 at 4 bits "
         "(levels -8..7); scales stored in fp16, except the row 'fp32 scales' (as an fp32 model "
         "keeps them in compressed-tensors: SmolLM2's weights sit on a Q4_1 lattice, so whether "
