@@ -132,3 +132,51 @@ def settings_main(script: str, name: str, settings: dict, child) -> tuple[list[d
         rows.append(row)
     stored = {r["setting"]: r for r in merge_results(name, rows, "setting")}
     return [stored[s] for s in settings if s in stored], not args.no_write
+
+
+def compare_main(
+    script: str, name: str, settings: dict, child, comparisons: list[tuple[str, str, str, str]]
+) -> tuple[list[dict], bool, dict | None]:
+    """``settings_main`` plus ``--compare``: run exactly the settings of ``comparisons``
+    ((scheme, what is compared, qcore setting, peer setting)), qcore's and the peer's one
+    after the other in this invocation, and record them with the machine and the load
+    average around the run in ``results/<name>_compare.json``. Returns every stored row,
+    whether to write BENCHMARKS.md, and the recorded comparison (None before the first)."""
+    names = []
+    for _, _, qcore, peer in comparisons:
+        names += [n for n in (qcore, peer) if n not in names]
+    compare_file = RESULTS / f"{name}_compare.json"
+    if "--compare" not in sys.argv:
+        rows, write = settings_main(script, name, settings, child)
+    else:
+        sys.argv.remove("--compare")
+        sys.argv += ["--settings", *names]
+        load_before = os.getloadavg()
+        rows, write = settings_main(script, name, settings, child)
+        compare_file.write_text(json.dumps({
+            "machine": machine(), "load_before": load_before, "load_after": os.getloadavg(),
+            "rows": [r for r in rows if r["setting"] in set(names)]}, indent=1) + "\n")
+    compare = json.loads(compare_file.read_text()) if compare_file.exists() else None
+    return rows, write, compare
+
+
+def comparison_table(compare: dict, comparisons: list[tuple[str, str, str, str]]) -> list[str]:
+    """The same-invocation table: each pair's perplexities, times, time ratio (qcore /
+    peer) and peak RSS, then the load average of the run."""
+    rows = {r["setting"]: r for r in compare["rows"]}
+    lines = ["| scheme | comparison | qcore ppl | peer ppl | qcore time | peer time | "
+             "time ratio | qcore RSS | peer RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, kind, qcore, peer in comparisons:
+        if qcore not in rows or peer not in rows:
+            continue
+        q, r = rows[qcore], rows[peer]
+        lines.append(f"| {label} | {kind} | {q['ppl']:.3f} | {r['ppl']:.3f} | "
+                     f"{q['quantize_s']:.0f} s | {r['quantize_s']:.0f} s | "
+                     f"{q['quantize_s'] / r['quantize_s']:.2f}x | {q['peak_rss_gb']:.2f} GB | "
+                     f"{r['peak_rss_gb']:.2f} GB |")
+    return lines
+
+
+def load_line(compare: dict) -> str:
+    return (f"{compare['machine']}; 1-minute load average {compare['load_before'][0]:.2f} "
+            f"before and {compare['load_after'][0]:.2f} after the run")

@@ -243,45 +243,35 @@ def _time_pdl(x, w, ref, launch: Callable, time_ms: Callable, m: int) -> dict:
     return out
 
 
-def render_lut(result: dict) -> str:
+def render_lut(result: dict) -> tuple[str, list[str]]:
+    """The codebook table (its caption and rows) and its notes."""
     from kernels_gpu import cell
 
     if not result.get("lut"):
-        return ""
-    floors = any(r.get("floor") for r in result["lut"])
-    pdl = any(r.get("pdl") for r in result["lut"])
-    auto = any(r.get("auto") for r in result["lut"])
+        return "", []
+    rows = result["lut"]
+    floors = any(r.get("floor") for r in rows)
+    pdl = any(r.get("pdl") for r in rows)
+    auto = any(r.get("auto") for r in rows)
+    #: the dot-product-table GEMV ``qk_lut_table``: in runs recorded before issue 28 deleted it
+    table = any(r["lut"].get("table") for r in rows)
+    pdl_paths = [p for p in ("mma4", "mma", "table") if any(p in (r.get("pdl") or {})
+                                                            for r in rows)]
     lines = [
         "",
-        "Codebook (vq) weights, op `lut_linear` (provider `cupy-lut`): full fp16 codebooks "
-        "(v4 i8: 256 rows, VPTQ's 2-bit default; i12: 4096 rows), no residual or outliers; "
-        "bits/weight counts every stored bit (indices, padding, codebook). mma4 = tensor-core "
-        "LUT GEMV in blocks of 4 tokens (`qk_lut_mma4`: a codebook row read is half an mma A "
-        "operand as is; x in the table's free halves; index words streamed into shared "
-        "memory by cp.async), mma = tensor-core LUT GEMV for up to 16 "
-        "tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
-        "memory), gemv = SIMT LUT GEMV (codebook in shared memory), dequant = decode to fp16 "
-        "+ cuBLAS; bw counts indices, codebook, x and y."
-        + (" These path columns launch plainly (`lut_ops.LUT_PDL` off); LUT auto is "
-           "`lut_linear` as a caller gets it: its own path choice (in brackets) with the "
-           "module's defaults, which on sm_90+ include programmatic dependent launch."
-           if auto else "")
-        + (" Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
-           "same way; the speed-up in parentheses is the most any LUT GEMV that reads its "
-           "indices once could reach here" + _empty_note(result["lut"]) + "." if floors else "")
-        + (" LUT PDL (v4 i8): the faster of mma4 and mma launched with programmatic dependent "
-           "launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table build may "
-           "overlap the end of the call before it (its x is read after griddepcontrol.wait); "
-           "fp16 F.linear as cuBLAS launches it." if pdl else ""),
+        "**Codebook (vq) weights**, op `lut_linear` (provider `cupy-lut`), full fp16 codebooks, "
+        "no residual or outliers, fp16 activations; vq = vector size v and index bits i (v4 "
+        "i8: 256 codebook rows, VPTQ's 2-bit default; i12: 4096 rows)"
+        + ("; LUT auto in bold, with the path it took" if auto else "") + ":",
         "",
         "| in × out | M | vq | bits/weight | fp16 F.linear | " + ("floor | " if floors else "")
         + ("LUT auto | " if auto else "")
-        + "LUT mma4 | LUT mma | " + ("LUT PDL | " if pdl else "") + "LUT gemv | "
-        "LUT dequant+cuBLAS |",
+        + "LUT mma4 | LUT mma | " + ("LUT table | " if table else "")
+        + ("LUT PDL | " if pdl else "") + "LUT gemv | LUT dequant+cuBLAS |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if floors else "")
-        + ("---|" if auto else "") + ("---|" if pdl else ""),
+        + ("---|" if auto else "") + ("---|" if table else "") + ("---|" if pdl else ""),
     ]
-    for r in result["lut"]:
+    for r in rows:
         floor = r.get("floor")
         floor_cell = "" if not floors else " | " if not floor else (
             f"{floor['index_stream_ms'] * 1e3:.1f} µs "
@@ -291,10 +281,45 @@ def render_lut(result: dict) -> str:
             f"{r['bits_per_weight']:.2f} | {r['fp16_ms'] * 1e3:.1f} µs | {floor_cell}"
             + (f"{_auto_cell(r)} | " if auto else "")
             + f"{cell(r['lut'].get('mma4'), True, 1)} | {cell(r['lut'].get('mma'), True, 1)} | "
+            + (f"{cell(r['lut'].get('table'), True, 1)} | " if table else "")
             + (f"{_pdl_cell(r)} | " if pdl else "")
             + f"{cell(r['lut'].get('gemv'), True, 1)} | {cell(r['lut'].get('dequant'), digits=1)} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = [
+        "Codebook columns: mma4 = tensor-core LUT GEMV in blocks of 4 tokens (`qk_lut_mma4`: a "
+        "codebook row read is half an mma A operand as is; x in the table's free halves; index "
+        "words streamed into shared memory by cp.async); mma = tensor-core LUT GEMV for up to "
+        "16 tokens (`qk_lut_mma`: v = 4, 8-bit indices; codebook 16 times over in shared "
+        "memory); gemv = SIMT LUT GEMV (codebook in shared memory); dequant = decode to fp16 "
+        "+ cuBLAS. bits/weight counts every stored bit (indices, padding, codebook); bw counts "
+        "indices, codebook, x and y."
+        + (" The path columns launch plainly (`lut_ops.LUT_PDL` off); LUT auto is `lut_linear` "
+           "as a caller gets it: its own path choice (in brackets) with the module's defaults, "
+           "which on sm_90+ include programmatic dependent launch." if auto else ""),
+    ]
+    if floors:
+        notes.append(
+            "Floor (v4 i8, M = 1): a kernel that only reads the index bytes once, timed the "
+            "same way; its speed-up is the most any LUT GEMV that reads its indices once could "
+            "reach here" + _empty_note(rows) + ".")
+    if table:
+        notes.append(
+            "LUT table (v4 i8, M = 1): the dot-product-table GEMV (`qk_lut_table`, deleted in "
+            "issue 28): per slice of 32 Q vectors, every codebook row's dot product with x in "
+            "float32 tables that each lane reads in its own bank, 4 bytes per index; the "
+            "slices' partial sums added by the warp that completes a row group.")
+    if pdl:
+        notes.append(
+            f"LUT PDL (v4 i8): the fastest of {_and(pdl_paths)} launched with "
+            "programmatic "
+            "dependent launch (`lut_ops.LUT_PDL`): a call's launch, weight loads and table "
+            "build may overlap the end of the call before it (its x is read after "
+            "griddepcontrol.wait); fp16 F.linear as cuBLAS launches it.")
+    return "\n".join(lines) + "\n", notes
+
+
+def _and(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def _auto_cell(row: dict) -> str:
@@ -480,66 +505,127 @@ def sweep_mma4(launch: Callable, time_ms: Callable) -> list[dict]:
             setattr(lut_ops, name, value)
 
 
-def render_sweep4(result: dict) -> str:
-    """qk_lut_mma4's launch-parameter sweep, one line per shape, row-group count and switch
-    (the defaults, or one of lut_ops.UNMEASURED_SWITCHES on)."""
+def _sweep4_variant(row: dict) -> tuple:
+    """A ``qk_lut_mma4`` sweep row's setting beyond the grid: (row groups, switch), or in
+    runs recorded before issue 28 (row groups, index stages, L2 requests, PDL)."""
+    if "stages" in row:
+        return row["groups"], row["stages"], row["l2"], row["pdl"]
+    return row["groups"], row.get("switch", "default")
+
+
+def _variant_cells(variant: tuple) -> str:
+    if len(variant) == 4:
+        g, stages, l2, pdl = variant
+        return f"{g} | {stages} | {'on' if l2 else 'off'} | {'on' if pdl else 'off'}"
+    g, switch = variant
+    return f"{g} | {'defaults' if switch == 'default' else f'`{switch}`'}"
+
+
+def render_sweep4(result: dict) -> tuple[str, list[str]]:
+    """qk_lut_mma4's launch-parameter sweep (caption and rows), one line per shape, row-group
+    count and setting (the defaults, or one of lut_ops.UNMEASURED_SWITCHES on; in runs
+    before issue 28, each combination of index stages, L2 requests and PDL), and its note."""
     sweep = result.get("lut_mma4_sweep")
     if not sweep:
-        return ""
+        return "", []
     settings = [(w, b) for w in SWEEP4_WARPS for b in SWEEP4_BLOCKS_PER_SM]
+    legacy = any("stages" in r for r in sweep)
     pdl = any(r.get("pdl") for r in sweep)
     lines = [
         "",
-        "`qk_lut_mma4` launch sweep (`--lut-sweep`, v4 i8, fp16, M = 1): row groups (of 8 "
-        "rows) per block tile; warps per block; blocks per multiprocessor the persistent grid "
-        "is sized for; `lut_ops`' defaults (L2 requests off at one token"
-        + (", programmatic dependent launch" if pdl else "") + "), or one of its switches "
-        "not yet measured (`lut_ops.UNMEASURED_SWITCHES`) on. Bold: the fastest per shape."
-        + _sweep_from(result, "lut_mma4_sweep"),
+        "**`qk_lut_mma4` launch sweep** (`--lut-sweep`, v4 i8, fp16, M = 1; bold: the fastest "
+        "per shape" + _sweep_from(result, "lut_mma4_sweep") + "):",
         "",
-        "| in × out | groups | switch | "
+        "| in × out | groups | " + ("index stages | L2 | PDL | " if legacy else "switch | ")
         + " | ".join(f"{w} warps, {b}/SM" for w, b in settings) + " |",
+        "|---|---|" + ("---|---|---|" if legacy else "---|") + "---|" * len(settings),
+    ]
+    shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
+    for shape in shapes:
+        rows = [r for r in sweep if (r["in"], r["out"]) == shape]
+        best = min((r["ms"] for r in rows if r.get("ok")), default=None)
+        variants = sorted({_sweep4_variant(r) for r in rows},
+                          key=lambda v: (v[0], v[1] != "after", not v[2], v[3]) if len(v) == 4
+                          else (v[0], v[1] != "default", v[1]))
+        for variant in variants:
+            cells = []
+            for warps, per_sm in settings:
+                cells.append(_sweep_cell([r for r in rows if _sweep4_variant(r) == variant
+                                          and r["warps"] == warps
+                                          and r["blocks_per_sm"] == per_sm], best))
+            lines.append(f"| {shape[0]} × {shape[1]} | {_variant_cells(variant)} | "
+                         + " | ".join(cells) + " |")
+    note = ("`qk_lut_mma4` sweep: row groups (of 8 rows) per block tile; warps per block; "
+            "blocks per multiprocessor the persistent grid is sized for; "
+            + ("index stages after the table (4 per warp) or in its free halves next to x (2 "
+               "per warp; only where they fit; deleted in issue 28); L2 requests of the next "
+               "tile on or off; programmatic dependent launch (PDL) on or off."
+               if legacy else
+               "`lut_ops`' defaults (L2 requests off at one token"
+               + (", programmatic dependent launch" if pdl else "") + "), or one of its "
+               "switches not yet measured (`lut_ops.UNMEASURED_SWITCHES`) on."))
+    return "\n".join(lines) + "\n", [note]
+
+
+def _sweep_cell(hit: list[dict], best: float | None) -> str:
+    """One sweep cell: the time (bold if the fastest of its shape), or why there is none."""
+    if not hit or not hit[0].get("ok"):
+        return "" if not hit else "failed" if "failed" in hit[0] else "WRONG"
+    text = f"{hit[0]['ms'] * 1e3:.1f} µs"
+    return f"**{text}**" if hit[0]["ms"] == best else text
+
+
+def render_table_sweep(result: dict) -> tuple[str, list[str]]:
+    """The launch sweep of the dot-product-table GEMV ``qk_lut_table`` (deleted in issue 28;
+    in runs recorded before it), caption and rows, and its note."""
+    sweep = result.get("lut_table_sweep")
+    if not sweep:
+        return "", []
+    settings = sorted({(r["warps"], r["blocks_per_sm"]) for r in sweep})
+    lines = [
+        "",
+        "**`qk_lut_table` launch sweep** (`--lut-sweep table`, deleted in issue 28; v4 i8, "
+        "fp16, M = 1; bold: the fastest per shape" + _sweep_from(result, "lut_table_sweep")
+        + "):",
+        "",
+        "| in × out | Q | PDL | " + " | ".join(f"{w} warps, {b}/SM" for w, b in settings)
+        + " |",
         "|---|---|---|" + "---|" * len(settings),
     ]
     shapes = sorted({(r["in"], r["out"]) for r in sweep}, key=lambda s: (s[0] * s[1], s[0]))
     for shape in shapes:
         rows = [r for r in sweep if (r["in"], r["out"]) == shape]
         best = min((r["ms"] for r in rows if r.get("ok")), default=None)
-        variants = sorted({(r["groups"], r.get("switch", "default")) for r in rows},
-                          key=lambda v: (v[0], v[1] != "default", v[1]))
-        for g, switch in variants:
+        for q, pdl in sorted({(r["q"], r["pdl"]) for r in rows}):
             cells = []
             for warps, per_sm in settings:
-                hit = [r for r in rows if (r["groups"], r.get("switch", "default")) == (g, switch)
-                       and r["warps"] == warps and r["blocks_per_sm"] == per_sm]
-                if not hit or not hit[0].get("ok"):
-                    cells.append("" if not hit else "failed" if "failed" in hit[0] else "WRONG")
-                    continue
-                text = f"{hit[0]['ms'] * 1e3:.1f} µs"
-                cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
-            name = "defaults" if switch == "default" else f"`{switch}`"
-            lines.append(f"| {shape[0]} × {shape[1]} | {g} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+                cells.append(_sweep_cell([r for r in rows if (r["q"], r["pdl"]) == (q, pdl)
+                                          and (r["warps"], r["blocks_per_sm"])
+                                          == (warps, per_sm)], best))
+            lines.append(f"| {shape[0]} × {shape[1]} | {q} | {'on' if pdl else 'off'} | "
+                         + " | ".join(cells) + " |")
+    note = ("`qk_lut_table` sweep (slower than `qk_lut_mma4` everywhere): vectors per lane Q "
+            "(tables of 64 or 128 KB); warps per block; blocks per multiprocessor the grid of "
+            "slices x row ranges is sized for; programmatic dependent launch on or off.")
+    return "\n".join(lines) + "\n", [note]
 
 
 def _sweep_from(result: dict, key: str) -> str:
     """Where a sweep recorded with another run's rows came from (``<key>_from``)."""
     origin = result.get(f"{key}_from")
-    return f" Measured in another run: {origin}." if origin else ""
+    return f"; measured in another run: {origin}" if origin else ""
 
 
-def render_sweep(result: dict) -> str:
-    """The tensor-core LUT GEMV's launch-parameter sweep, one line per shape and setting."""
+def render_sweep(result: dict) -> tuple[str, list[str]]:
+    """The tensor-core LUT GEMV's launch-parameter sweep (caption and rows), one line per
+    shape and setting, and its note."""
     sweep = result.get("lut_mma_sweep")
     if not sweep:
-        return ""
+        return "", []
     lines = [
         "",
-        "Tensor-core LUT GEMV launch sweep (`--lut-sweep`, v4 i8, fp16): token tile 8 = "
-        "weights as the mma's A operand (16-row groups), 16 = tokens as A (8-row groups); "
-        "groups per block tile; warps per block; resident warps per multiprocessor the "
-        "persistent grid is sized for. Bold: the fastest per shape."
-        + _sweep_from(result, "lut_mma_sweep"),
+        "**`qk_lut_mma` launch sweep** (`--lut-sweep`, v4 i8, fp16; bold: the fastest per shape"
+        + _sweep_from(result, "lut_mma_sweep") + "):",
         "",
         "| in × out | M | token tile, groups | 4 warps, 16/SM | 4 warps, 32/SM | 8 warps, 16/SM "
         "| 8 warps, 32/SM |",
@@ -562,4 +648,7 @@ def render_sweep(result: dict) -> str:
                 cells.append(f"**{text}**" if hit[0]["ms"] == best else text)
             lines.append(f"| {shape[0]} × {shape[1]} | {shape[2]} | {tiling[0]}, {tiling[1]} | "
                          + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = ("`qk_lut_mma` sweep: token tile 8 = weights as the mma's A operand (16-row "
+            "groups), 16 = tokens as A (8-row groups); groups per block tile; warps per block; "
+            "resident warps per multiprocessor the persistent grid is sized for.")
+    return "\n".join(lines) + "\n", [note]

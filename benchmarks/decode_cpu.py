@@ -35,6 +35,7 @@ and the activations (to 8 bits inside its dot products), qcore keeps both 16-bit
     .venv/bin/python benchmarks/decode_cpu.py --models smollm2 --no-write
     .venv/bin/python benchmarks/decode_cpu.py --paired llama1b "W4 g64 asym, bf16" \
         "torchao int4 g64, bf16"       # decode A/B in one process, alternating rounds
+    .venv/bin/python benchmarks/decode_cpu.py --render   # BENCHMARKS.md from results/ only
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_results, peak_rss_gb, run_child, write_section  # noqa: E402
+from _common import (  # noqa: E402,I001
+    RESULTS, machine, merge_results, peak_rss_gb, run_child, write_section)
 
 TORCHAO = "torchao==0.18.0"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
@@ -78,6 +80,72 @@ MODELS = {
                 "torchao int4 g64, bf16"],
 }
 PEER = "torchao int4 g64, bf16"
+#: How each row is named in BENCHMARKS.md: every setting in full.
+LABELS = {
+    "fp32": "float model, fp32",
+    "bf16": "float model, bf16",
+    **{name: f"RTN {name[:-6]}, bf16 model" for name, (scheme, dtype) in SETTINGS.items()
+       if isinstance(scheme, dict) and dtype == "bfloat16"},
+    "W4 g64 asym, fp32": "RTN W4 g64 asym, fp32 model",
+    "W8A8 per-channel sym, per-token act, fp32": (
+        "RTN W8A8 per-channel sym, int8 activations with dynamic per-token scales, fp32 model"),
+    "torchao int4 g64, bf16": (
+        "torchao int4 g64 asym (`PrototypeInt4WeightOnlyConfig`), bf16 model"),
+    "llama.cpp Q4_1 (g32 asym)": (
+        "llama.cpp Q4_1 (g32 asym; head and embeddings Q4_1 too, 8-bit activations in its "
+        "dot products)"),
+}
+#: The machine of rows stored without one (the script records it per row since): the line
+#: BENCHMARKS.md recorded when the tables were last written.
+RECORDED_MACHINE = ("AMD EPYC, 2 cores, torch 2.13.0+cpu (2 threads), transformers 5.25.0, "
+                    "Python 3.11.7, 2026-12-07")
+#: Notes under the tables: what the recorded runs showed (dated; the tables are above them).
+NOTES = [
+    "The head and embeddings stay float in every row, torchao's included, in the row's "
+    "dtype: fp32 rows compute in float32, bf16 rows run the whole model in bfloat16. "
+    "Weights are quantized with RTN: the speed depends on the format, not on the method.",
+    "The ppl column is on the 8 eval windows only (a sanity check, not the protocol's 97); "
+    "llama.cpp's is from its own logits on the same 8 windows. Load avg: the 1-minute load "
+    "average before / after each row.",
+    f"Peers: {TORCHAO}, `PrototypeInt4WeightOnlyConfig(group_size=64)` (its own "
+    "tinygemm-style asymmetric grid, torch's int4 CPU operator); on SmolLM2 also llama.cpp "
+    f"({LLAMA_CPP}, built from source here in 5.2 minutes on 2 cores) on the embedded Q4_1 "
+    "GGUF file, whose head is 4-bit too and whose dot products quantize activations to 8 "
+    "bits; its like-for-like qcore row is W4 g32 asym.",
+    "2026-12-07: torch's packed int4/int8 CPU operators are fast for bfloat16 activations "
+    "only: at 4096 x 4096 and one token (1 thread) the int4 operator took 1.0 ms with "
+    "bfloat16 inputs and 33-58 ms with float32 or float16 ones, against 4.1 ms for float32 "
+    "`F.linear`. So `cpu-int4` and `cpu-int8` declare bfloat16 only; a float32 model runs "
+    "its int layers on the `torch` provider, whose dequantized-weight cache makes it as fast "
+    "as the float model once warm (one process, 8 x 512 eval, three alternating rounds: fp32 "
+    "10.3, 12.0, 12.9 s; W4 g64 on `torch` 13.0 s with the first dequantization, then 11.5, "
+    "11.3 s).",
+    "2026-12-07: decode is where 4 bits pay (2.2x the fp32 model on SmolLM2, whose fp32 head "
+    "is a fifth of its weights; 3.7x on the 1.1B model); prefill (512 tokens) is not: there "
+    "the int4 operator is slower than bfloat16 `F.linear`, and W4 prefills at about fp32's "
+    "speed. Dequantizing to bfloat16 on each call, then `F.linear`, measured as a "
+    "large-prompt path, is slower still (2 threads, 512 tokens: 2048 x 2048 44.0 ms against "
+    "the int4 operator's 30.8; 5632 x 2048 130.8 against 85.4); only a kept bfloat16 weight "
+    "wins (10.8 and 29.3 ms), which gives up the memory saving.",
+    "2026-12-07: against torchao (the same torch operator underneath) 1.09x on SmolLM2 and "
+    "0.90x on the 1.1B model in these tables; earlier invocations the same day gave 1.00x / "
+    "0.95x on SmolLM2 and 0.97x on the 1.1B model. Rows move by 10-15% from one invocation "
+    "to the next on this shared 2-core machine (the bf16 float row's decode: 16.6 then 23.5 "
+    "tokens/s). Paired in one process, alternating rounds (`decode_cpu.py --paired llama1b "
+    "\"W4 g64 asym, bf16\" \"torchao int4 g64, bf16\"`, 128 tokens each, tokens/s): qcore "
+    "16.51, 13.41, 14.98 against torchao 14.20, 14.39, 12.98 (medians 1.05x); run again, "
+    "14.93, 16.36, 15.11 against 14.81, 16.44, 15.67 (0.96x): a tie within noise, not a "
+    "lead. `QuantLinear`'s own cost per call was cut from 29 to 12 us between the two "
+    "invocations (about 2.5 ms per token at SmolLM2's 210 layers).",
+    "2026-12-07: llama.cpp is far ahead at batch-1 decode on SmolLM2 (94 tokens/s against "
+    "qcore's best 41.8, W4 g32 asym, its like-for-like row): at 135M parameters the "
+    "per-token cost of the transformers model in Python (about 210 linear calls plus "
+    "attention and norms per token) dominates, which no weight format removes. Its prefill "
+    "(220 tokens/s) and eval (26.1 s) are slower than qcore's W4 rows (492, 8.9 s). Its "
+    "perplexity is the float model's because the embedded weights are that very Q4_1 file; "
+    "qcore's integer zero points cannot represent Q4_1's free minimum, hence W4 g32's 17.13 "
+    "from RTN.",
+]
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
                 num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                 max_position_embeddings=2048, tie_word_embeddings=False)
@@ -212,13 +280,14 @@ def child(model_name: str, setting: str, repeats: int) -> dict:
     from qcore.generate import generate_ids
 
     load_before = os.getloadavg()[0]
+    recorded = {"measured": time.strftime("%Y-%m-%d"), "machine": machine()}
     if SETTINGS[setting][0] == "llama.cpp":
         row = {"model": model_name, "setting": setting, "key": f"{model_name}: {setting}",
                **llama_cpp_child(torch.get_num_threads(), repeats),
                "threads": torch.get_num_threads()}
         row["peak_rss_gb"] = peak_rss_gb()
         row["load_avg"] = [load_before, os.getloadavg()[0]]
-        return row
+        return {**row, **recorded}
     model, tokenizer = build_model(model_name)
     model, kernels = quantize_setting(model, setting)
     vocab = model.config.vocab_size
@@ -248,7 +317,7 @@ def child(model_name: str, setting: str, repeats: int) -> dict:
         row["eval_s"] = time.perf_counter() - start
     row["peak_rss_gb"] = peak_rss_gb()
     row["load_avg"] = [load_before, os.getloadavg()[0]]
-    return row
+    return {**row, **recorded}
 
 
 def paired(model_name: str, settings: list[str], rounds: int) -> dict:
@@ -299,7 +368,8 @@ def table(rows: list[dict]) -> str:
             eval_s = f"{r['eval_s']:.1f} s" if "eval_s" in r else ""
             ppl = f"{r['ppl_8_windows']:.3f}" if "ppl_8_windows" in r else ""
             lines.append(
-                f"| {r['setting']} | {r['kernels']} | {r['prefill_tok_s']:.0f} | "
+                f"| {LABELS.get(r['setting'], r['setting'])} | {r['kernels']} | "
+                f"{r['prefill_tok_s']:.0f} | "
                 f"{r['decode_tok_s']:.1f} | {vs} | {vs_peer} | {eval_s} | {ppl} | "
                 f"{r['peak_rss_gb']:.2f} GB | {r['load_avg'][0]:.2f} / {r['load_avg'][1]:.2f} |")
     return "\n".join(lines)
@@ -319,6 +389,8 @@ def main() -> None:
                         "1.1B model)")
     parser.add_argument("--no-write", action="store_true",
                         help="print, do not update BENCHMARKS.md")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write the section from results/ alone")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.repeats)))
@@ -331,6 +403,12 @@ def main() -> None:
         if any(SETTINGS[s][0] == "torchao" for s in settings):
             peer_site()
         print(json.dumps(paired(model, settings, args.rounds)))
+        return
+    if args.render:
+        body = render(json.loads((RESULTS / "decode_cpu.json").read_text()))
+        print(body)
+        if not args.no_write:
+            write_section("decode_cpu", body)
         return
     peer_site()  # installed (llama.cpp built) before anything is timed
     if "smollm2" in args.models:
@@ -345,32 +423,31 @@ def main() -> None:
                                              "--repeats", str(repeats)])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    stored = merge_results("decode_cpu", rows, "key")
-    body = "\n".join([
-        "## CPU kernels: prefill, decode and eval speed (`benchmarks/decode_cpu.py`)",
-        "",
-        f"Machine: {machine()}. Every row of a table was measured in one invocation, one "
-        "process per row, one after another; load average (1 min) before / after each row. "
-        "Weights quantized with RTN (speed depends on the format, not on the method); the "
-        "head and embeddings stay float in every row, torchao's included, in the row's "
-        "dtype: fp32 rows compute in float32, bf16 rows run the whole model in bfloat16 "
-        "(torch's packed int4/int8 CPU operators are fast for bfloat16 activations only). "
-        "Decode: batch 1, 128 greedy tokens after a 64-token prompt, tokens/s after the "
-        "first. Prefill: one 512-token forward. Both best of 3 on SmolLM2, one run on the "
-        "1.1B model. Eval: "
-        "perplexity of 8 x 512 eval tokens at batch 8 (the ppl "
-        "column is on those 8 windows only, for a sanity check, not the protocol's 97). "
-        f"Peers: {TORCHAO}, `PrototypeInt4WeightOnlyConfig(group_size=64)` (its own "
-        "tinygemm-style asymmetric grid, torch's int4 CPU operator); on SmolLM2 also "
-        f"llama.cpp ({LLAMA_CPP}, built from source) on the embedded Q4_1 GGUF file, "
-        "whose head is 4-bit too and whose dot products quantize activations to 8 bits "
-        "(like-for-like qcore row: W4 g32 asym; the ppl column there is llama.cpp's own "
-        "logits on the same 8 windows).",
-        table(stored),
-    ])
+    body = render(merge_results("decode_cpu", rows, "key"))
     print(body)
     if not args.no_write:
         write_section("decode_cpu", body)
+
+
+def render(rows: list[dict]) -> str:
+    """The ``decode_cpu`` section of BENCHMARKS.md from stored (or just measured) rows."""
+    machines = sorted({r.get("machine", RECORDED_MACHINE) for r in rows}, key=lambda m: m[-10:])
+    return "\n".join([
+        "## CPU kernels: prefill, decode and eval speed (`benchmarks/decode_cpu.py`)",
+        "",
+        "Prefill and decode tokens/s, eval time and peak memory of RTN-quantized models on "
+        "the CPU, next to the float model, torchao's int4 CPU path and (on SmolLM2) llama.cpp, "
+        f"every row of a table in one invocation. Machine: {'; '.join(machines)}. Protocol: "
+        "one process per row, one after another; decode: batch 1, 128 greedy tokens after a "
+        "64-token prompt, tokens/s after the first; prefill: one 512-token forward; both best "
+        "of 3 on SmolLM2, one run on the 1.1B model; eval: perplexity of 8 x 512 eval tokens "
+        "at batch 8.",
+        table(rows),
+        "",
+        "Notes:",
+        "",
+        *(f"- {note}" for note in NOTES),
+    ])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, quantize_and_evaluate, settings_main, write_section  # noqa: E402,I001
+from _common import (  # noqa: E402,I001
+    compare_main, comparison_table, load_line, quantize_and_evaluate, write_section)
 
 #: Rows named "range search" run GPTQ's default since this session (20 shrink factors per
 #: group); the others pin ``shrink_steps`` to 1 (plain min-max ranges), the earlier default.
@@ -127,62 +128,19 @@ def child(setting: str) -> dict:
     return quantize_and_evaluate(setting, pipeline, calib_dtype)
 
 
-def compare_settings() -> list[str]:
-    names = []
-    for _, _, qcore, peer in COMPARISONS:
-        names += [n for n in (qcore, peer) if n not in names]
-    return names
-
-
-def comparison_table(compare: dict) -> list[str]:
-    """The same-invocation table: each pair's perplexities, times, time ratio, RSS."""
-    rows = {r["setting"]: r for r in compare["rows"]}
-    lines = ["| scheme | comparison | qcore ppl | peer ppl | qcore time | peer time | "
-             "time ratio | qcore RSS | peer RSS |", "|---|---|---|---|---|---|---|---|---|"]
-    for label, kind, qcore, peer in COMPARISONS:
-        if qcore not in rows or peer not in rows:
-            continue
-        q, r = rows[qcore], rows[peer]
-        lines.append(f"| {label} | {kind} | {q['ppl']:.3f} | {r['ppl']:.3f} | "
-                     f"{q['quantize_s']:.0f} s | {r['quantize_s']:.0f} s | "
-                     f"{q['quantize_s'] / r['quantize_s']:.2f}x | {q['peak_rss_gb']:.2f} GB | "
-                     f"{r['peak_rss_gb']:.2f} GB |")
-    return lines
-
-
 def main() -> None:
-    import json
-    import os
-
-    from _common import RESULTS
-
-    compare_file = RESULTS / "gptq_smollm2_compare.json"
-    if "--compare" in sys.argv:
-        sys.argv.remove("--compare")
-        sys.argv += ["--settings", *compare_settings()]
-        load_before = os.getloadavg()
-        rows, write = settings_main(__file__, "gptq_smollm2", {**SETTINGS, **PEER_SETTINGS},
-                                    child)
-        names = set(compare_settings())
-        compare_file.write_text(json.dumps({
-            "machine": machine(), "load_before": load_before, "load_after": os.getloadavg(),
-            "rows": [r for r in rows if r["setting"] in names]}, indent=1) + "\n")
-    else:
-        rows, write = settings_main(__file__, "gptq_smollm2", {**SETTINGS, **PEER_SETTINGS},
-                                    child)
-    compare = json.loads(compare_file.read_text()) if compare_file.exists() else None
+    rows, write, compare = compare_main(__file__, "gptq_smollm2",
+                                        {**SETTINGS, **PEER_SETTINGS}, child, COMPARISONS)
     lines = ["## GPTQ on SmolLM2-135M (`benchmarks/gptq_smollm2.py`)", ""]
     if compare is not None:
-        load = (f"1-minute load average {compare['load_before'][0]:.2f} before and "
-                f"{compare['load_after'][0]:.2f} after")
         lines += [
             "qcore against llm-compressor 0.14.0.1 (`benchmarks/peers/llm_compressor.py`), "
             "both run by one `--compare` invocation, one setting after the other, on the "
             "same float model and the same token windows: calibration 128 x 512, eval 97 x "
             "512 (fp32), group 64, integer zero points. Time: model load to saved "
-            f"checkpoint; ratio = qcore / peer. {compare['machine']}; {load}. "
+            f"checkpoint; ratio = qcore / peer. {load_line(compare)}. "
             f"{compare.get('conditions', '')}".rstrip(), "",
-            *comparison_table(compare), "",
+            *comparison_table(compare, COMPARISONS), "",
             "Notes: the peer's GPTQModifier defaults are static act-order (columns in "
             "decreasing Hessian diagonal, groups in natural order, no `g_idx`), min-max "
             "ranges (`memoryless_minmax`), block 128, dampening 0.01, float32 calibration. "

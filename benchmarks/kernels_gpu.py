@@ -2,6 +2,7 @@
 
     python benchmarks/kernels_gpu.py run --out DIR     # on the GPU machine (gpu_check.sh)
     python benchmarks/kernels_gpu.py record DIR/kernels_gpu.json   # here: BENCHMARKS.md
+    python benchmarks/kernels_gpu.py render    # BENCHMARKS.md from results/ only
 
 Protocol: tokens M in {1, 16, 128, 2048}; (in, out) in {(4096, 4096), (4096, 14336),
 (14336, 4096), (8192, 8192)}; fp16 activations; baseline torch.nn.functional.linear in
@@ -230,16 +231,23 @@ def _timing(result: dict) -> str:
 
 
 def render(result: dict) -> str:
+    """The body of the ``kernels-gpu`` section: header, tables, then their notes."""
     lines = [
-        f"Device: {result['device']}; {result['versions']}; {result['date']}. Copy bandwidth "
-        f"(read + write) {result['copy_bandwidth_GBps']:.0f} GB/s. Median of {RUNS} runs, timed "
-        f"{_timing(result)}; "
-        "speed-up over fp16 `F.linear` in parentheses; bw = fraction of the copy bandwidth."
-        + (f" The W4A16/W8A8 rows come from an earlier full run on the same device "
-           f"({result['rows_from']}); the codebook rows from this one." if result.get("rows_from")
-           else ""),
+        "Time of one call of qcore-kernels' CuPy kernels (W4A16, W8A8 and codebook weights) "
+        "against fp16 `F.linear` (cuBLAS) in the same process. "
+        f"Device: {result['device']}; {result['versions']}; {result['date']}; copy bandwidth "
+        f"(read + write) {result['copy_bandwidth_GBps']:.0f} GB/s. Protocol: median of {RUNS} "
+        f"runs, timed {_timing(result)}, every kernel checked against the torch reference "
+        "first; speed-up over fp16 `F.linear` in parentheses, bw = fraction of the copy "
+        "bandwidth.",
         "",
-        "| in × out | M | fp16 F.linear | W4A16 auto | W4 mma | W4 dequant+cuBLAS "
+        "**W4A16** (4-bit weights, group 64, asymmetric) **and W8A8** (8-bit per-channel "
+        "symmetric weights, 8-bit per-token activations), fp16 activations; [path] = the path "
+        "`auto` picks"
+        + (f"; measured in an earlier full run on the same device ({result['rows_from']})"
+           if result.get("rows_from") else "") + ":",
+        "",
+        "| in × out | M | fp16 F.linear | W4A16 auto | W4A16 mma | W4A16 dequant+cuBLAS "
         "| W8A8 auto | W8A8 gemv | W8A8 GEMM | W8A8 _int_mm+epilogue |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -252,10 +260,21 @@ def render(result: dict) -> str:
             f"{cell(w8.get('auto'))} [{w8.get('auto', {}).get('path')}] | "
             f"{cell(w8.get('gemv'))} | {cell(w8.get('gemm'))} | {cell(w8.get('intmm'))} |"
         )
-    from _lut_bench import render_lut, render_sweep, render_sweep4
+    from _lut_bench import render_lut, render_sweep, render_sweep4, render_table_sweep
 
-    return ("\n".join(lines) + "\n" + render_lut(result) + render_sweep4(result)
-            + render_sweep(result))
+    notes = [
+        "W4A16 columns: mma = the tensor-core kernel with in-register dequantization "
+        "(`qk_wq_mma`), timed up to M = 128; dequant+cuBLAS = dequantize, then the fp16 GEMM. "
+        "W8A8 columns: gemv = dp4a GEMV (M <= 16), GEMM = int8 wmma tiles, _int_mm+epilogue = "
+        "cuBLASLt's int8 GEMM through `torch._int_mm` plus our epilogue (M > 16). Bandwidth "
+        "counts weight, activation and output bytes once.",
+    ]
+    text = "\n".join(lines) + "\n"
+    for part, part_notes in (render_lut(result), render_sweep4(result),
+                             render_table_sweep(result), render_sweep(result)):
+        text += part
+        notes += part_notes
+    return text + "\nNotes:\n\n" + "".join(f"- {note}\n" for note in notes)
 
 
 def record(path: Path) -> None:
@@ -276,9 +295,21 @@ def record(path: Path) -> None:
             result["lut_mma_sweep"] = swept[-1]["lut_mma_sweep"]
             result["lut_mma_sweep_from"] = swept[-1].get("lut_mma_sweep_from", swept[-1]["date"])
     merge_results("kernels_gpu", [result], key="device")
-    write_section(
-        "kernels-gpu", "## Kernels on a GPU (`benchmarks/kernels_gpu.py`)\n\n" + render(result)
-    )
+    write_section("kernels-gpu", TITLE + render(result))
+
+
+def render_recorded(write: bool = True) -> None:
+    """The section from the last run recorded in ``results/kernels_gpu.json``."""
+    from _common import RESULTS, write_section
+
+    result = json.loads((RESULTS / "kernels_gpu.json").read_text())[-1]
+    body = TITLE + render(result)
+    print(body)
+    if write:
+        write_section("kernels-gpu", body)
+
+
+TITLE = "## Kernels on a GPU (`benchmarks/kernels_gpu.py`)\n\n"
 
 
 #: The LUT GEMVs whose launch parameters ``--lut-sweep`` can sweep (``mma4``: also each of
@@ -309,11 +340,16 @@ def main() -> None:
                        help="the codebook rows alone (record keeps the other rows on file)")
     p_rec = sub.add_parser("record")
     p_rec.add_argument("json", type=Path)
+    p_ren = sub.add_parser("render", help="write the section from results/kernels_gpu.json "
+                           "(the last recorded run) without running anything")
+    p_ren.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if args.cmd == "run":
         run(args.out, lut_sweep=args.lut_sweep, only_lut=args.only_lut)
-    else:
+    elif args.cmd == "record":
         record(args.json)
+    else:
+        render_recorded(write=not args.no_write)
 
 
 if __name__ == "__main__":

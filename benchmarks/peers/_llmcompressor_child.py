@@ -93,7 +93,8 @@ def recipe(spec: dict) -> list:
     if spec["method"] == "awq":
         from llmcompressor.modifiers.awq import AWQModifier
 
-        return [AWQModifier(ignore=["lm_head"], config_groups=groups), rtn]
+        return [AWQModifier(ignore=["lm_head"], config_groups=groups,
+                            duo_scaling=spec.get("duo_scaling", True)), rtn]
     raise SystemExit(f"unknown method {spec['method']!r}")
 
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--eval", required=True)
     parser.add_argument("--spec", required=True, help="JSON: method, bits, group_size, ...")
+    parser.add_argument("--save", help="keep the compressed checkpoint in this directory")
     args = parser.parse_args()
     spec = json.loads(args.spec)
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
@@ -131,17 +133,24 @@ def main() -> None:
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, save_compressed=True)
-        tokenizer.save_pretrained(tmp)
+        folder = args.save or tmp
+        model.save_pretrained(folder, save_compressed=True)
+        tokenizer.save_pretrained(folder)
         seconds = time.perf_counter() - start
-        bits_per_weight = stored_bits_per_weight(tmp)
+        bits_per_weight = stored_bits_per_weight(folder)
     peak = peak_rss_gb()
     import llmcompressor
 
-    print(json.dumps({"quantize_s": seconds, "peak_rss_gb": peak,
-                      "bits_per_weight": bits_per_weight,
-                      "ppl": perplexity(model, windows),
-                      "peer_version": llmcompressor.__version__}))
+    result = {"quantize_s": seconds, "peak_rss_gb": peak, "bits_per_weight": bits_per_weight,
+              "ppl": perplexity(model, windows), "peer_version": llmcompressor.__version__}
+    if args.save:
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            args.save, dtype=torch.float32,
+            quantization_config=CompressedTensorsConfig(run_compressed=False))
+        result["reloaded_ppl"] = perplexity(reloaded.eval(), windows)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

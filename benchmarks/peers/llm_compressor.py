@@ -32,7 +32,9 @@ SETTINGS = {
     "GPTQModifier, memoryless_mse observer (static act-order)": {
         "method": "gptq", "observer": "memoryless_mse"},
     "QuantizationModifier (RTN, min-max)": {"method": "rtn"},
-    "AWQModifier + QuantizationModifier (RTN)": {"method": "awq"},
+    "AWQModifier defaults (duo scaling) + QuantizationModifier (RTN)": {"method": "awq"},
+    "AWQModifier, duo_scaling=False + QuantizationModifier (RTN)": {
+        "method": "awq", "duo_scaling": False},
 }
 
 
@@ -77,11 +79,14 @@ def install() -> None:
     print(f"llm-compressor {VERSION} installed in {venv()}")
 
 
-def run(setting: str, *, bits: int, group_size: int, symmetric: bool, threads: int) -> dict:
+def run(setting: str, *, bits: int, group_size: int, symmetric: bool, threads: int,
+        save: Path | None = None) -> dict:
     """One peer setting under the protocol: the same model and token windows as qcore's
     rows. Returns ``quantize_s``, ``peak_rss_gb``, ``ppl``, ``bits_per_weight`` (every
     stored bit of the quantized linears in the peer's saved checkpoint, per weight, as
-    ``qcore inspect`` counts qcore's) and ``peer_version``."""
+    ``qcore inspect`` counts qcore's) and ``peer_version``. With ``save``, the peer's
+    compressed checkpoint is kept there, and ``reloaded_ppl`` is the perplexity of that
+    directory as transformers reloads it (compressed-tensors' own decompression)."""
     import torch
 
     from qcore.assets import (
@@ -105,7 +110,8 @@ def run(setting: str, *, bits: int, group_size: int, symmetric: bool, threads: i
         torch.save(eval_windows(tokenizer, embedded_corpus("eval"), 97, 512), windows)
         proc = subprocess.run([str(python()), "-P", str(CHILD), "--model",
                                str(embedded_model_dir()), "--calib", str(calib), "--eval",
-                               str(windows), "--spec", json.dumps(spec)],
+                               str(windows), "--spec", json.dumps(spec),
+                               *(["--save", str(save)] if save is not None else [])],
                               capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"llm-compressor ({setting}) failed:\n{proc.stderr[-4000:]}")

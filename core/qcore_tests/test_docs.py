@@ -26,7 +26,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 FILE_MARKER = re.compile(r"^# file: (\S+)\n")
 
 INTERFACES = (interfaces.Component, interfaces.Observer, interfaces.Transform,
-              interfaces.Quantizer, interfaces.Packer, interfaces.KernelProvider)
+              interfaces.Quantizer, interfaces.Packer, interfaces.KernelProvider,
+              interfaces.CheckpointFormat)
 DATACLASSES = (interfaces.QuantizedWeight, interfaces.PackedWeight, interfaces.KernelSupport,
                interfaces.KernelRequest)
 

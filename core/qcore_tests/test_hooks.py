@@ -10,6 +10,7 @@ import pytest
 
 from qcore import hookimpl, hookspecs
 from qcore.interfaces import (
+    CheckpointFormat,
     KernelProvider,
     KernelSupport,
     Observer,
@@ -61,6 +62,13 @@ class SampleKernels(KernelProvider):
                             priority=10)
 
 
+class SampleFormat(CheckpointFormat):
+    """Reads a made-up quant_method."""
+
+    name = "sample-format"
+    quant_methods = frozenset({"sample"})
+
+
 #: Hook -> a class its implementation registers. A new hook needs an entry (and a test).
 SAMPLES = {
     "qcore_register_observers": SampleObserver,
@@ -68,6 +76,7 @@ SAMPLES = {
     "qcore_register_quantizers": SampleQuantizer,
     "qcore_register_packers": SamplePacker,
     "qcore_register_kernels": SampleKernels,
+    "qcore_register_checkpoint_formats": SampleFormat,
 }
 
 
@@ -124,7 +133,7 @@ def test_hook_refuses_a_class_of_another_kind(qcore_plugin_manager, hook_name: s
 def test_one_plugin_may_implement_every_hook(qcore_plugin_manager) -> None:
     module = make_plugin("everything", observers=[SampleObserver], transforms=[SampleTransform],
                          quantizers=[SampleQuantizer], packers=[SamplePacker],
-                         kernels=[SampleKernels])
+                         kernels=[SampleKernels], checkpoint_formats=[SampleFormat])
     qcore_plugin_manager.register_module(module, "everything", "qcore-plugin-everything", "1.0")
     info = qcore_plugin_manager.plugins["everything"]
     assert info.hooks == sorted(SAMPLES)
@@ -167,7 +176,7 @@ def test_registered_components_compose_into_a_pipeline(qcore_plugin_manager) -> 
 
     module = make_plugin("everything", observers=[SampleObserver], transforms=[SampleTransform],
                          quantizers=[SampleQuantizer], packers=[SamplePacker],
-                         kernels=[SampleKernels])
+                         kernels=[SampleKernels], checkpoint_formats=[SampleFormat])
     qcore_plugin_manager.register_module(module, "everything", "qcore-plugin-everything", "1.0")
     resolved = Pipeline.from_spec({
         "transforms": ["noop-rotate"], "quantizer": {"name": "sample-q", "options": {"damp": 0.1}},

@@ -124,8 +124,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------ load
 
 
-def read_quantization_config(path: str | Path) -> dict[str, Any]:
-    """The ``quantization_config`` of a checkpoint, checked for method and version."""
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The ``quantization_config`` of a quantized checkpoint directory, whoever wrote it."""
     path = Path(path)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
@@ -135,9 +135,21 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
     qconfig = config.get("quantization_config")
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path} is not a qcore checkpoint (no quantization_config with "
-                              f"quant_method 'qcore'); load it with transformers directly")
+    if not isinstance(qconfig, dict) or "quant_method" not in qconfig:
+        raise CheckpointError(f"{path} is not a quantized checkpoint (its {CONFIG_NAME} has no "
+                              "quantization_config with a quant_method): it is a float model; "
+                              "quantize it with `qcore quantize` first")
+    return qconfig
+
+
+def read_quantization_config(path: str | Path) -> dict[str, Any]:
+    """The ``quantization_config`` of a qcore checkpoint, checked for method and version."""
+    path = Path(path)
+    qconfig = read_config(path)
+    if qconfig.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a qcore checkpoint: its quantization_config has "
+                              f"quant_method {qconfig.get('quant_method')!r}, not 'qcore' (it "
+                              "was written by another tool)")
     fmt = qconfig.get("format_version")
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         raise CheckpointError(
@@ -189,19 +201,19 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a quantized model from a qcore checkpoint (no pickle)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """Rebuild a quantized model from a qcore checkpoint (no pickle), or from a checkpoint
+    another tool wrote in a format an installed checkpoint format reads
+    (``compressed-tensors``, ``gptq``, ``awq`` with qcore-plugin-interop): its layers are
+    imported into qcore's own formats and run on qcore's kernels."""
     path = Path(path)
+    qconfig = read_config(path)
+    if qconfig.get("quant_method") != QUANT_METHOD:
+        return _load_foreign(path, qconfig, device)
     qconfig = read_quantization_config(path)
     check_distributions(qconfig)
     _check_layouts(qconfig)
     tensors = load_tensors(path)
-
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config).float()
+    model = _float_model(path)
     kernel_default = qconfig.get("pipeline", {}).get("kernel", "auto")
     for name, layer in qconfig["layers"].items():
         layer_tensors = {}
@@ -219,17 +231,49 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         qlinear = QuantLinear(packed, op=layer["op"], bias=bias,
                               kernel=layer.get("kernel", kernel_default), lowrank=lowrank)
         _replace_module(model, name, qlinear)
+    _load_rest(path, model, tensors, qconfig["layers"])
+    setattr(model, QCORE_ATTR, {k: qconfig[k] for k in ("pipeline", "distributions", "blocks",
+                                                         "calibration") if k in qconfig})
+    return model.to(device).eval()
+
+
+def _float_model(path: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def _load_rest(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor],
+               quantized: Any) -> None:
+    """Load the float parameters left in ``tensors`` and tie the embeddings."""
     result = model.load_state_dict(tensors, strict=False)
     tied = _tied_keys(model)
-    built = tuple(f"{name}." for name in qconfig["layers"])
+    built = tuple(f"{name}." for name in quantized)
     missing = [k for k in result.missing_keys if k not in tied and not k.startswith(built)]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    setattr(model, QCORE_ATTR, {k: qconfig[k] for k in ("pipeline", "distributions", "blocks",
-                                                         "calibration") if k in qconfig})
+
+
+def _load_foreign(path: Path, qconfig: dict[str, Any], device: str | torch.device) -> nn.Module:
+    from qcore.exchange import import_layers, packer_for_format
+
+    tensors = load_tensors(path)
+    fmt, layers = import_layers(path, qconfig, tensors)
+    model = _float_model(path)
+    for name, qweight in layers.items():
+        packer = packer_for_format(qweight.format, int(qweight.params.get("bits") or 0))
+        bias = tensors.pop(f"{name}.bias", None)
+        qlinear = QuantLinear(packer.pack(qweight), op=packer.op, bias=bias, kernel="auto")
+        _replace_module(model, name, qlinear)
+    _load_rest(path, model, tensors, layers)
+    setattr(model, QCORE_ATTR, {"imported": {"quant_method": qconfig.get("quant_method"),
+                                             "format": fmt.name}})
     return model.to(device).eval()
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qcore.checkpoint import read_quantization_config
+from qcore.checkpoint import read_config, read_quantization_config
 from qcore.errors import CheckpointError
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
@@ -32,6 +32,8 @@ def safetensors_header(file: Path) -> dict[str, Any]:
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if read_config(path).get("quant_method") != "qcore":
+        return _inspect_foreign(path)
     qconfig = read_quantization_config(path)
     tensors: dict[str, dict[str, Any]] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -147,3 +149,56 @@ def _quantized_float_params(qconfig: dict[str, Any], tensors: dict[str, Any]) ->
             if meta is not None and meta["dtype"] in {"F32", "F16", "BF16", "F64"}:
                 n += _numel(meta["shape"])
     return n
+
+
+def _inspect_foreign(path: Path) -> dict[str, Any]:
+    """A checkpoint another tool wrote, described as qcore holds it once imported (the
+    layers packed in qcore's layouts; bits per weight of that storage)."""
+    from qcore.checkpoint import load_tensors
+    from qcore.exchange import import_layers, packer_for_format
+
+    qconfig = read_config(path)
+    tensors = load_tensors(path)
+    fmt, imported = import_layers(path, qconfig, tensors)
+    records, stored_bytes = {}, {}
+    for name, qweight in imported.items():
+        packer = packer_for_format(qweight.format, int(qweight.params.get("bits") or 0))
+        packed = packer.pack(qweight)
+        records[name] = {"layout": packed.layout, "op": packer.op, "shape": list(packed.shape),
+                         "params": dict(packed.params),
+                         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."),
+                                         "shape": list(v.shape)}
+                                     for k, v in packed.tensors.items()}}
+        stored_bytes[name] = sum(v.numel() * v.element_size() for v in packed.tensors.values())
+    layers = {}
+    by_format: dict[str, list[int]] = {}
+    for name, record in records.items():
+        out_f, in_f = record["shape"]
+        label = _format_label(record)
+        layers[name] = {"shape": [out_f, in_f], "format": label, "bytes": stored_bytes[name],
+                        "bits_per_weight": 8 * stored_bytes[name] / (out_f * in_f),
+                        "kernel": "auto", "kernel_cpu": _kernel_on(record, "cpu", "float32"),
+                        "kernel_cuda": _kernel_on(record, "cuda", "float16")}
+        group = by_format.setdefault(label, [0, 0])
+        group[0] += stored_bytes[name]
+        group[1] += out_f * in_f
+    quant_weights = sum(n for _, n in by_format.values())
+    float_params = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    first = next(iter(records.values()))["params"]
+    return {
+        "path": str(path),
+        "imported_from": {"quant_method": qconfig.get("quant_method"), "format": fmt.name},
+        "pipeline": {},
+        "pipeline_short": f"imported from {qconfig.get('quant_method')} (read by {fmt.name})",
+        "scheme": f"W{first.get('bits')} g{first.get('group_size')} "
+                  f"{'sym' if first.get('symmetric') else 'asym'}",
+        "distributions": {},
+        "n_quantized": len(layers),
+        "formats": dict(Counter(layer["format"] for layer in layers.values())),
+        "formats_bits_per_weight": {f: 8 * b / n for f, (b, n) in by_format.items()},
+        "bits_per_weight": 8 * sum(b for b, _ in by_format.values()) / max(quant_weights, 1),
+        "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "fp16_bytes": 2 * (float_params + quant_weights),
+        "layers": layers,
+    }
+

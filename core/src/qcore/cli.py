@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default float32)")
     g.set_defaults(func=cmd_generate)
 
+    x = sub.add_parser("export", help="write a checkpoint in a format other engines read "
+                       "(vLLM, SGLang, transformers)",
+                       description="Write a qcore checkpoint as a Hugging Face model directory "
+                       "in another format: compressed-tensors, gptq or awq (qcore-plugin-interop).")
+    x.add_argument("checkpoint", type=Path, help="qcore checkpoint directory")
+    x.add_argument("out", type=Path, help="output model directory")
+    x.add_argument("--format", required=True, help="compressed-tensors, gptq or awq (installed "
+                   "formats: `qcore plugins`)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    x.set_defaults(func=cmd_export)
+
     i = sub.add_parser("inspect", help="what a checkpoint holds")
     i.add_argument("checkpoint", type=Path)
     i.add_argument("--json", action="store_true")
@@ -300,7 +311,7 @@ def _load_model_or_checkpoint(model_arg: str | None) -> tuple[Any, Any]:
     from qcore.assets import load_model
 
     path = Path(model_arg) if model_arg else None
-    if path is not None and (path / "config.json").is_file() and _is_qcore_checkpoint(path):
+    if path is not None and (path / "config.json").is_file() and _qcore_reads(path):
         from transformers import AutoTokenizer
 
         from qcore.checkpoint import load
@@ -350,13 +361,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_qcore_checkpoint(path: Path) -> bool:
+def _qcore_reads(path: Path) -> bool:
+    """A qcore checkpoint, or one of another tool that an installed checkpoint format
+    imports (other quantized or float models go to transformers)."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(config.get("quantization_config"), dict) and \
-        config["quantization_config"].get("quant_method") == "qcore"
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict):
+        return False
+    from qcore.exchange import importer_for
+
+    method = qconfig.get("quant_method")
+    return method == "qcore" or importer_for(str(method)) is not None
+
+
+# --------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qcore.exchange import export
+
+    path = export(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"exported {args.checkpoint} as {args.format}: {path} ({size / 1e6:.1f} MB)")
+    return 0
 
 
 # --------------------------------------------------------------------------- inspect
@@ -371,7 +401,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint   {info['path']}")
     print(f"pipeline     {info['pipeline_short']}  ({info['scheme']})")
-    print("made with    " + ", ".join(f"{d} {v}" for d, v in info["distributions"].items()))
+    if "imported_from" in info:
+        print(f"made with    another tool (quant_method {info['imported_from']['quant_method']!r}"
+              f"), read by qcore's {info['imported_from']['format']} format")
+    else:
+        print("made with    " + ", ".join(f"{d} {v}" for d, v in info["distributions"].items()))
     print(f"layers       {info['n_quantized']} quantized: " + ", ".join(
         f"{n} x {fmt} ({info['formats_bits_per_weight'][fmt]:.3f} bits/weight)"
         for fmt, n in info["formats"].items()))

@@ -128,7 +128,7 @@ def evaluate_embedded(
 
     The first ``n_windows`` (97) non-overlapping windows of ``seq_len`` (512) tokens of the
     eval split, tokenized with ``tokenizer`` without special tokens. The fp32 embedded
-    SmolLM2-135M-Instruct scores 14.934.
+    SmolLM2-135M-Instruct's score is in BENCHMARKS.md.
     """
     from qcore.assets import embedded_corpus, eval_windows
 

@@ -52,6 +52,10 @@ need, except where marked):
   to 4 bits with 4-bit activations; the quantized layer adds the low-rank branch (the
   branch's buffers, checkpoint entries and loader exist; no method makes them yet).
 
+- Formats other engines read (qcore-plugin-interop): checkpoint formats ``compressed-tensors``,
+  ``gptq`` and ``awq`` export the ``"int"`` format's layers and import checkpoints of
+  those formats as ``"int"`` weights.
+
 A plugin may implement any subset of the hooks. pluggy lets an implementation accept
 fewer arguments than its spec; hooks grow only by new optional arguments, new needs get
 new hooks with new names.
@@ -66,7 +70,14 @@ import pluggy
 from qcore import PROJECT_NAME
 
 if TYPE_CHECKING:
-    from qcore.interfaces import KernelProvider, Observer, Packer, Quantizer, Transform
+    from qcore.interfaces import (
+        CheckpointFormat,
+        KernelProvider,
+        Observer,
+        Packer,
+        Quantizer,
+        Transform,
+    )
 
 _hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
@@ -134,6 +145,19 @@ def qcore_register_kernels(register: Callable[[type[KernelProvider]], None]) -> 
     """
 
 
+@_hookspec
+def qcore_register_checkpoint_formats(register: Callable[[type[CheckpointFormat]], None]) -> None:
+    """Register checkpoint formats other engines read (contract 1.3):
+    ``register(MyFormat)`` once per class.
+
+    :param register: takes one subclass of :class:`qcore.interfaces.CheckpointFormat`.
+        Its ``name`` is what ``qcore export --format`` takes; its ``quant_methods`` are
+        the ``quantization_config.quant_method`` values :func:`qcore.load` reads with it.
+
+    Every implementation is called; the return value is ignored.
+    """
+
+
 #: Hook name -> component kind it registers.
 REGISTRATION_HOOKS: dict[str, str] = {
     "qcore_register_observers": "observer",
@@ -141,4 +165,5 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "qcore_register_quantizers": "quantizer",
     "qcore_register_packers": "packer",
     "qcore_register_kernels": "kernel",
+    "qcore_register_checkpoint_formats": "checkpoint_format",
 }

@@ -1,6 +1,6 @@
 """The component interfaces that plugins implement.
 
-Five kinds of component plug into qcore. Each is a class with a ``name`` (unique within
+Six kinds of component plug into qcore. Each is a class with a ``name`` (unique within
 its kind), a nested frozen dataclass ``Config`` whose fields are its options, and a
 declaration of what it needs and makes, so that a pipeline can be checked before any
 model is loaded:
@@ -20,6 +20,10 @@ Packer         ``format`` it reads, ``layout`` it writes,  maps a logical format
                ``op`` its layout is computed with          storage layout and back,
                                                            exactly
 KernelProvider ``support`` (:class:`KernelSupport`)        computes an op on a layout
+Checkpoint-    ``quant_methods`` it imports                writes quantized layers in a
+Format                                                     format other engines read, and
+                                                           reads checkpoints other tools
+                                                           wrote (contract 1.3)
 =============  ==========================================  ===============================
 
 This module imports no torch at run time: a plugin's hooks module can import it and its
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
     from qcore.context import BlockContext
     from qcore.scheme import Scheme
 
-KINDS: tuple[str, ...] = ("observer", "transform", "quantizer", "packer", "kernel")
+KINDS: tuple[str, ...] = ("observer", "transform", "quantizer", "packer", "kernel",
+                          "checkpoint_format")
 
 JSONScalar = int | float | bool | str | None
 
@@ -412,3 +417,56 @@ class KernelProvider(Component):
 def config_fields(component: type[Component]) -> list[dataclasses.Field[Any]]:
     """The option fields of a component's ``Config``."""
     return list(dataclasses.fields(component.Config))
+
+
+# ---------------------------------------------------------------- checkpoint formats
+
+
+class CheckpointFormat(Component):
+    """A checkpoint format that other engines read (contract 1.3).
+
+    ``qcore export CKPT OUT --format NAME`` writes a qcore checkpoint's quantized linears
+    in this format; :func:`qcore.load` (and so ``qcore eval``, ``inspect``, ``generate``)
+    reads checkpoints whose ``quantization_config.quant_method`` is in ``quant_methods``.
+    The core does everything else: it reads and unpacks the qcore checkpoint, copies the
+    float parameters and the tokenizer, writes ``config.json`` and the safetensors files
+    atomically, and on import builds the model and packs each imported weight with the
+    installed packer of its format.
+
+    ``layers`` below maps module names to the records a qcore checkpoint stores for its
+    quantized linears (``quantization_config.layers``), each with ``format``, the logical
+    format of its layout, added: ``layout``, ``op``, ``shape`` ``[out, in]``, ``params``,
+    ``tensors`` (name -> ``{"dtype", "shape"}``), ``bias``, ``lowrank``.
+    """
+
+    kind = "checkpoint_format"
+    #: ``quantization_config.quant_method`` values this format imports (empty: export only).
+    quant_methods: ClassVar[frozenset[str]] = frozenset()
+
+    def cannot_express(self, layers: Mapping[str, Mapping[str, Any]]) -> str | None:
+        """Why ``layers`` cannot be written in this format, naming the layer and what it
+        lacks (None: they can). Called before anything is written."""
+        raise NotImplementedError
+
+    def export_layer(self, qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """One linear's tensors in this format, keyed by the name that follows
+        ``"<module>."`` (e.g. ``weight_packed``); the core writes the bias."""
+        raise NotImplementedError
+
+    def export_config(
+        self, layers: Mapping[str, Mapping[str, Any]], ignore: Sequence[str]
+    ) -> dict[str, Any]:
+        """The ``quantization_config`` of the exported ``config.json``; ``ignore`` names
+        the model's linear modules left unquantized (e.g. ``lm_head``)."""
+        raise NotImplementedError
+
+    def import_layers(
+        self, qconfig: Mapping[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, QuantizedWeight]:
+        """The quantized linears of a checkpoint another tool wrote (module name ->
+        weight, in a logical format qcore packs, e.g. ``"int"``), from its
+        ``quantization_config`` and tensors. Pop the tensors it consumes (the bias
+        stays): what remains loads as float parameters. A field it cannot read raises
+        :class:`qcore.errors.CheckpointError` naming the field and its value."""
+        raise NotImplementedError
+

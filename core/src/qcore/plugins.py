@@ -34,7 +34,15 @@ import pluggy
 import qcore
 from qcore import CONTRACT_VERSION, PROJECT_NAME, hookspecs
 from qcore.errors import PluginLoadError, QcoreError
-from qcore.interfaces import Component, KernelProvider, Observer, Packer, Quantizer, Transform
+from qcore.interfaces import (
+    CheckpointFormat,
+    Component,
+    KernelProvider,
+    Observer,
+    Packer,
+    Quantizer,
+    Transform,
+)
 from qcore.registry import Origin, Registry
 
 ENTRY_POINT_GROUP = PROJECT_NAME
@@ -48,6 +56,7 @@ _BASES: dict[str, type[Component]] = {
     "quantizer": Quantizer,
     "packer": Packer,
     "kernel": KernelProvider,
+    "checkpoint_format": CheckpointFormat,
 }
 
 

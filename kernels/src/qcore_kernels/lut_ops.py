@@ -67,11 +67,11 @@ CPU_BLOCKS = 3
 #: it reads x, the addend or the epilogue's tensors, and before it writes anything. The
 #: weights must therefore not be written by the kernel launched just before a call:
 #: ``to_lut`` waits for its own copies, and ``QuantLinear`` prepares its weight again
-#: (through ``to_lut``) when one of its tensors was changed in place. On by default: on the
-#: H200 it took 0.7-1.9 us off every one-token call in the launch sweeps (BENCHMARKS.md,
-#: 2026-11-28; ``qk_lut_mma4``'s default grid at (8192, 8192): 11.7 -> 10.4 us), and every
-#: GPU test passed with it. It stays a switch for callers whose weights a kernel may have
-#: just written (and for the benchmark's plain per-path columns), not as a tuning option.
+#: (through ``to_lut``) when one of its tensors was changed in place. On by default: it made
+#: every one-token call faster in the H200 launch sweeps, and every GPU test passed with it
+#: (figures: BENCHMARKS.md, kernels sections). It stays a switch for callers whose weights a
+#: kernel may have just written (and for the benchmark's plain per-path columns), not as a
+#: tuning option.
 LUT_PDL = True
 
 
@@ -201,16 +201,13 @@ def lut_path(m: int, w: PreparedLUT, device: torch.device | str) -> str:
 
 def mma4_preferred(m: int, n: int) -> bool:
     """Whether ``qk_lut_mma4`` beats ``qk_lut_mma`` at ``m`` tokens and ``n`` output rows
-    (v4 i8 weights on the H200, BENCHMARKS.md): above 8 tokens always (``qk_lut_mma``'s
-    16-token tile is the slow one, 15-30% behind); at one token, without the L2 requests
-    (:func:`_mma4`), level without programmatic launch and ahead with it ((8192, 8192):
-    10.4 against 11.3 us or more for ``qk_lut_mma``); up to 4 tokens (one block of tokens,
-    so about the cost of one) with programmatic launch ahead at every shape measured (M = 4:
-    (8192, 8192) 13.2 against 14.3 us, 4096 x 14336 12.2 against 13.0) and within about 5%
-    either way without it; from 5 to 8 tokens up to ``LUT_MMA4_MAX_ROWS`` output rows
-    (14336 x 4096 at M = 8: 22.2 against 25.4 us plainly), and not beyond (8192 x 8192 at
-    M = 8: 23.3 against 19.5 us plainly, where ``qk_lut_mma`` reads each index once for all
-    8 tokens)."""
+    (v4 i8 weights on the H200; the figures are in BENCHMARKS.md): above 8 tokens always
+    (``qk_lut_mma``'s 16-token tile is the slow one); at one token, without the L2 requests
+    (:func:`_mma4`), level without programmatic launch and ahead with it; up to 4 tokens
+    (one block of tokens, so about the cost of one) ahead with programmatic launch at every
+    shape measured and level without it; from 5 to 8 tokens up to ``LUT_MMA4_MAX_ROWS``
+    output rows, and not beyond, where ``qk_lut_mma`` reads each index once for all 8
+    tokens and ``qk_lut_mma4`` twice."""
     if m > 8 or m <= LUT_MMA4_TOKENS:
         return True
     return n <= LUT_MMA4_MAX_ROWS
@@ -435,10 +432,9 @@ def _mma4(
     out: torch.Tensor,
 ) -> None:
     """One ``qk_lut_mma4`` launch over one part (see :func:`_gemv`). The L2 requests of the
-    next tile (launch argument ``l2``) are off for one token, where the H200 sweeps ran 6-12%
-    faster without them (BENCHMARKS.md, 2026-11-28; the default grid with programmatic
-    launch: 4.8 -> 4.5 us at (4096, 4096), 11.1 -> 10.4 us at (8192, 8192)), and on for more
-    tokens, where they were measured on."""
+    next tile (launch argument ``l2``) are off for one token, where the H200 launch sweeps
+    ran faster without them (BENCHMARKS.md), and on for more tokens, where they were
+    measured on."""
     from qcore_kernels.sources import LUT_MMA4_GROUPS
 
     m, n, xp, ld, chunks, warps = _mma_setup(x, part, w, LUT_MMA4_WARPS)
@@ -511,7 +507,7 @@ LUT_MMA4_STAGE_BYTES = 512
 #: outputs are the same bit for bit). Each 16-byte x read of a warp then costs one
 #: shared-memory wavefront per token present instead of four: at one token and 2 row
 #: groups, about 42 instead of 48 wavefronts per 512 indices (the codebook rows 32, x 8 ->
-#: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (70%).
+#: 2, the index stage 8), where Nsight Compute found L1 the busiest unit (BENCHMARKS.md).
 LUT_MMA4_SKIP_ABSENT_X = False
 #: ``qk_lut_mma4<..., RI = true>``: each lane loads its index words straight into registers,
 #: 2 chunk steps ahead (``qk_lut::MMA4_RI_AHEAD``), instead of streaming them through

@@ -25,36 +25,42 @@ from qcore.testing.plugin import isolated_plugin_manager, make_plugin
 
 if TYPE_CHECKING:
     from qcore.testing.base import (
+        BaseCheckpointFormatTests,
         BaseKernelProviderTests,
         BaseObserverTests,
         BasePackerTests,
         BaseQuantizerTests,
         BaseTransformTests,
         ToyVQQuantizer,
+        int_layer_record,
         random_int_weight,
         random_vq_weight,
         reference_linear,
     )
 
 _FROM_BASE = {
+    "BaseCheckpointFormatTests",
     "BaseKernelProviderTests",
     "BaseObserverTests",
     "BasePackerTests",
     "BaseQuantizerTests",
     "BaseTransformTests",
     "ToyVQQuantizer",
+    "int_layer_record",
     "random_int_weight",
     "random_vq_weight",
     "reference_linear",
 }
 
 __all__ = [
+    "BaseCheckpointFormatTests",
     "BaseKernelProviderTests",
     "BaseObserverTests",
     "BasePackerTests",
     "BaseQuantizerTests",
     "BaseTransformTests",
     "ToyVQQuantizer",
+    "int_layer_record",
     "isolated_plugin_manager",
     "make_plugin",
     "random_int_weight",

@@ -799,6 +799,153 @@ class BasePackerTests(_ComponentChecks):
             _assert_same_tensors(back.tensors, qweight.tensors, "unpack after safetensors")
 
 
+# ---------------------------------------------------------------- checkpoint formats
+
+
+def int_layer_record(qweight: QuantizedWeight) -> dict[str, Any]:
+    """The record a qcore checkpoint stores for an ``"int"`` layer (as
+    :class:`~qcore.interfaces.CheckpointFormat` receives it, ``format`` included)."""
+    packed = _int_packer().pack(qweight)
+    return {"format": "int", "layout": packed.layout, "op": "linear",
+            "shape": list(packed.shape), "params": dict(packed.params),
+            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                        for k, v in packed.tensors.items()},
+            "bias": False, "lowrank": False}
+
+
+def _int_packer() -> Packer:
+    from qcore.builtin.int_packer import IntPacker
+
+    return IntPacker()
+
+
+class BaseCheckpointFormatTests(_ComponentChecks):
+    """Conformance tests of a :class:`~qcore.interfaces.CheckpointFormat` (contract 1.3).
+
+    Fixtures to define: ``checkpoint_format`` (an instance). ``quantized_weights``
+    defaults to random ``"int"`` weights (2, 3, 4 and 8 bits; groups of 32 and per
+    channel; symmetric and asymmetric; act-order; 8-bit activations, static and dynamic),
+    16 x 64. Every weight the format says it can express (``cannot_express`` None) must
+    come back from ``import_layers(export_config(...), export_layer(...))`` with the same
+    dense weight, bit for bit, the same scheme, and all its tensors consumed; every other
+    weight must get a reason naming the layer. ``export_layer`` may still refuse a weight
+    whose values the format cannot store with a ``CheckpointError``.
+    """
+
+    kind = "checkpoint_format"
+    layer = "model.layers.0.mlp.up_proj"
+
+    @pytest.fixture
+    def checkpoint_format(self) -> Any:
+        _must_override("checkpoint_format", "an instance of your CheckpointFormat")
+        raise AssertionError  # unreachable
+
+    @pytest.fixture
+    def component(self, checkpoint_format: Any) -> Any:
+        return checkpoint_format
+
+    @pytest.fixture
+    def quantized_weights(self) -> list[QuantizedWeight]:
+        out = []
+        for seed, bits in enumerate((2, 3, 4, 8)):
+            out += [
+                random_int_weight(16, 64, bits, 32, symmetric=False, seed=seed),
+                random_int_weight(16, 64, bits, 32, symmetric=True, seed=seed),
+                random_int_weight(16, 64, bits, PER_CHANNEL, symmetric=True, seed=seed),
+                random_int_weight(16, 64, bits, 32, act_order=True, seed=seed),
+            ]
+        out += [random_int_weight(16, 64, 8, PER_CHANNEL, symmetric=True, act_bits=8, seed=9),
+                random_int_weight(16, 64, 8, PER_CHANNEL, symmetric=True, act_bits=8,
+                                  static_input_scale=True, seed=10)]
+        return out
+
+    def test_declarations(self, checkpoint_format: Any) -> None:
+        methods = type(checkpoint_format).quant_methods
+        assert isinstance(methods, frozenset)
+        assert all(isinstance(m, str) and m for m in methods)
+
+    def _express(self, fmt: Any, qweight: QuantizedWeight) -> str | None:
+        reason = fmt.cannot_express({self.layer: int_layer_record(qweight)})
+        assert reason is None or (isinstance(reason, str) and self.layer in reason), (
+            f"cannot_express must return None or a reason naming the layer, got {reason!r}")
+        return reason
+
+    def test_what_it_expresses_comes_back_bit_for_bit(
+            self, checkpoint_format: Any, quantized_weights: Sequence[QuantizedWeight]) -> None:
+        from safetensors.torch import load, save
+
+        from qcore.errors import CheckpointError
+        from qcore.grid import dequantize_int
+
+        round_trips = 0
+        for i, qweight in enumerate(quantized_weights):
+            what = f"quantized_weights[{i}] ({qweight.params})"
+            if self._express(checkpoint_format, qweight) is not None:
+                continue
+            try:
+                exported = checkpoint_format.export_layer(qweight)
+            except CheckpointError:
+                continue  # values this format cannot store (documented as allowed)
+            for key, tensor in exported.items():
+                assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), f"{what}: key {key!r}"
+                assert type(tensor) is torch.Tensor and tensor.is_contiguous(), f"{what}: {key}"
+            config = checkpoint_format.export_config(
+                {self.layer: int_layer_record(qweight)}, ["lm_head"])
+            config = json.loads(json.dumps(config))  # what config.json holds
+            tensors = load(save({f"{self.layer}.{k}": v.cpu() for k, v in exported.items()}))
+            imported = checkpoint_format.import_layers(config, tensors)
+            assert set(imported) == {self.layer}, f"{what}: imported {sorted(imported)}"
+            assert not tensors, f"{what}: tensors left unconsumed: {sorted(tensors)}"
+            back = _int_packer().unpack(_int_packer().pack(imported[self.layer]))
+            assert tuple(back.shape) == tuple(qweight.shape), what
+            for key in ("bits", "group_size", "act_bits"):
+                assert back.params.get(key) == qweight.params.get(key), f"{what}: {key}"
+            if qweight.params.get("act_bits"):
+                assert back.params.get("act_dynamic") == qweight.params.get("act_dynamic"), what
+            assert torch.equal(dequantize_int(back), dequantize_int(qweight)), (
+                f"{what}: the imported dense weight differs from the exported one")
+            round_trips += 1
+        assert round_trips, "the format expressed none of quantized_weights"
+
+    def test_codebook_layers_are_refused_with_a_reason(self, checkpoint_format: Any) -> None:
+        record = {"format": "vq", "layout": "vq-packed", "op": "lut_linear",
+                  "shape": [16, 64], "params": {"bits": 2, "vector_size": 4},
+                  "tensors": {"indices": {"dtype": "int32", "shape": [16, 16]}},
+                  "bias": False, "lowrank": False}
+        reason = checkpoint_format.cannot_express({self.layer: record})
+        assert isinstance(reason, str) and self.layer in reason
+
+    def test_a_missing_tensor_is_an_error_never_another_weight(
+            self, checkpoint_format: Any, quantized_weights: Sequence[QuantizedWeight]) -> None:
+        from qcore.errors import CheckpointError
+
+        for qweight in quantized_weights:
+            if self._express(checkpoint_format, qweight) is not None:
+                continue
+            try:
+                exported = checkpoint_format.export_layer(qweight)
+            except CheckpointError:
+                continue
+            config = json.loads(json.dumps(checkpoint_format.export_config(
+                {self.layer: int_layer_record(qweight)}, [])))
+            for dropped in exported:
+                tensors = {f"{self.layer}.{k}": v for k, v in exported.items() if k != dropped}
+                try:
+                    imported = checkpoint_format.import_layers(config, tensors)
+                except CheckpointError:
+                    continue
+                # A reader may find layers by one tensor (without it there is no layer) or
+                # read an optional tensor's default (GPTQ's natural-order g_idx): never a
+                # different weight.
+                if self.layer in imported:
+                    from qcore.grid import dequantize_int
+
+                    assert torch.equal(dequantize_int(imported[self.layer]),
+                                       dequantize_int(qweight)), (
+                        f"without {dropped!r} the layer must be an error, absent, or the same "
+                        "weight (an optional tensor's default), never a different weight")
+
+
 # --------------------------------------------------------------------------- kernels
 
 

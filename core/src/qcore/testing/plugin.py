@@ -43,6 +43,7 @@ _HOOK_OF_KIND = {
     "quantizers": "qcore_register_quantizers",
     "packers": "qcore_register_packers",
     "kernels": "qcore_register_kernels",
+    "checkpoint_formats": "qcore_register_checkpoint_formats",
 }
 
 
@@ -54,6 +55,7 @@ def make_plugin(
     quantizers: Iterable[type[Component]] = (),
     packers: Iterable[type[Component]] = (),
     kernels: Iterable[type[Component]] = (),
+    checkpoint_formats: Iterable[type[Component]] = (),
 ) -> ModuleType:
     """A hooks module, built in memory, that registers the given classes: what a
     plugin's ``hooks.py`` would be. Only the hooks of non-empty kinds are implemented."""
@@ -61,7 +63,7 @@ def make_plugin(
 
     module = ModuleType(name, f"qcore plugin {name!r} built by qcore.testing.make_plugin")
     given = {"observers": observers, "transforms": transforms, "quantizers": quantizers,
-             "packers": packers, "kernels": kernels}
+             "packers": packers, "kernels": kernels, "checkpoint_formats": checkpoint_formats}
     for kind, classes in given.items():
         classes = tuple(classes)
         if not classes:

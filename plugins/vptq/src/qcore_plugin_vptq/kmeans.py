@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 #: Vectors x centroids per chunk of a distance matrix: 1 MiB of float32, which stays in
-#: the CPU's cache between the product and the argmin (3x faster than 64 MiB chunks).
+#: the CPU's cache between the product and the argmin (faster than 64 MiB chunks).
 CHUNK_ELEMENTS = 1 << 18
 
 

@@ -65,7 +65,8 @@ class VPTQQuantizer(Quantizer):
         true_sequential: bool = True
         #: CPU threads of the solver (0: torch's setting). Its operations are small (one
         #: vector position, a 1 MiB distance chunk), where a thread pool costs more than
-        #: it saves: on a busy 2-core machine 2 threads made them 5x slower than 1.
+        #: it saves: on a busy 2-core machine 2 threads made them several times slower
+        #: than 1.
         threads: int = 1
 
         def __post_init__(self) -> None:
