@@ -76,7 +76,9 @@ NOTES = (
     "defaults): 4 epochs of Adam over the first 64 calibration rows per block, tuning the "
     "float16 group scales against the unquantized model's block outputs. Rows carry the "
     "numbers of the run that measured them; compare times only within one run (the "
-    "comparison table above).")
+    "comparison table above). Rows not in the comparison were recorded on 2026-11-27 (the "
+    "two `finetune` rows on 2026-11-28, with nothing else running) on the same machine with "
+    "transformers 5.24.0, bf16 calibration.")
 
 
 def child(setting: str) -> dict:
