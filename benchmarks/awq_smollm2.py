@@ -63,8 +63,8 @@ COMPARISONS = [
          f"awq {label}, fp32 calibration", PEER_NO_DUO),
         ("qcore's best AWQ pipeline `awq,awq-clip` (bf16 calibration) vs peer defaults",
          f"awq,awq-clip {label}", PEER_DEFAULTS),
-        ("calibration dtype alone: qcore `awq` in fp32 (x-only scales) vs peer defaults "
-         "(duo scaling)", f"awq {label}, fp32 calibration", PEER_DEFAULTS),
+        ("both in fp32 calibration: qcore `awq` (x-only scales) vs peer defaults (duo "
+         "scaling)", f"awq {label}, fp32 calibration", PEER_DEFAULTS),
     )
 ]
 NOTES = (
