@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 from _common import RESULTS, machine, write_section  # noqa: E402,I001
 
+RECORD = RESULTS / "interop_smollm2.json"
 #: name -> (peer setting, symmetric)
 SETTINGS = {
     "W4A16 g64 sym, QuantizationModifier (RTN, min-max)": (
@@ -65,21 +66,8 @@ def measure(name: str, folder: Path) -> dict:
     return row
 
 
-def main() -> None:
-    from qcore.assets import cache_dir
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    rows = []
-    for name in args.settings:
-        folder = cache_dir() / "interop" / f"llmcompressor-smollm2-{list(SETTINGS).index(name)}"
-        row = measure(name, folder)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    record = {"machine": machine(), "rows": rows}
-    (RESULTS / "interop_smollm2.json").write_text(json.dumps(record, indent=1) + "\n")
+def render(record: dict) -> str:
+    rows = record["rows"]
     lines = [
         "## Checkpoints llm-compressor wrote, evaluated by qcore (`benchmarks/interop_smollm2.py`)",
         "",
@@ -104,7 +92,29 @@ def main() -> None:
         "points into its `int` format (scales kept in the checkpoint's dtype) and runs them "
         "on its own kernels; 'kernel auto' is the provider qcore picks on this CPU. Bits "
         "per weight count every stored bit of the quantized linears as qcore holds them."]
-    body = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from qcore.assets import cache_dir
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite the section from the "
+                        "recorded rows, measuring nothing")
+    args = parser.parse_args()
+    rows = []
+    for name in [] if args.render else args.settings:
+        folder = cache_dir() / "interop" / f"llmcompressor-smollm2-{list(SETTINGS).index(name)}"
+        row = measure(name, folder)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    stored = (json.loads(RECORD.read_text())["rows"] if RECORD.exists() else [])
+    rows = [r for r in stored if r["setting"] not in {x["setting"] for x in rows}] + rows
+    record = {"machine": machine(), "rows": rows}
+    RECORD.write_text(json.dumps(record, indent=1) + "\n")
+    body = render(record)
     print(body)
     if not args.no_write:
         write_section("interop", body)
