@@ -94,20 +94,29 @@ def quantize_and_evaluate(setting: str, pipeline: object, calib_dtype: object = 
     peak = peak_rss_gb()
     ids = eval_windows(tokenizer, embedded_corpus("eval"), 97, 512)
     return {"setting": setting, "quantize_s": seconds, "peak_rss_gb": peak,
-            **stored_size(result.blocks),
+            **stored_size(result.blocks, model),
             "ppl": perplexity(model, ids, batch_size=8, progress=False)}
 
 
-def stored_size(blocks: list) -> dict:
+def stored_size(blocks: list, model: object = None) -> dict:
     """Bits per weight of the quantized linears, every stored bit of their packed tensors
-    counted (codes or indices with padding, scales, zeros, codebooks), as ``qcore
-    inspect`` counts them; and the number of weights they hold."""
-    bits = weights = 0
+    counted (codes or indices with padding, scales, zeros, codebooks) and of their
+    low-rank branches (from ``model``'s quantized layers), as ``qcore inspect`` counts
+    them; the number of weights they hold; and the branches' share of the bits."""
+    bits = weights = branch = 0
     for block in blocks:
         for packed in block.layers.values():
             bits += sum(8 * t.numel() * t.element_size() for t in packed.tensors.values())
             weights += packed.shape[0] * packed.shape[1]
-    return {"bits_per_weight": bits / max(weights, 1), "quantized_weights": weights}
+    if model is not None:
+        from qcore.qlinear import QuantLinear
+
+        for module in model.modules():  # type: ignore[attr-defined]
+            if isinstance(module, QuantLinear) and module.lowrank_down is not None:
+                branch += sum(8 * t.numel() * t.element_size()
+                              for t in (module.lowrank_down, module.lowrank_up))
+    return {"bits_per_weight": (bits + branch) / max(weights, 1), "quantized_weights": weights,
+            "lowrank_bits_per_weight": branch / max(weights, 1)}
 
 
 def settings_main(script: str, name: str, settings: dict, child) -> tuple[list[dict], bool]:

@@ -25,11 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "docs" / "bits_vs_ppl.png"
 #: The chart's window; points outside it are named in its note (W2 without codebooks,
-#: W8).
+#: W8). It reaches 6 bits for SVDQuant's W4A4 rows, whose low-rank branches add up to
+#: 1.5 bits per weight.
 PPL_MAX = 120.0
-BITS_MAX = 4.7
+BITS_MAX = 6.0
 PPL_TICKS = (15, 17, 20, 25, 30, 40, 50, 70, 100)
 SCHEME = re.compile(r"W(\d) (?:g(\d+)|per-channel) (asym|sym)")
+#: Rows with 4-bit activations (the SVDQuant section): on the chart, not on the
+#: weight-only Pareto front.
+W4A4 = "W4A4 (4-bit activations too)"
 STYLE = {  # method -> (marker, colour)
     "RTN": ("s", "#7f7f7f"),
     "GPTQ": ("o", "#1f77b4"),
@@ -37,6 +41,18 @@ STYLE = {  # method -> (marker, colour)
     "VPTQ": ("D", "#9467bd"),
     "+ finetune": ("*", "#d62728"),
     "llm-compressor (peer)": ("X", "#ff7f0e"),
+    W4A4: ("P", "#8c564b"),
+}
+
+
+#: How the SVDQuant section's W4A4 settings are named on the chart.
+LABELS_W4A4 = {
+    "rtn W4A4": "RTN W4A4 g64 asym, act-g64",
+    "smooth W4A4": "smoothing only W4A4",
+    "svdquant r8 W4A4": "SVDQuant r8 W4A4",
+    "svdquant r16 W4A4": "SVDQuant r16 W4A4",
+    "svdquant r32 W4A4": "SVDQuant r32 W4A4",
+    "svdquant r32 + gptq W4A4": "SVDQuant r32 + GPTQ W4A4",
 }
 
 
@@ -88,6 +104,8 @@ def scheme_bits(bits: int, group_size: int, symmetric: bool, g_idx: bool) -> flo
 
 
 def method_of(source: str, setting: str) -> str:
+    if "W4A4" in setting:
+        return W4A4
     if "finetune" in setting:
         return "+ finetune"
     if setting.startswith("peer:"):
@@ -116,14 +134,18 @@ def bits_of(source: str, row: dict) -> float | None:
 
 def points() -> tuple[list[Point], float | None]:
     found, fp32 = [], None
-    for source in ("rtn", "gptq", "awq", "vptq"):
+    for source in ("rtn", "gptq", "awq", "vptq", "svdquant"):
         path = RESULTS / f"{source}_smollm2.json"
         if not path.exists():
             continue
         for row in json.loads(path.read_text()):
             if row["setting"] == "fp32":
-                fp32 = row["ppl"]
+                fp32 = fp32 if source == "svdquant" else row["ppl"]
                 continue
+            if source == "svdquant" and "W4A4" not in row["setting"]:
+                continue  # its weight-only reference rows are the RTN and GPTQ sections'
+            if source == "svdquant":
+                row = {**row, "setting": LABELS_W4A4.get(row["setting"], row["setting"])}
             bits = bits_of(source, row)
             if bits is not None:
                 found.append(Point(method_of(source, row["setting"]), row["setting"], bits,
@@ -132,9 +154,9 @@ def points() -> tuple[list[Point], float | None]:
 
 
 def pareto(pts: list[Point]) -> list[Point]:
-    """Points that no other point beats on both bits and perplexity."""
+    """Weight-only points that no other beats on both bits and perplexity."""
     front, best = [], float("inf")
-    for p in sorted(pts, key=lambda p: (p.bits, p.ppl)):
+    for p in sorted((p for p in pts if p.method != W4A4), key=lambda p: (p.bits, p.ppl)):
         if p.ppl < best:
             front.append(p)
             best = p.ppl
@@ -201,9 +223,11 @@ def section(pts: list[Point], fp32: float | None) -> str:
     lines = [
         "## Bits per weight against perplexity (`benchmarks/chart_bits_ppl.py`)", "",
         f"Every setting recorded by the RTN, GPTQ, AWQ and VPTQ benchmarks on SmolLM2-135M "
-        f"({len(pts)} points; float32: {fp32:.3f}), and llm-compressor's points from the "
-        "GPTQ section's same-invocation comparison. Bits per weight count every stored bit "
-        "of the quantized linears, as `qcore inspect --json` does. The chart is redrawn "
+        f"({len(pts)} points; float32: {fp32:.3f}), llm-compressor's points from the "
+        "GPTQ section's same-invocation comparison, and the SVDQuant section's W4A4 rows "
+        "(4-bit activations as well: plotted, not on the weight-only Pareto front). Bits per "
+        "weight count every stored bit of the quantized linears (low-rank branches "
+        "included), as `qcore inspect --json` does. The chart is redrawn "
         "from `benchmarks/results/*.json` without running anything.", "",
         "![bits per weight against perplexity](docs/bits_vs_ppl.png)", "",
         "| Pareto front | bits / weight | ppl |", "|---|---|---|"]

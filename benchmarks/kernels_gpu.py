@@ -14,6 +14,10 @@ group 64 asymmetric (the project's default scheme); both of its paths are timed 
 tiles, cuBLASLt int8 through torch._int_mm + our epilogue for M > 16).
 Achieved bandwidth counts weight, activation and output bytes once, against a
 device-to-device copy measured in the same run (bytes read + written).
+W4A4 (``cupy-w4a4``, a separate table): 4-bit symmetric weights and activations, both in
+groups of 64, the activations quantized in every call (two launches: quantization, then the
+int4 tensor-core GEMM), without and with a fused rank-32 low-rank branch (SVDQuant), against
+fp16 F.linear and against W4A16 (``cupy-wq``, auto path) on the same shapes.
 Codebook (vq) weights (``_lut_bench.py``, a separate table): M in {1, 16} on the same
 shapes, v = 6 and v = 4 with 12-bit indices (2 and 3 bits per weight), LUT GEMV and
 dequantize + cuBLAS, against fp16 F.linear.
@@ -107,14 +111,15 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
     from qcore.builtin.int_packer import IntPacker
     from qcore.grid import dequantize_int, fake_quantize_activations
     from qcore_kernels import ops
-    from qcore_kernels.layouts import to_w8a8, to_wq
+    from qcore_kernels.layouts import to_w4a4, to_w8a8, to_wq
     from qcore_kernels.runtime import cupy_launcher
-    from qcore_kernels.testing import TOLERANCE, random_int_packed
+    from qcore_kernels.testing import TOLERANCE, random_int_packed, random_w4a4_packed
 
     launch = cupy_launcher()
     bw = copy_bandwidth()
     probe = to_wq(random_int_packed(256, 512, 4, 64), torch.float16, "cuda")
     probe8 = to_w8a8(random_int_packed(256, 512, 8, -1, symmetric=True, act_bits=8), "cuda")
+    probe44 = to_w4a4(random_w4a4_packed(256, 512, rank=32), "cuda")
     xp = torch.randn(300, 512, device="cuda", dtype=torch.float16)
     choose_timing(
         [lambda: F.linear(xp, xp[:256])]
@@ -126,6 +131,7 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
             lambda p=p: ops.w8a8_linear(xp[:1] if p == "gemv" else xp, probe8, None, launch, path=p)
             for p in ops.W8A8_PATHS
         ]
+        + [lambda m=m: ops.w4a4_linear(xp[:m], probe44, None, launch) for m in (1, 300)]
     )
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -136,6 +142,13 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
         packed8 = random_int_packed(out_f, in_f, 8, -1, symmetric=True, act_bits=8, seed=2)
         w8 = to_w8a8(packed8, "cuda")
         w8_dense = dequantize_int(IntPacker().unpack(packed8)).half().cuda()
+        packed44 = random_w4a4_packed(out_f, in_f, rank=32, seed=3)
+        w44_dense = dequantize_int(IntPacker().unpack(packed44)).cuda()  # float32
+        branch = [packed44.tensors.pop(k) for k in ("lowrank_down", "lowrank_up")]
+        w44 = {"plain": to_w4a4(packed44, "cuda")}  # the same weight, without its branch
+        packed44.tensors.update(lowrank_down=branch[0], lowrank_up=branch[1])
+        w44["r32"] = to_w4a4(packed44, "cuda")
+        branch = [t.float().cuda() for t in branch]
         for m in TOKENS:
             x = torch.randn(m, in_f, generator=gen).half().cuda()
             base_ms = time_ms(lambda x=x, w=w_dense: F.linear(x, w))
@@ -176,6 +189,19 @@ def run(out: Path, lut_sweep: str | None = None, only_lut: bool = False) -> dict
                 row["w8a8"][path] = entry
             auto8 = ops.w8a8_path(m, out_f)
             row["w8a8"]["auto"] = dict(row["w8a8"][auto8], path=auto8)
+            row["w4a4"] = {}
+            ref44 = F.linear(fake_quantize_activations(x, 4, None, 64, True).float(), w44_dense)
+            for kind, w in w44.items():
+                want = ref44 + (x.float() @ branch[0].T) @ branch[1].T if kind == "r32" else ref44
+                y = ops.w4a4_linear(x, w, None, launch)
+                err = float((y.float() - want).abs().max() / want.abs().max())
+                entry = {"error": err, "ok": err <= TOLERANCE["float16"]}
+                if entry["ok"]:
+                    ms = time_ms(lambda x=x, w=w: ops.w4a4_linear(x, w, None, launch))
+                    entry.update(ms=ms, speedup=base_ms / ms)
+                    if row["w4"]["auto"].get("ms"):
+                        entry["vs_w4a16"] = row["w4"]["auto"]["ms"] / ms
+                row["w4a4"][kind] = entry
             rows.append(row)
             print(json.dumps(row), flush=True)
     from _lut_bench import run_lut
@@ -270,11 +296,48 @@ def render(result: dict) -> str:
         "counts weight, activation and output bytes once.",
     ]
     text = "\n".join(lines) + "\n"
-    for part, part_notes in (render_lut(result), render_sweep4(result),
+    for part, part_notes in (render_w4a4(result), render_lut(result), render_sweep4(result),
                              render_table_sweep(result), render_sweep(result)):
         text += part
         notes += part_notes
     return text + "\nNotes:\n\n" + "".join(f"- {note}\n" for note in notes)
+
+
+def render_w4a4(result: dict) -> tuple[str, list[str]]:
+    """The W4A4 table (rows that have W4A4 entries) and its note."""
+    rows = [r for r in result["rows"] if r.get("w4a4")]
+    if not rows:
+        return "", []
+
+    def versus(entry: dict | None) -> str:
+        if not entry or not entry.get("vs_w4a16"):
+            return ""
+        return f"{entry['vs_w4a16']:.2f}×"
+
+    lines = [
+        "",
+        "**W4A4** (`cupy-w4a4`: 4-bit symmetric weights and activations, groups of 64 on "
+        "both sides, the activations quantized in each call), fp16 activations, against fp16 "
+        "`F.linear` and W4A16 (`cupy-wq`, auto path):",
+        "",
+        "| in × out | M | fp16 F.linear | W4A16 auto | W4A4 | vs W4A16 "
+        "| W4A4 + rank-32 branch | vs W4A16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w44 = r["w4a4"]
+        lines.append(
+            f"| {r['in']} × {r['out']} | {r['m']} | {r['fp16_ms'] * 1e3:.0f} µs | "
+            f"{cell(r['w4'].get('auto'))} | {cell(w44.get('plain'))} | {versus(w44.get('plain'))} "
+            f"| {cell(w44.get('r32'))} | {versus(w44.get('r32'))} |"
+        )
+    notes = [
+        "W4A4 columns: the time of `qk_w4a4_quantize` (codes, scales and, with the branch, "
+        "x·L1ᵀ) plus `qk_w4a4_gemm` (int4 `mma.sync` m16n8k64 per group of 64, the branch's "
+        "second product and the bias in the epilogue); vs W4A16 = W4A16 auto time / W4A4 "
+        "time. The reference adds the branch in float32 on the unquantized x.",
+    ]
+    return "\n".join(lines) + "\n", notes
 
 
 def record(path: Path) -> None:

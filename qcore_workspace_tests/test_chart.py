@@ -32,6 +32,9 @@ def test_the_pareto_front_keeps_the_points_nothing_beats() -> None:
         ("a", 2.0, 30.0), ("b", 3.0, 20.0), ("c", 3.5, 25.0), ("d", 4.0, 15.0),
         ("e", 4.0, 16.0), ("f", 2.0, 31.0))]
     assert [p.setting for p in chart.pareto(pts)] == ["a", "b", "d"]
+    # Rows with 4-bit activations are plotted but never on the weight-only front.
+    pts.append(chart.Point(chart.W4A4, "w4a4", 1.0, 10.0))
+    assert [p.setting for p in chart.pareto(pts)] == ["a", "b", "d"]
 
 
 @pytest.mark.embedded

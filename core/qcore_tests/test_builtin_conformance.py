@@ -64,6 +64,11 @@ class TestTorchKernels(BaseKernelProviderTests):
         assert {r.act_bits for r in kernel_requests} == {None, 4, 8}
         assert any(r.act_order for r in kernel_requests)
         assert any(r.in_features % r.group_size for r in kernel_requests if r.group_size > 0)
+        # grouped activations (with a shorter last group) on both grids
+        grouped = [r for r in kernel_requests if r.act_group_size == 64]
+        assert {r.act_symmetric for r in grouped} == {True, False}
+        assert any(r.in_features % 64 for r in grouped)
+        assert any(not r.act_symmetric and r.act_group_size == -1 for r in kernel_requests)
 
 
 class TestTorchLUTKernels(BaseKernelProviderTests):

@@ -58,7 +58,7 @@ def test_plugins_json_lists_builtins_quickly_without_torch():
             "print(time.perf_counter() - t, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     report = json.loads(proc.stdout)
-    assert report["qcore"] == {"version": "0.1.0", "contract": "1.3"}  # the contract's version
+    assert report["qcore"] == {"version": "0.1.0", "contract": "1.4"}  # the contract's version
     builtin = next(p for p in report["plugins"] if p["name"] == "builtin")
     assert builtin["distribution"] == "qcore"
     assert builtin["components"] == {"observer": ["minmax", "hessian"], "quantizer": ["rtn"],

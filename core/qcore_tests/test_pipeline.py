@@ -244,7 +244,8 @@ def test_malformed_specs(qcore_registry) -> None:
         ({"quantizer": 4}, "quantizer: expected a name or {name = '...', options = {...}}, got 4"),
         ({"packer": ""}, "packer must be a name or 'auto', got ''"),
         ({"scheme": {"bitz": 4}}, "unknown scheme option(s) bitz; valid options: act_bits, "
-                                  "act_dynamic, bits, group_size, symmetric"),
+                                  "act_dynamic, act_group_size, act_symmetric, bits, group_size, "
+                                  "symmetric"),
     ]
     for spec, message in cases:
         with pytest.raises(ConfigError) as raised:
@@ -279,7 +280,8 @@ def test_activation_bits_the_quantizer_cannot_calibrate(registry) -> None:
     with pytest.raises(ConfigError) as raised:
         Pipeline(quantizer=Step("weight-only"), scheme=Scheme(act_bits=8)).validate(registry)
     assert str(raised.value) == ("quantizer 'weight-only' does not quantize activations to 8 "
-                                 "bits; it supports act_bits [None] (None = weight-only)")
+                                 "bits; it supports act_bits [None] (None = weight-only). "
+                                 "Quantizers that can: needs-absmean, rtn, smooth, tuned")
 
 
 # ---------------------------------------------------------------------------- short form

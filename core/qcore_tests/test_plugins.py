@@ -410,8 +410,8 @@ def test_plugin_built_for_another_contract_is_refused(qcore_plugin_manager) -> N
     message = str(qcore_plugin_manager.errors[0])
     assert message == (
         f"plugin 'future' from qcore-plugin-future 3.0 was built for qcore contract 2.0, but "
-        f"qcore {qcore.__version__} implements contract 1.3, which is incompatible: install "
-        "a release of qcore-plugin-future made for contract 1.3, or a qcore that implements "
+        f"qcore {qcore.__version__} implements contract 1.4, which is incompatible: install "
+        "a release of qcore-plugin-future made for contract 1.4, or a qcore that implements "
         "contract 2.0")
     assert qcore_plugin_manager.registry.find("quantizer", "future") is None
     # Another minor version of the same contract is compatible.

@@ -77,6 +77,13 @@ parametrize_cases = pytest.mark.parametrize("case", CASES, ids=[p.name for p, _ 
 parametrize_archs = pytest.mark.parametrize("arch", ARCHS)
 
 
+def test_every_cuda_source_is_in_the_catalogue():
+    """A .cu file outside sources.SOURCES would escape the compile check and the harness."""
+    assert sorted(p.name for p in CUDA_DIR.glob("*.cu")) == sorted(s.file for s in SOURCES)
+    w4a4 = next(s for s in SOURCES if s.file == "qk_w4a4.cu")  # int4 mma.sync: sm_80 and up
+    assert {i.split("<")[0] for i in w4a4.instances} == {"qk_w4a4_quantize", "qk_w4a4_gemm"}
+
+
 def test_include_dirs_resolve_the_headers():
     dirs = include_dirs()
     assert dirs[0] == os.path.realpath(CUDA_DIR)

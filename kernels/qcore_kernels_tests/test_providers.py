@@ -10,7 +10,7 @@ from qcore.errors import KernelNotFoundError
 from qcore.interfaces import KernelRequest
 from qcore.kernel_select import rank_providers, select_kernel
 from qcore.testing import BaseKernelProviderTests
-from qcore_kernels.providers import CupyW8A8Linear, CupyWQLinear
+from qcore_kernels.providers import CupyW4A4Linear, CupyW8A8Linear, CupyWQLinear
 
 W4 = KernelRequest(
     op="linear",
@@ -25,6 +25,7 @@ W4 = KernelRequest(
     compute_capability=(9, 0),
 )
 W8A8 = dataclasses.replace(W4, bits=8, group_size=-1, symmetric=True, act_bits=8)
+W4A4 = dataclasses.replace(W4, symmetric=True, act_bits=4, act_group_size=64, lowrank_rank=32)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,9 @@ W8A8 = dataclasses.replace(W4, bits=8, group_size=-1, symmetric=True, act_bits=8
         (dataclasses.replace(W4, group_size=-1, in_features=4128), "cupy-wq"),
         (W8A8, "cupy-w8a8"),
         (dataclasses.replace(W8A8, act_dynamic=False, in_features=4112), "cupy-w8a8"),
+        (W4A4, "cupy-w4a4"),
+        (dataclasses.replace(W4A4, symmetric=False, act_symmetric=False, lowrank_rank=0,
+                             dtype="bfloat16", in_features=4160), "cupy-w4a4"),
     ],
 )
 def test_auto_picks_the_cupy_provider_on_a_supported_gpu(
@@ -80,6 +84,33 @@ def test_requests_outside_the_w8a8_kernels_are_refused(registry, cupy_present, c
     assert reason in CupyW8A8Linear.unsupported_reason(dataclasses.replace(W8A8, **change))
 
 
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"act_group_size": -1}, "activation group size -1 not in [64]"),
+        ({"act_group_size": 128}, "activation group size 128 not in [64]"),
+        ({"group_size": 128}, "group size 128 not in [64]"),
+        ({"act_bits": 8}, "act_bits=8"),
+        ({"bits": 8}, "bits 8"),
+        ({"act_dynamic": False}, "static activation scales"),
+        ({"act_order": True}, "act-order"),
+        ({"in_features": 4128}, "in_features 4128 not a multiple of 64"),
+        ({"compute_capability": (7, 5)}, "compute capability"),
+    ],
+)
+def test_requests_outside_the_w4a4_kernels_fall_back_to_torch_with_the_reason(
+    registry, cupy_present, change, reason
+):
+    request = dataclasses.replace(W4A4, **change)
+    assert reason in CupyW4A4Linear.unsupported_reason(request)
+    assert select_kernel(registry, request).name == "torch"
+
+
+def test_w4a4_provider_declares_the_fused_low_rank_branch():
+    assert CupyW4A4Linear.support.lowrank
+    assert not CupyWQLinear.support.lowrank and not CupyW8A8Linear.support.lowrank
+
+
 def test_without_cupy_or_gpu_auto_uses_torch_and_names_why(registry, monkeypatch):
     import qcore_kernels.runtime as runtime
 
@@ -115,3 +146,9 @@ class TestCupyW8A8Conformance(BaseKernelProviderTests):
     @pytest.fixture
     def provider(self):
         return CupyW8A8Linear()
+
+
+class TestCupyW4A4Conformance(BaseKernelProviderTests):
+    @pytest.fixture
+    def provider(self):
+        return CupyW4A4Linear()

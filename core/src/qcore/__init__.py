@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 #: Version of the plugin contract (hook names, their arguments, the component interfaces).
 #: A plugin built for another major version is refused at load time.
-CONTRACT_VERSION = "1.3"
+CONTRACT_VERSION = "1.4"
 
 PROJECT_NAME = "qcore"
 

@@ -344,16 +344,73 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
     ctx = BlockContext(index=index, block=block, structure=structure, inputs=calls, stats={},
                        scheme=scheme, quantizer=quantizer, device=device)
     current: set[str] | None = None  # statistics in ctx.stats that describe the block now
-    for transform in resolved.transforms:
-        if transform.after_quantization:
-            continue
-        needs = {n: resolved.observers[n] for n in resolved.needs_of(transform)}
-        if current is None or not set(needs) <= current:
-            ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
-            current = set(needs)
-        transform.apply(ctx)
-        if not transform.updates_stats:
-            current = None
+    branches = _BranchHooks(structure.linears, ctx.lowrank)
+    try:
+        for transform in resolved.transforms:
+            if transform.after_quantization:
+                continue
+            needs = {n: resolved.observers[n] for n in resolved.needs_of(transform)}
+            if current is None or not set(needs) <= current:
+                ctx.stats = observe(block, calls, structure, structure.groups, needs, device)
+                current = set(needs)
+            transform.apply(ctx)
+            branches.update()
+            if not transform.updates_stats:
+                current = None
+        report, next_calls = _quantize_transformed(index, block, calls, resolved, device,
+                                                   structure, ctx, report)
+    finally:
+        branches.remove()
+    after = [t for t in resolved.transforms if t.after_quantization]
+    if after:
+        if targets is None or len(targets) != len(calls):
+            raise RuntimeError("after-quantization transforms need the unquantized block's "
+                               "outputs, one per calibration call")
+        ctx.stats, ctx.targets = {}, targets
+        for transform in after:
+            transform.apply(ctx)
+        next_calls = []  # the block changed after the quantizing forward
+    if not next_calls:
+        next_calls = next_block_inputs(block, calls, device)
+    return report, next_calls
+
+
+class _BranchHooks:
+    """While a block is transformed and quantized, its float linears whose weights a
+    transform split (``ctx.add_lowrank_branch``) add their branch to their outputs, so
+    that every later observation and the sequential quantizing forward see the block's
+    true function; the QuantLinears that replace them carry the branch themselves."""
+
+    def __init__(self, linears: Mapping[str, nn.Module],
+                 lowrank: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.linears, self.lowrank = linears, lowrank
+        self.handles: dict[str, Any] = {}
+
+    def update(self) -> None:
+        for name in self.lowrank:
+            if name not in self.handles:
+                self.handles[name] = self.linears[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Callable[..., torch.Tensor]:
+        def add_branch(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            down, up = self.lowrank[name]  # read at call time: a later step may refit it
+            x = args[0]
+            return out + (x @ down.to(x.dtype).T) @ up.to(x.dtype).T
+        return add_branch
+
+    def remove(self) -> None:
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles.clear()
+
+
+def _quantize_transformed(index: int, block: nn.Module, calls: list[BlockCall],
+                          resolved: ResolvedPipeline, device: torch.device,
+                          structure: BlockStructure, ctx: BlockContext, report: BlockReport,
+                          ) -> tuple[BlockReport, list[BlockCall]]:
+    """Quantize the (transformed) block's linears and install the QuantLinears; the next
+    block's calibration calls when the quantizing forward produced them, else []."""
+    quantizer = resolved.quantizer
 
     needs = {n: resolved.observers[n] for n in resolved.needs_of(quantizer)}
     per_linear = any(cls.needs_outputs for cls in needs.values())  # stats differ per linear
@@ -382,17 +439,6 @@ def quantize_block(index: int, block: nn.Module, calls: list[BlockCall],
         report.layers[name] = _install(block, name, structure.linears[name], qweight, resolved,
                                        device, ctx.lowrank.get(name))
     _release_replaced(block, [structure.linears[name] for name in qweights])
-    after = [t for t in resolved.transforms if t.after_quantization]
-    if after:
-        if targets is None or len(targets) != len(calls):
-            raise RuntimeError("after-quantization transforms need the unquantized block's "
-                               "outputs, one per calibration call")
-        ctx.stats, ctx.targets = {}, targets
-        for transform in after:
-            transform.apply(ctx)
-        next_calls = []  # the block changed after the quantizing forward
-    if not next_calls:
-        next_calls = next_block_inputs(block, calls, device)
     return report, next_calls
 
 

@@ -44,8 +44,16 @@ def layer_record(layer: QuantLinear) -> dict[str, Any]:
             "params": dict(layer.params),
             "tensors": {k: {"dtype": str(getattr(layer, k).dtype).removeprefix("torch."),
                             "shape": list(getattr(layer, k).shape)} for k in layer.tensor_names},
-            "bias": layer.bias is not None, "lowrank": layer.lowrank_down is not None,
+            "bias": layer.bias is not None, "lowrank": _lowrank_record(layer),
             "kernel": layer.kernel}
+
+
+def _lowrank_record(layer: QuantLinear) -> dict[str, Any] | bool:
+    """The branch's rank and dtype (a loader builds its buffers from them), or False."""
+    down = layer.lowrank_down
+    if down is None:
+        return False
+    return {"rank": int(down.shape[0]), "dtype": str(down.dtype).removeprefix("torch.")}
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:

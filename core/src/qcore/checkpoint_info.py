@@ -10,6 +10,7 @@ from typing import Any
 
 from qcore.checkpoint import read_config, read_quantization_config
 from qcore.errors import CheckpointError
+from qcore.qlinear import LOWRANK_DOWN, LOWRANK_UP
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4}
@@ -56,6 +57,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     for name, layer in qconfig["layers"].items():
         out_f, in_f = layer["shape"]
         stored = sum(nbytes(f"{name}.{k}") for k in layer["tensors"] if f"{name}.{k}" in tensors)
+        if layer.get("lowrank"):  # the branch is part of the layer's storage
+            branch = [f"{name}.{LOWRANK_DOWN}", f"{name}.{LOWRANK_UP}"]
+            stored += sum(nbytes(k) for k in branch if k in tensors)
+            if branch[0] in tensors:
+                layer = {**layer, "lowrank_rank": tensors[branch[0]]["shape"][0]}
         fmt = _format_label(layer)
         layers[name] = {"shape": [out_f, in_f], "format": fmt, "bytes": stored,
                         "bits_per_weight": 8 * stored / (out_f * in_f),
@@ -78,8 +84,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "pipeline": pipeline,
         "pipeline_short": ",".join(names),
-        "scheme": f"W{scheme.get('bits')} g{scheme.get('group_size')} "
-                  f"{'sym' if scheme.get('symmetric') else 'asym'}",
+        "scheme": _scheme_label(scheme),
         "distributions": qconfig.get("distributions", {}),
         "n_quantized": len(layers),
         "formats": dict(Counter(layer["format"] for layer in layers.values())),
@@ -91,6 +96,18 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _scheme_label(scheme: dict[str, Any]) -> str:
+    """The pipeline scheme's label (``W4A4 g64 sym act-g64``), as :class:`Scheme` writes it."""
+    from qcore.errors import QcoreError
+    from qcore.scheme import Scheme
+
+    try:
+        return Scheme.from_dict(scheme).label()
+    except (QcoreError, TypeError):  # a scheme written by another version: the basics
+        return (f"W{scheme.get('bits')} g{scheme.get('group_size')} "
+                f"{'sym' if scheme.get('symmetric') else 'asym'}")
+
+
 def _format_label(layer: dict[str, Any]) -> str:
     """``int-packed W4 g128 asym``, or for codebook layers ``vq-packed W2 v6 i12 +res i8``."""
     p = layer["params"]
@@ -98,17 +115,21 @@ def _format_label(layer: dict[str, Any]) -> str:
         from qcore.codebook import describe_vq
 
         return f"{layer['layout']} W{p.get('bits')} {describe_vq(p)}"
+    act = p.get("act_bits")
     return (f"{layer['layout']} W{p.get('bits')}"
-            + (f"A{p['act_bits']}" if p.get("act_bits") else "")
+            + (f"A{act}" if act else "")
             + (" per-channel" if p.get("group_size") == -1 else f" g{p.get('group_size')}")
             + (" sym" if p.get("symmetric") else " asym")
-            + (" act-order" if "g_idx" in layer["tensors"] else ""))
+            + (f" act-g{p['act_group_size']}" if act and p.get("act_group_size", -1) != -1 else "")
+            + (" act-asym" if act and not p.get("act_symmetric", True) else "")
+            + (" act-order" if "g_idx" in layer["tensors"] else "")
+            + (f" +low-rank r{layer['lowrank_rank']}" if layer.get("lowrank_rank") else ""))
 
 
 def _kernel_on(layer: dict[str, Any], device: str, dtype: str) -> str:
     """The provider that would serve the layer on ``device``/``dtype`` here, or why none."""
     from qcore.errors import QcoreError
-    from qcore.interfaces import KernelRequest
+    from qcore.interfaces import KernelRequest, act_fields
     from qcore.kernel_select import select_kernel
     from qcore.plugins import get_registry
 
@@ -125,7 +146,7 @@ def _kernel_on(layer: dict[str, Any], device: str, dtype: str) -> str:
                             out_features=layer["shape"][0], act_bits=p.get("act_bits"),
                             act_dynamic=bool(p.get("act_dynamic", True)),
                             act_order="g_idx" in layer["tensors"], dtype=dtype, device=device,
-                            compute_capability=cc)
+                            compute_capability=cc, **act_fields(p))
     try:
         return select_kernel(get_registry(), request, layer.get("kernel", "auto")).name
     except QcoreError as exc:
@@ -144,7 +165,8 @@ def _quantized_float_params(qconfig: dict[str, Any], tensors: dict[str, Any]) ->
     parameters in the fp16 comparison (their dense weights are counted instead)."""
     n = 0
     for name, layer in qconfig["layers"].items():
-        for key in layer["tensors"]:
+        keys = list(layer["tensors"]) + ([LOWRANK_DOWN, LOWRANK_UP] if layer.get("lowrank") else [])
+        for key in keys:
             meta = tensors.get(f"{name}.{key}")
             if meta is not None and meta["dtype"] in {"F32", "F16", "BF16", "F64"}:
                 n += _numel(meta["shape"])

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=None, help="quantize activations too (e.g. 8)")
     q.add_argument("--static-act", action="store_true",
                    help="static per-tensor activation scales (default: dynamic per token)")
+    q.add_argument("--act-group-size", type=int, default=-1,
+                   help="input columns sharing one dynamic activation scale (e.g. 64 for "
+                   "W4A4; default -1: one scale per token)")
+    q.add_argument("--act-asym", action="store_true",
+                   help="asymmetric activation grid with zero points (dynamic scales only)")
     q.add_argument("--set", action="append", default=[], metavar="STEP.OPTION=VALUE",
                    help="a step's option, e.g. --set rtn.scale_dtype=float32")
     q.add_argument("--packer", default="auto")
@@ -218,7 +223,8 @@ def build_pipeline(args: argparse.Namespace) -> Any:
             raise QcoreError("give either --recipe or --pipeline/--set, not both")
         return Pipeline.from_toml(args.recipe)
     scheme = Scheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym,
-                    act_bits=args.act_bits, act_dynamic=not args.static_act)
+                    act_bits=args.act_bits, act_dynamic=not args.static_act,
+                    act_group_size=args.act_group_size, act_symmetric=not args.act_asym)
     return Pipeline.from_names(args.pipeline or "rtn", scheme=scheme, options=_parse_sets(args.set),
                                packer=args.packer, kernel=args.kernel)
 

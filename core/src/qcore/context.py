@@ -62,7 +62,10 @@ class BlockContext:
         return outs
 
     def add_lowrank_branch(self, linear: str, down: torch.Tensor, up: torch.Tensor) -> None:
-        """Register a full-precision branch ``x -> (x @ down.T) @ up.T`` added to linear
+        """Register a 16-bit (or float) branch ``x -> (x @ down.T) @ up.T`` added to linear
         ``linear``'s output; the transform must have subtracted ``up @ down`` from its
-        weight so the block's function is unchanged."""
+        weight so the block's function is unchanged. From then on the core adds the
+        branch to the linear's output in every pass over the block (later observations,
+        the sequential quantizer) until the QuantLinear that holds it replaces the
+        linear."""
         self.lowrank[linear] = (down.detach().contiguous(), up.detach().contiguous())

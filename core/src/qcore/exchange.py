@@ -130,7 +130,13 @@ def export(checkpoint: str | Path, out: str | Path, format: str,
     records = layer_records(qconfig)
     if not records:
         raise CheckpointError(f"{src} holds no quantized layer: nothing to export")
-    reason = fmt.cannot_express(records)
+    branched = sorted(name for name, record in records.items() if record.get("lowrank"))
+    reason = (f"layer {branched[0]} has a low-rank branch (SVDQuant), which no exchange "
+              f"format stores ({len(branched)} such layers)" if branched
+              else fmt.cannot_express(records))
+    if reason is not None and branched:
+        raise CheckpointError(f"{src} cannot be written as {format}: {reason}; it stays a "
+                              "qcore checkpoint (qcore.load and from_pretrained read it)")
     if reason is not None:
         able = [reg.name for reg in _registry().of_kind("checkpoint_format")
                 if reg.name != format and reg.cls().cannot_express(records) is None]

@@ -148,7 +148,60 @@ def quantize_activations(x: torch.Tensor, bits: int,
     return torch.clamp(torch.round(x.float() / scale), -qmax, qmax), scale
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Activation quantize-dequantize (:func:`quantize_activations`), in ``x``'s dtype."""
-    q, scale = quantize_activations(x, bits, scale)
-    return (q * scale).to(x.dtype)
+def quantize_activation_groups(
+    x: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dynamic activation codes per ``[token, group]`` of ``group_size`` input columns
+    (``-1``: the whole token). Returns codes ``[..., groups, group_size]`` (float32,
+    integer-valued; columns past the input's end, in the last group, are zero), scales
+    ``[..., groups]`` (float32) and zero points (float32, None when symmetric).
+
+    - Symmetric: ``scale = max|x| / (2**(bits-1) - 1)``, codes ``round(x / scale)`` in
+      ``±(2**(bits-1) - 1)``, ``x ≈ code * scale``.
+    - Asymmetric: the range ``[min(x, 0), max(x, 0)]`` onto ``0 .. 2**bits - 1``,
+      ``scale = range / (2**bits - 1)``, zero point ``round(-min / scale)``, codes
+      ``clamp(round(x / scale) + zero)``, ``x ≈ (code - zero) * scale``.
+
+    A group of zeros gets scale 1. The division is a true float32 division, so a kernel
+    that divides the same way reproduces the codes exactly."""
+    in_f = x.shape[-1]
+    size = in_f if group_size == PER_CHANNEL else group_size
+    groups = math.ceil(in_f / size)
+    xf = x.float()
+    pad = groups * size - in_f
+    if pad:  # zeros change neither max|x| nor min(x, 0), max(x, 0)
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    xg = xf.reshape(*x.shape[:-1], groups, size)
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        scale = xg.abs().amax(dim=-1) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.clamp(torch.round(xg / scale[..., None]), -qmax, qmax), scale, None
+    top = max_code(bits)
+    lo = xg.amin(dim=-1).clamp(max=0.0)
+    hi = xg.amax(dim=-1).clamp(min=0.0)
+    scale = (hi - lo) / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, top)
+    codes = torch.clamp(torch.round(xg / scale[..., None]) + zero[..., None], 0, top)
+    return codes, scale, zero
+
+
+def fake_quantize_activations(
+    x: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+    group_size: int = PER_CHANNEL, symmetric: bool = True,
+) -> torch.Tensor:
+    """Activation quantize-dequantize, in ``x``'s dtype: per token or static per tensor
+    (:func:`quantize_activations`), or in groups of ``group_size`` columns with an
+    optional asymmetric grid (:func:`quantize_activation_groups`, dynamic only)."""
+    if group_size == PER_CHANNEL and symmetric:
+        q, scale = quantize_activations(x, bits, scale)
+        return (q * scale).to(x.dtype)
+    if scale is not None:
+        raise ValueError("a static activation scale is one symmetric scale per tensor; "
+                         "grouped or asymmetric activation grids are dynamic")
+    codes, scales, zeros = quantize_activation_groups(x, bits, group_size, symmetric)
+    if zeros is not None:
+        codes = codes - zeros[..., None]
+    out = (codes * scales[..., None]).reshape(*x.shape[:-1], -1)
+    return out[..., : x.shape[-1]].to(x.dtype)

@@ -21,7 +21,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qcore.checkpoint import QUANT_METHOD, check_distributions, quantized_layers
 from qcore.interfaces import PackedWeight
-from qcore.qlinear import LOWRANK_DOWN, LOWRANK_UP, QuantLinear
+from qcore.errors import CheckpointError
+from qcore.qlinear import QuantLinear
 
 _registered = False
 
@@ -70,15 +71,20 @@ class QcoreHfQuantizer(HfQuantizer):
                        for k, meta in layer["tensors"].items()}
             bias = getattr(old, "bias", None) if layer.get("bias") else None
             lowrank = None
-            if layer.get("lowrank"):
-                lowrank = (torch.empty(0, device=device), torch.empty(0, device=device))
+            branch = layer.get("lowrank")
+            if branch:
+                if not isinstance(branch, dict):
+                    raise CheckpointError(f"layer {name}: its low-rank branch has no recorded "
+                                          "rank and dtype; load it with qcore.load")
+                rank, out_f, in_f = int(branch["rank"]), *layer["shape"]
+                dtype = getattr(torch, branch["dtype"])
+                lowrank = (torch.empty(rank, in_f, dtype=dtype, device=device),
+                           torch.empty(out_f, rank, dtype=dtype, device=device))
             packed = PackedWeight(layout=layer["layout"], shape=tuple(layer["shape"]),  # type: ignore[arg-type]
                                   tensors=tensors, params=dict(layer["params"]))
             new = QuantLinear(packed, op=layer["op"], bias=None if bias is None else bias.detach(),
                               kernel=layer.get("kernel", "auto"), lowrank=lowrank)
-            for key in (LOWRANK_DOWN, LOWRANK_UP) if lowrank else ():
-                getattr(new, key)  # filled by the loader
-            setattr(parent, child, new)
+            setattr(parent, child, new)  # the loader fills every buffer, the branch's too
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
         from qcore.quantize import QCORE_ATTR

@@ -37,7 +37,16 @@ How the methods behind qcore map onto this contract
   ``act_dynamic``; a quantizer lists the act bit-widths it supports in
   ``supported_act_bits``; static scales come from an observer (the built-in ``minmax``)
   and travel as ``input_scale`` in the quantized weight; kernels declare ``act_bits``
-  in their :class:`~qcore.interfaces.KernelSupport`.
+  in their :class:`~qcore.interfaces.KernelSupport`; W4A4 (contract 1.4) adds activation
+  groups and grids (``act_group_size``, ``act_symmetric``).
+- SVDQuant (qcore-plugin-svdquant): observer ``input-sample``; transform ``svdquant``
+  smooths each input-sharing group (folded like AWQ's scales), then splits each weight
+  into a 16-bit low-rank branch (``ctx.add_lowrank_branch``) and a residual that the
+  pipeline's quantizer takes; kernels may fuse the branch (``KernelSupport.lowrank``).
+- Formats other engines read (qcore-plugin-interop): checkpoint formats ``compressed-tensors``,
+  ``gptq`` and ``awq`` export the ``"int"`` format's layers and import checkpoints of
+  those formats as ``"int"`` weights.
+
 Planned, not built yet (no plugin implements them; the contract already carries what they
 need, except where marked):
 
@@ -46,15 +55,6 @@ need, except where marked):
   the selective scan's input outliers; static 8-bit per-tensor scales come from
   observers; kernel providers implement the ``selective_scan`` op (declared; no provider
   implements it yet, and the core does not yet call it from a model).
-- SVDQuant: a transform smooths activations into weights (like AWQ's folding), splits
-  each weight into a 16-bit low-rank branch and a residual
-  (``ctx.add_lowrank_branch(name, down, up)``), and the quantizer quantizes the residual
-  to 4 bits with 4-bit activations; the quantized layer adds the low-rank branch (the
-  branch's buffers, checkpoint entries and loader exist; no method makes them yet).
-
-- Formats other engines read (qcore-plugin-interop): checkpoint formats ``compressed-tensors``,
-  ``gptq`` and ``awq`` export the ``"int"`` format's layers and import checkpoints of
-  those formats as ``"int"`` weights.
 
 A plugin may implement any subset of the hooks. pluggy lets an implementation accept
 fewer arguments than its spec; hooks grow only by new optional arguments, new needs get

@@ -165,7 +165,9 @@ class QuantizedWeight:
     (symmetric grids have the implicit zero point ``2**(bits-1)``); optional ``g_idx``
     int32 ``[in]`` (group of each input column, for act-order); optional
     ``input_scale`` float32 scalar (static activation quantization). ``params``: ``bits``,
-    ``group_size``, ``symmetric``, ``act_bits``, ``act_dynamic``. The dense weight is
+    ``group_size``, ``symmetric``, ``act_bits``, ``act_dynamic``, and with activations
+    (contract 1.4) ``act_group_size`` (-1: per token) and ``act_symmetric``; the
+    activation grid is :func:`qcore.grid.fake_quantize_activations`'. The dense weight is
     ``(codes - zero) * scale`` with each column's group from ``g_idx``
     (``column // group_size`` without it).
 
@@ -299,6 +301,17 @@ class KernelSupport:
     act_bits: frozenset[int | None] = frozenset({None})
     #: Activation scales it handles: per token at run time (True), static per tensor (False).
     act_dynamic: frozenset[bool] = frozenset({True, False})
+    #: Activation group sizes it quantizes (dynamic scales per ``[token, group]``; ``-1`` =
+    #: one scale per token); ``None`` = any. Contract 1.4.
+    act_group_sizes: frozenset[int] | None = frozenset({-1})
+    #: Activation grids it handles: symmetric (True), asymmetric with zero points (False).
+    act_symmetric: frozenset[bool] = frozenset({True})
+    #: Whether its ops compute a layer's low-rank branch themselves (fused). Such a
+    #: provider finds the branch in ``prepare``'s ``packed.tensors`` as ``lowrank_down``
+    #: ``[rank, in]`` and ``lowrank_up`` ``[out, rank]``, and its op returns
+    #: ``x Wᵀ + (x downᵀ) upᵀ + bias``; for any other provider the QuantLinear adds the
+    #: branch after the op. Contract 1.4.
+    lowrank: bool = False
     act_order: bool = True
     dtypes: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
@@ -326,6 +339,10 @@ class KernelRequest:
     dtype: str = "float32"
     device: str = "cpu"
     compute_capability: tuple[int, int] | None = None
+    act_group_size: int = -1
+    act_symmetric: bool = True
+    #: Rank of the layer's low-rank branch (0 = none); any provider can serve it.
+    lowrank_rank: int = 0
 
     @classmethod
     def for_packed(cls, packed: PackedWeight, op: str, *, dtype: str = "float32",
@@ -339,7 +356,15 @@ class KernelRequest:
                    act_bits=p.get("act_bits"),  # type: ignore[arg-type]
                    act_dynamic=bool(p.get("act_dynamic", True)),
                    act_order="g_idx" in packed.tensors, dtype=dtype, device=device,
-                   compute_capability=compute_capability)
+                   compute_capability=compute_capability, **act_fields(p))
+
+
+def act_fields(params: Mapping[str, object]) -> dict[str, Any]:
+    """A layer's activation grouping as :class:`KernelRequest` fields, from its format
+    params (``act_group_size``, ``act_symmetric``; absent before contract 1.4)."""
+    group = params.get("act_group_size")
+    return {"act_group_size": -1 if group is None else int(group),  # type: ignore[call-overload]
+            "act_symmetric": bool(params.get("act_symmetric", True))}
 
 
 class KernelProvider(Component):
@@ -370,6 +395,12 @@ class KernelProvider(Component):
             (request.act_bits in s.act_bits, f"act_bits={request.act_bits} unsupported"),
             (request.act_bits is None or request.act_dynamic in s.act_dynamic,
              f"{'dynamic' if request.act_dynamic else 'static'} activation scales unsupported"),
+            (request.act_bits is None or s.act_group_sizes is None
+             or request.act_group_size in s.act_group_sizes,
+             f"activation group size {request.act_group_size} not in "
+             f"{sorted(s.act_group_sizes or ())}"),
+            (request.act_bits is None or request.act_symmetric in s.act_symmetric,
+             f"{'symmetric' if request.act_symmetric else 'asymmetric'} activations unsupported"),
             (s.act_order or not request.act_order, "act-order (g_idx) unsupported"),
             (request.dtype in s.dtypes, f"dtype {request.dtype} not in {sorted(s.dtypes)}"),
             (request.device in s.devices, f"device {request.device} not in {sorted(s.devices)}"),

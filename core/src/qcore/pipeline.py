@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from qcore.errors import ConfigError, KernelNotFoundError, PipelineError, UnknownComponentError
 from qcore.interfaces import Component, KernelRequest, Observer, Packer, Quantizer, Transform
-from qcore.kernel_select import AUTO, select_kernel
+from qcore.kernel_select import AUTO, rank_providers, select_kernel
 from qcore.options import build_config, config_to_dict
 from qcore.registry import KNOWN_PROVIDERS, Registry
 from qcore.scheme import Scheme
@@ -178,7 +178,7 @@ class Pipeline:
         transforms = [_instantiate(registry, "transform", step) for step in self.transforms]
         quantizer: Quantizer = _instantiate(registry, "quantizer", self.quantizer)  # type: ignore[assignment]
         scheme = self.scheme
-        _check_scheme(quantizer, scheme)
+        _check_scheme(quantizer, scheme, registry)
 
         observers: dict[str, ObserverFactory] = {}
         provided: dict[str, str] = {}
@@ -329,15 +329,20 @@ def _instantiate(registry: Registry, kind: str, step: Step) -> Component:
     return cls(build_config(cls, step.options))
 
 
-def _check_scheme(quantizer: Quantizer, scheme: Scheme) -> None:
+def _check_scheme(quantizer: Quantizer, scheme: Scheme, registry: Registry) -> None:
     if scheme.bits not in quantizer.supported_bits:
         raise ConfigError(f"quantizer {quantizer.name!r} supports bits "
                           f"{sorted(quantizer.supported_bits)}, not {scheme.bits}")
     if scheme.act_bits not in quantizer.supported_act_bits:
         supported = sorted(quantizer.supported_act_bits, key=lambda b: -1 if b is None else b)
+        able = sorted(reg.name for reg in registry.of_kind("quantizer")
+                      if scheme.act_bits in reg.cls.supported_act_bits  # type: ignore[attr-defined]
+                      and scheme.bits in reg.cls.supported_bits)  # type: ignore[attr-defined]
         raise ConfigError(f"quantizer {quantizer.name!r} does not quantize activations to "
                           f"{scheme.act_bits} bits; it supports act_bits {supported} "
-                          "(None = weight-only)")
+                          "(None = weight-only). "
+                          + (f"Quantizers that can: {', '.join(able)}" if able else
+                             "No installed quantizer can"))
 
 
 def _unmet_need(step: Component, need: str, later_provides: Mapping[str, str]) -> str:
@@ -378,9 +383,16 @@ def _check_kernel(registry: Registry, prefer: str, packer: Packer, scheme: Schem
         request = KernelRequest(op=packer.op, layout=packer.layout, bits=scheme.bits,
                                 group_size=scheme.group_size, symmetric=scheme.symmetric,
                                 in_features=0, out_features=0, act_bits=scheme.act_bits,
-                                dtype=dtype, device=device)
+                                act_dynamic=scheme.act_dynamic,
+                                act_group_size=scheme.act_group_size,
+                                act_symmetric=scheme.act_symmetric, dtype=dtype, device=device)
         try:
             return select_kernel(registry, request, prefer).name
         except KernelNotFoundError as exc:
             errors.append(str(exc))
+            if prefer != AUTO:
+                able = sorted({cls.name for cls, why in rank_providers(registry, request)
+                               if why is None})
+                if able:
+                    errors[-1] += f" Providers that can: {', '.join(able)}."
     raise PipelineError(f"no kernel for the result of this pipeline: {errors[0]}")

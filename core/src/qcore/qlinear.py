@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,10 @@ class QuantLinear(nn.Module):
     ``W`` held packed and computed by a kernel provider chosen per device and dtype (the
     highest-priority one that supports the layer, or the one named by ``kernel``).
 
-    Optional low-rank branch (SVDQuant): ``y += (x @ lowrank_down.T) @ lowrank_up.T``.
+    Optional low-rank branch (SVDQuant): ``y += (x @ lowrank_down.T) @ lowrank_up.T`` on
+    the unquantized input, in the input's dtype. A provider declaring
+    ``KernelSupport.lowrank`` computes it inside its op (it receives the two tensors with
+    the packed weight); for any other provider this layer adds it after the op.
     The packed tensors are buffers, so ``state_dict()`` holds exactly what a checkpoint
     stores.
     """
@@ -45,6 +49,8 @@ class QuantLinear(nn.Module):
             self.lowrank_down = None
             self.lowrank_up = None
         self._providers: dict[tuple[torch.device, torch.dtype], tuple[KernelProvider, Any]] = {}
+        #: (device, dtype) keys whose provider computes the low-rank branch itself
+        self._fused: set[tuple[torch.device, torch.dtype]] = set()
         self._prepared_state: dict[tuple[torch.device, torch.dtype],
                                    tuple[tuple[int, int], ...]] = {}
 
@@ -73,8 +79,13 @@ class QuantLinear(nn.Module):
         cc = None
         if device.type == "cuda":
             cc = torch.cuda.get_device_capability(device)
-        return KernelRequest.for_packed(self.packed(), self.op, dtype=str(dtype).removeprefix("torch."),
-                                        device=device.type, compute_capability=cc)
+        request = KernelRequest.for_packed(self.packed(), self.op,
+                                           dtype=str(dtype).removeprefix("torch."),
+                                           device=device.type, compute_capability=cc)
+        down = self._buffers.get(LOWRANK_DOWN)
+        if down is not None:
+            request = dataclasses.replace(request, lowrank_rank=int(down.shape[0]))
+        return request
 
     def provider_for(self, device: torch.device, dtype: torch.dtype) -> tuple[KernelProvider, Any]:
         """The kernel provider (and its prepared weight) for inputs on ``device``/``dtype``.
@@ -90,7 +101,14 @@ class QuantLinear(nn.Module):
 
             cls = select_kernel(get_registry(), self.request(device, dtype), self.kernel)
             provider = cls()
-            cached = (provider, provider.prepare(self.packed(), device))
+            packed = self.packed()
+            fused = self.__dict__.setdefault("_fused", set())
+            fused.discard(key)
+            if cls.support.lowrank and self._buffers.get(LOWRANK_DOWN) is not None:
+                packed.tensors[LOWRANK_DOWN] = self._buffers[LOWRANK_DOWN]
+                packed.tensors[LOWRANK_UP] = self._buffers[LOWRANK_UP]
+                fused.add(key)
+            cached = (provider, provider.prepare(packed, device))
             self._providers[key] = cached
             states[key] = state
         return cached
@@ -99,8 +117,10 @@ class QuantLinear(nn.Module):
         """Each stored tensor's storage address and in-place version counter (an inference
         tensor, made under ``torch.inference_mode``, has none: its address alone)."""
         buffers = self._buffers  # not getattr: nn.Module's lookup is slow on every forward
-        return tuple([(t.data_ptr(), -1 if t.is_inference() else t._version)
-                      for t in [buffers[k] for k in self.tensor_names]])
+        tensors = [buffers[k] for k in self.tensor_names]
+        if buffers.get(LOWRANK_DOWN) is not None:  # a fused provider prepares the branch too
+            tensors += [buffers[LOWRANK_DOWN], buffers[LOWRANK_UP]]
+        return tuple([(t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors])
 
     @property
     def provider_name(self) -> str | None:
@@ -118,12 +138,13 @@ class QuantLinear(nn.Module):
         buffers = self._buffers  # the per-call path avoids nn.Module's attribute lookup
         y = getattr(provider, self.op)(x2, prepared, buffers["bias"])
         down = buffers.get(LOWRANK_DOWN)
-        if down is not None:
+        if down is not None and (x.device, x.dtype) not in self.__dict__.get("_fused", ()):
             y = y + (x2 @ down.to(x.dtype).T) @ buffers[LOWRANK_UP].to(x.dtype).T
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # type: ignore[override]
         self._providers.clear()  # device or dtype changes: prepare again
+        self.__dict__.get("_fused", set()).clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -133,14 +154,21 @@ class QuantLinear(nn.Module):
         if "vector_size" in p:
             from qcore.codebook import describe_vq
 
-            extras = ", low-rank" if self.lowrank_down is not None else ""
+            extras = (f", low-rank r{self.lowrank_down.shape[0]}"
+                      if self.lowrank_down is not None else "")
             return (f"in_features={self.in_features}, out_features={self.out_features}, "
                     f"layout={self.layout}, W{bits} {describe_vq(p)}{extras}, kernel={kernel}")
         act = f"A{p['act_bits']}" if p.get("act_bits") else ""
         group = p.get("group_size")
         group_label = "per-channel" if group == -1 else f"g{group}"
         sym = "sym" if p.get("symmetric") else "asym"
-        extras = ", act-order" if "g_idx" in self.tensor_names else ""
-        extras += ", low-rank" if self.lowrank_down is not None else ""
+        extras = ""
+        if p.get("act_bits") and p.get("act_group_size", -1) != -1:
+            extras += f" act-g{p['act_group_size']}"
+        if p.get("act_bits") and not p.get("act_symmetric", True):
+            extras += " act-asym"
+        extras += ", act-order" if "g_idx" in self.tensor_names else ""
+        if self.lowrank_down is not None:
+            extras += f", low-rank r{self.lowrank_down.shape[0]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={self.layout}, W{bits}{act} {group_label} {sym}{extras}, kernel={kernel}")

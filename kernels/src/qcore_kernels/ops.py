@@ -17,6 +17,11 @@ Paths of the W8A8 linear: ``gemv`` (M <= 16, dp4a), ``intmm`` (cuBLASLt's int8 G
 ``torch._int_mm``, then ``qk_w8a8_scale``'s epilogue; M > 16 and N a multiple of 8) and
 ``gemm`` (int8 wmma tiles; the other shapes).
 
+The W4A4 linear is two launches at every M: ``qk_w4a4_quantize`` (4-bit codes, scales and
+zero points per [token, group of 64], and x L1^T for a low-rank branch) and
+``qk_w4a4_gemm`` (int4 tensor-core products per group, the branch's second product and the
+bias in the epilogue); :func:`w4a4_tiling` picks the GEMM's tiles by M.
+
 ``DEQUANT_MIN_M`` is set from the ``QCORE_KERNELS_DEQUANT_MIN_M`` environment variable
 (default 1024); ``path=`` forces a path (benchmarks and tests compare them).
 """
@@ -33,8 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qcore_kernels.layouts import PreparedW8A8, PreparedWQ
-from qcore_kernels.sources import MMA_TILINGS
+from qcore_kernels.layouts import PreparedW4A4, PreparedW8A8, PreparedWQ
+from qcore_kernels.sources import MMA_TILINGS, W4A4_TILINGS
+from qcore_kernels.support import W4A4_GROUP
 
 Launch = Callable[[str, str, Sequence[int], Sequence[int], Sequence[Any]], None]
 
@@ -253,6 +259,139 @@ def w8a8_path(m: int, n: int) -> str:
     if m <= GEMV_MAX_M:
         return "gemv"
     return "intmm" if intmm_applies(m, n) else "gemm"
+
+
+# ------------------------------------------------------------------------------- W4A4
+
+W4A4_FILE = "qk_w4a4.cu"
+#: Warps per qk_w4a4_quantize block (``QUANT_WARPS`` in qk_w4a4.cu) and its low-rank tile.
+W4A4_QUANT_WARPS = 4
+W4A4_RANK_TILE = 32
+#: Blocks per multiprocessor that qk_w4a4_quantize's K ranges aim for; not yet timed on a
+#: GPU (a guess: enough blocks in flight for one token's row).
+W4A4_QUANT_BLOCKS_PER_SM = 2
+#: Up to this many tokens the GEMM takes W4A4_TILINGS[0] (16 x 32 tiles, K split over
+#: 4 warps), above it W4A4_TILINGS[1] (32 x 128); not yet timed on a GPU.
+W4A4_SMALL_M = 32
+
+
+@dataclass
+class W4A4Activations:
+    """What ``qk_w4a4_quantize`` writes for ``x [M, K]``; layouts in ``qk_w4a4.cu``."""
+
+    codes: torch.Tensor  # int32 [M, K / 8]: signed 4-bit (asymmetric: code - 8)
+    scales: torch.Tensor  # float32 [M, groups]
+    zeros: torch.Tensor | None  # int32 [M, groups]: zero point - 8 (asymmetric)
+    sums: torch.Tensor | None  # int32 [M, groups]: sum of the stored codes (when asked)
+    xdown: torch.Tensor | None  # float32 [M, rank_padded]: x L1^T (with a branch)
+
+
+def w4a4_quant_splits(m: int, k: int, rank_tiles: int, device: torch.device) -> int:
+    """K ranges (``gridDim.y``) of ``qk_w4a4_quantize``: enough blocks for
+    ``W4A4_QUANT_BLOCKS_PER_SM`` per multiprocessor, each warp keeping at least one group."""
+    tiles = _cdiv(m, 16) * rank_tiles
+    want = W4A4_QUANT_BLOCKS_PER_SM * _multiprocessors(device)
+    return max(1, min(round(want / tiles), k // W4A4_GROUP // W4A4_QUANT_WARPS))
+
+
+def quantize_w4a4_activations(
+    x: torch.Tensor,
+    launch: Launch,
+    *,
+    asymmetric: bool = False,
+    sums: bool = False,
+    down: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> W4A4Activations:
+    """4-bit codes of ``x [M, K]`` (float16/bfloat16, K a multiple of 64) per [token, group
+    of 64], with exactly :func:`qcore.grid.quantize_activation_groups`' levels and scales;
+    ``sums``: also each group's sum of stored codes; ``down`` ([rank_padded, K] in x's
+    dtype, rank_padded a multiple of 32): also ``x @ down.T`` in float32. ``splits``
+    overrides the number of K ranges (tests compare them)."""
+    t = _ctype(x.dtype)
+    x = _aligned(x)
+    m, k = x.shape
+    if k % W4A4_GROUP:
+        raise ValueError(f"in_features {k} is not a multiple of {W4A4_GROUP}")
+    groups = k // W4A4_GROUP
+    dev = x.device
+    out = W4A4Activations(
+        codes=torch.empty(m, k // 8, dtype=torch.int32, device=dev),
+        scales=torch.empty(m, groups, dtype=torch.float32, device=dev),
+        zeros=torch.empty(m, groups, dtype=torch.int32, device=dev) if asymmetric else None,
+        sums=torch.empty(m, groups, dtype=torch.int32, device=dev) if sums else None,
+        xdown=None,
+    )
+    rank_tiles = 1
+    partial = tickets = None
+    if down is not None:
+        if down.dtype != x.dtype or down.shape[1] != k or down.shape[0] % W4A4_RANK_TILE:
+            raise ValueError(f"down must be [a multiple of {W4A4_RANK_TILE}, {k}] in {x.dtype}; "
+                             f"got {list(down.shape)} in {down.dtype}")
+        down = _aligned(down)
+        rank_tiles = down.shape[0] // W4A4_RANK_TILE
+        out.xdown = torch.empty(m, down.shape[0], dtype=torch.float32, device=dev)
+    splits = splits or w4a4_quant_splits(m, k, rank_tiles, dev)
+    grid = (_cdiv(m, 16), splits, rank_tiles)
+    if down is not None and splits > 1:
+        partial = torch.empty(splits, m, down.shape[0], dtype=torch.float32, device=dev)
+        tickets = _tickets(dev, grid[0] * grid[2])
+    launch(
+        W4A4_FILE,
+        f"qk_w4a4_quantize<{t}, {'true' if asymmetric else 'false'}>",
+        grid,
+        (32 * W4A4_QUANT_WARPS, 1, 1),
+        [x, out.codes, out.scales, out.zeros, out.sums, down, out.xdown, partial, tickets,
+         np.int32(m), np.int32(k), np.int32(0 if down is None else down.shape[0])],
+    )
+    return out
+
+
+def w4a4_tiling(m: int) -> tuple[int, int, int, int]:
+    """The GEMM's (m16 tiles, n8 tiles, warps along N, warps along K) for M tokens."""
+    return W4A4_TILINGS[0] if m <= W4A4_SMALL_M else W4A4_TILINGS[1]
+
+
+def w4a4_linear(
+    x: torch.Tensor,
+    w: PreparedW4A4,
+    bias: torch.Tensor | None,
+    launch: Launch,
+    tiling: tuple[int, int, int, int] | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """``fake_quant(x) @ W.T + (x @ down.T) @ up.T + bias`` for a ``qk-w4a4`` weight:
+    activations in groups of 64 (the weight's ``act_symmetric`` grid), the branch when the
+    weight holds one. ``tiling`` (one of ``W4A4_TILINGS``) and ``splits`` (the activation
+    kernel's K ranges) override the defaults (tests compare them)."""
+    t = _ctype(x.dtype)
+    m, k = x.shape
+    if k != w.in_features:
+        raise ValueError(f"x has {k} columns but the weight takes {w.in_features}")
+    n = w.out_features
+    if m == 0:
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
+    branch = w.lowrank(x.dtype)
+    act = quantize_w4a4_activations(
+        x, launch, asymmetric=not w.act_symmetric, sums=w.zeros is not None,
+        down=None if branch is None else branch[0], splits=splits)
+    zero = w.zeros is not None or not w.act_symmetric
+    mt, nt, wn, kw = tiling or w4a4_tiling(m)
+    if (mt, nt, wn, kw) not in W4A4_TILINGS:
+        raise ValueError(f"tiling {(mt, nt, wn, kw)} is not compiled; one of {W4A4_TILINGS}")
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    launch(
+        W4A4_FILE,
+        f"qk_w4a4_gemm<{t}, {'true' if zero else 'false'}, {mt}, {nt}, {wn}, {kw}>",
+        (_cdiv(n, wn * nt * 8), _cdiv(m, mt * 16), 1),
+        (32 * wn * kw, 1, 1),
+        [act.codes, act.scales, act.zeros, act.sums, w.qweight, w.scales, w.zeros,
+         w.sums if not w.act_symmetric else None, act.xdown,
+         None if branch is None else branch[1], bias, y,
+         *map(np.int32, (m, n, k, 0 if branch is None else branch[0].shape[0], w.n_padded))],
+    )
+    return y
 
 
 # Codebook (vq) linears: host side in qcore_kernels.lut_ops.

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from qcore.interfaces import KernelProvider, KernelRequest, KernelSupport, PackedWeight
 from qcore.ops import INT_LAYOUT as INT_PACKED
 from qcore_kernels.support import (
+    W4A4_GROUP,
+    W4A4_IN_MULTIPLE,
     W8A8_IN_MULTIPLE,
     WQ_IN_MULTIPLE,
     lut_unsupported_reason,
@@ -134,6 +136,46 @@ class CupyW8A8Linear(_CupyProvider):
         return w8a8_linear(x, prepared, bias, cupy_launcher())
 
 
+class CupyW4A4Linear(_CupyProvider):
+    """W4A4 (SVDQuant / Nunchaku style): 4-bit weights and 4-bit activations, both in groups
+    of 64 along the input, symmetric or asymmetric on either side; activations quantized
+    at run time per [token, group]; int4 tensor-core products with int32 sums per group,
+    scaled in float32. Fuses the layer's low-rank branch: the activation kernel computes
+    ``x @ down.T`` with the codes, the GEMM's epilogue adds its product with ``up`` (in
+    the activations' dtype) and the bias."""
+
+    name = "cupy-w4a4"
+    support = KernelSupport(
+        ops=frozenset({"linear"}),
+        layouts=frozenset({INT_PACKED}),
+        bits=frozenset({4}),
+        group_sizes=frozenset({W4A4_GROUP}),
+        symmetric=frozenset({True, False}),
+        act_bits=frozenset({4}),
+        act_dynamic=frozenset({True}),
+        act_group_sizes=frozenset({W4A4_GROUP}),
+        act_symmetric=frozenset({True, False}),
+        lowrank=True,
+        act_order=False,
+        dtypes=_DTYPES,
+        devices=frozenset({"cuda"}),
+        min_compute_capability=(8, 0),
+        in_features_multiple=W4A4_IN_MULTIPLE,
+        priority=100,
+    )
+
+    def prepare(self, packed: PackedWeight, device: torch.device) -> Any:
+        from qcore_kernels.layouts import to_w4a4
+
+        return to_w4a4(packed, device)
+
+    def linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        from qcore_kernels.ops import w4a4_linear
+        from qcore_kernels.runtime import cupy_launcher
+
+        return w4a4_linear(x, prepared, bias, cupy_launcher())
+
+
 class CupyLUTLinear(_CupyProvider):
     """Codebook (vq) weights, op ``lut_linear``: every vector size, index width (1-16
     bits), residual stage, outlier columns, per-channel scale and offset. Up to 16 tokens,
@@ -169,4 +211,4 @@ class CupyLUTLinear(_CupyProvider):
         return lut_linear(x, prepared, bias, cupy_launcher())
 
 
-PROVIDERS = (CupyWQLinear, CupyW8A8Linear, CupyLUTLinear)
+PROVIDERS = (CupyWQLinear, CupyW8A8Linear, CupyW4A4Linear, CupyLUTLinear)

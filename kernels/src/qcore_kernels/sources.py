@@ -55,6 +55,13 @@ LUT_MMA_TILINGS: tuple[tuple[int, int], ...] = ((8, 1), (8, 2), (16, 2))
 LUT_MMA4_GROUPS: tuple[int, ...] = (1, 2)
 
 
+#: (m16 tiles per warp, n8 tiles per warp, warps along N, warps along K) of the qk_w4a4_gemm
+#: instances (qcore_kernels.ops.w4a4_tiling picks among them; not yet timed on a GPU): up
+#: to 32 tokens 16 x 32 tiles whose four warps split K, above that 32 x 128 tiles of four
+#: warps side by side.
+W4A4_TILINGS: tuple[tuple[int, int, int, int], ...] = ((1, 4, 1, 4), (2, 4, 4, 1))
+
+
 def _wq_instances() -> tuple[tuple[str, ...], tuple[str, ...]]:
     simt, tc = [], []
     for bits in (4, 8):
@@ -106,6 +113,23 @@ SOURCES: tuple[KernelSource, ...] = (
             for ri in ("false", "true")
         )
         + tuple(f"qk_lut_dequant<{t}>" for t in ("__half", "__nv_bfloat16")),
+    ),
+    # W4A4 with the fused low-rank branch: activation quantization per (dtype, asymmetric
+    # activations), the int4 GEMM per (dtype, zero points on either side, tiling). Its
+    # products are qk::mma_s4_16864 and qk::mma_16816, SIMT in the harness.
+    KernelSource(
+        "qk_w4a4.cu",
+        tuple(
+            f"qk_w4a4_quantize<{t}, {asym}>"
+            for t in ("__half", "__nv_bfloat16")
+            for asym in ("false", "true")
+        )
+        + tuple(
+            f"qk_w4a4_gemm<{t}, {zero}, {mt}, {nt}, {wn}, {kw}>"
+            for t in ("__half", "__nv_bfloat16")
+            for zero in ("false", "true")
+            for mt, nt, wn, kw in W4A4_TILINGS
+        ),
     ),
 )
 

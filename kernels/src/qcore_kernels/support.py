@@ -32,6 +32,37 @@ def w8a8_unsupported_reason(
     return None
 
 
+#: Columns per group of the ``qk-w4a4`` kernels, for weights and activations alike: one
+#: m16n8k64 int4 tensor-core step.
+W4A4_GROUP = 64
+#: in_features must be a multiple of this for the ``qk-w4a4`` kernels (whole groups).
+W4A4_IN_MULTIPLE = W4A4_GROUP
+
+
+def w4a4_unsupported_reason(
+    bits: int,
+    group_size: int,
+    act_bits: int | None,
+    act_group_size: int,
+    act_dynamic: bool,
+    in_features: int,
+) -> str | None:
+    """Why the ``qk-w4a4`` kernels cannot hold a weight (symmetric or asymmetric, either
+    side), or None."""
+    if bits != 4 or act_bits != 4:
+        return f"W{bits}A{act_bits} is not W4A4"
+    if group_size != W4A4_GROUP:
+        return f"group size {group_size}: the W4A4 kernels take weight groups of {W4A4_GROUP}"
+    if act_group_size != W4A4_GROUP:
+        return (f"activation group size {act_group_size}: the W4A4 kernels quantize "
+                f"activations in groups of {W4A4_GROUP}")
+    if not act_dynamic:
+        return "static activation scales: the W4A4 kernels quantize activations at run time"
+    if in_features % W4A4_IN_MULTIPLE:
+        return f"in_features {in_features} not a multiple of {W4A4_IN_MULTIPLE}"
+    return None
+
+
 #: Vector sizes of the ``qk-lut`` GEMV instances (others take the dequantize path).
 LUT_VECTOR_SIZES = (4, 6, 8)
 #: Index words per warp step of the ``qk-lut`` GEMV (``qk_lut.cu``: STEP_CHUNKS chunks of

@@ -11,8 +11,8 @@ import torch
 from qcore.interfaces import PackedWeight
 from qcore.ops import IntPacker
 from qcore.testing.base import random_int_weight, reference_linear
-from qcore_kernels.layouts import to_w8a8, to_wq
-from qcore_kernels.ops import Launch, MmaConfig, w8a8_linear, wq_linear
+from qcore_kernels.layouts import LOWRANK_DOWN, LOWRANK_UP, to_w4a4, to_w8a8, to_wq
+from qcore_kernels.ops import Launch, MmaConfig, w4a4_linear, w8a8_linear, wq_linear
 
 
 def random_int_packed(
@@ -140,6 +140,158 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, case: Case) -> float:
         f"{case.id}: relative error {err:.2e} > {TOLERANCE[case.dtype]:.0e}"
     )
     return err
+
+
+# ------------------------------------------------------------------ W4A4 kernels
+
+
+@dataclass(frozen=True)
+class W4A4Case:
+    """One W4A4 run (``qk_w4a4.cu``): shapes, weight and activation grids, branch, dtype."""
+
+    m: int
+    n: int
+    k: int
+    symmetric: bool = True  # weights
+    act_symmetric: bool = True
+    rank: int = 0  # low-rank branch (0: none)
+    dtype: str = "float16"
+    bias: bool = True
+    #: the GEMM's (m16 tiles, n8 tiles, warps along N, warps along K); None: ops' choice
+    tiling: tuple[int, int, int, int] | None = None
+    splits: int | None = None  # qk_w4a4_quantize's K ranges; None: ops' choice
+
+    @property
+    def id(self) -> str:
+        tiling = "" if self.tiling is None else "-t" + "x".join(map(str, self.tiling))
+        return (f"m{self.m}n{self.n}k{self.k}-w{'s' if self.symmetric else 'a'}"
+                f"a{'s' if self.act_symmetric else 'a'}{f'-r{self.rank}' if self.rank else ''}"
+                f"{'' if self.bias else '-nobias'}{tiling}"
+                f"{'' if self.splits is None else f'-s{self.splits}'}-{self.dtype}")
+
+
+def random_w4a4_packed(
+    out_features: int,
+    in_features: int,
+    *,
+    symmetric: bool = True,
+    act_symmetric: bool = True,
+    rank: int = 0,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+) -> PackedWeight:
+    """An ``int-packed`` W4A4 weight (groups of 64 for weights and activations, dynamic
+    activations) from :func:`qcore.testing.base.random_int_weight`, with a random low-rank
+    branch of ``rank`` in ``dtype`` in its tensors when ``rank`` (as ``QuantLinear`` hands
+    it to a fusing provider). The branch adds about a fifth of the main product's size."""
+    qweight = random_int_weight(out_features, in_features, 4, 64, symmetric, act_bits=4,
+                                seed=seed)
+    qweight.params.update(act_group_size=64, act_symmetric=act_symmetric)
+    packed = IntPacker().pack(qweight)
+    if rank:
+        gen = torch.Generator().manual_seed(seed + 1)
+        packed.tensors[LOWRANK_DOWN] = (torch.randn(rank, in_features, generator=gen)
+                                        * 0.05).to(dtype)
+        packed.tensors[LOWRANK_UP] = (torch.randn(out_features, rank, generator=gen)
+                                      * 0.1).to(dtype)
+    return packed
+
+
+def w4a4_reference(
+    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """float32 reference of a W4A4 layer: the torch provider's arithmetic (activations
+    fake-quantized by :func:`qcore.grid.fake_quantize_activations` in groups of 64, the
+    dequantized weight) in float32, plus the low-rank branch on the unquantized x."""
+    from qcore.interfaces import act_fields
+    from qcore.ops import dequantize_int, fake_quantize_activations
+
+    qweight = IntPacker().unpack(packed)
+    acts = act_fields(qweight.params)
+    xq = fake_quantize_activations(x, 4, None, acts["act_group_size"], acts["act_symmetric"])
+    y = torch.nn.functional.linear(xq.float(), dequantize_int(qweight).to(x.device),
+                                   None if bias is None else bias.float())
+    down = packed.tensors.get(LOWRANK_DOWN)
+    if down is not None:
+        up = packed.tensors[LOWRANK_UP]
+        y = y + (x.float() @ down.float().to(x.device).T) @ up.float().to(x.device).T
+    return y
+
+
+def assert_w4a4_codes_are_the_cores(act: Any, x: torch.Tensor, symmetric: bool) -> None:
+    """``qk_w4a4_quantize``'s outputs (:class:`qcore_kernels.ops.W4A4Activations`) equal
+    :func:`qcore.grid.quantize_activation_groups`' codes, scales and zero points bit for bit,
+    and its sums (when written) are the stored codes' sums."""
+    from qcore.ops import quantize_activation_groups
+    from qcore_kernels.layouts import unpack_signed_nibbles
+
+    m, k = x.shape
+    codes, scales, zeros = quantize_activation_groups(x.cpu(), 4, 64, symmetric)
+    stored = unpack_signed_nibbles(act.codes.cpu(), k).view(m, k // 64, 64)
+    assert torch.equal(act.scales.cpu(), scales), "scales differ from the core's"
+    got = stored.float() + (0 if symmetric else 8)
+    bad = (got != codes).nonzero()
+    assert not len(bad), f"{len(bad)} codes differ from the core's, first at {bad[0].tolist()}"
+    if symmetric:
+        assert act.zeros is None
+    else:
+        assert torch.equal(act.zeros.cpu().float() + 8, zeros), "zero points differ"
+    if act.sums is not None:
+        assert torch.equal(act.sums.cpu(), stored.int().sum(-1))
+
+
+def w4a4_exact_products(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """float64 ``[M, N]``: the sum over groups of ``sa * sw * sum_k (qa - za)(qw - zw)``,
+    from :func:`qcore.grid.quantize_activation_groups`' codes of ``x`` and the weight's
+    codes: what the W4A4 GEMM computes before its float32 accumulation and the rounding of
+    y (no bias, no branch)."""
+    from qcore.interfaces import act_fields
+    from qcore.ops import quantize_activation_groups
+
+    qweight = IntPacker().unpack(packed)
+    t = qweight.tensors
+    n, k = qweight.shape
+    groups = k // 64
+    wq = t["codes"].double().view(n, groups, 64)
+    wz = t["zeros"].double() if "zeros" in t else torch.full((n, groups), 8.0, dtype=torch.float64)
+    codes, sa, za = quantize_activation_groups(x.cpu(), 4, 64,
+                                               act_fields(qweight.params)["act_symmetric"])
+    za = torch.zeros_like(sa) if za is None else za
+    dots = torch.einsum("mgk,ngk->mng", codes.double() - za.double()[..., None],
+                        wq - wz[..., None])
+    return (dots * sa.double()[:, None, :] * t["scales"].double()[None]).sum(-1)
+
+
+def assert_w4a4_exact(y: torch.Tensor, exact: torch.Tensor) -> None:
+    """y equals the exact products up to its own rounding (float16: 2^-11, bfloat16: 2^-8
+    relative) and float32 accumulation (1e-6 of the largest output)."""
+    ulp = 2.0**-10 if y.dtype == torch.float16 else 2.0**-7
+    error = (y.double().cpu() - exact).abs()
+    bound = ulp * exact.abs() + 1e-6 * exact.abs().max()
+    worst = int((error - bound).argmax())
+    assert bool((error <= bound).all()), (
+        f"output {divmod(worst, exact.shape[1])}: {float(y.flatten()[worst])} vs exact "
+        f"{float(exact.flatten()[worst])}")
+
+
+def w4a4_inputs(case: W4A4Case, device: Any) -> tuple[PackedWeight, torch.Tensor, Any]:
+    """The weight, x and bias of ``case`` (seeded by its shape)."""
+    dtype = getattr(torch, case.dtype)
+    packed = random_w4a4_packed(case.n, case.k, symmetric=case.symmetric,
+                                act_symmetric=case.act_symmetric, rank=case.rank, dtype=dtype,
+                                seed=case.k + case.n)
+    gen = torch.Generator().manual_seed(case.m * 7919 + case.n * 31 + case.k)
+    x = torch.randn(case.m, case.k, generator=gen).to(dtype).to(device)
+    bias = (torch.randn(case.n, generator=gen) * 0.1).to(dtype).to(device) if case.bias else None
+    return packed, x, bias
+
+
+def run_w4a4_case(case: W4A4Case, launch: Launch, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``qk-w4a4`` kernels' output and the float32 reference (:func:`w4a4_reference`)."""
+    packed, x, bias = w4a4_inputs(case, device)
+    w = to_w4a4(packed, device)
+    y = w4a4_linear(x, w, bias, launch, tiling=case.tiling, splits=case.splits)
+    return y, w4a4_reference(x, packed, bias)
 
 
 # ------------------------------------------------------------------ codebook (vq) kernels

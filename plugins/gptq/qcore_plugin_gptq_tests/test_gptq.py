@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qcore.builtin.int_packer import IntPacker
-from qcore.builtin.observers import HessianObserver
+from qcore.builtin.observers import HessianObserver, MinMaxObserver
 from qcore.builtin.rtn import RTNQuantizer
 from qcore.builtin.torch_kernels import TorchKernels
 from qcore.grid import dequantize_codes, dequantize_int, group_index, minmax_grid, quantize_codes
@@ -155,7 +155,8 @@ class TestGPTQConformance(BaseQuantizerTests):
 
     @pytest.fixture
     def observers(self):
-        return {"hessian": HessianObserver}
+        # minmax: static activation scales (needs_for a static-activation scheme)
+        return {"hessian": HessianObserver, "minmax": MinMaxObserver}
 
 
 class TestGPTQActOrderConformance(TestGPTQConformance):

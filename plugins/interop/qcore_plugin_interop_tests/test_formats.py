@@ -252,6 +252,10 @@ def test_compressed_tensors_refuses_what_it_cannot_hold() -> None:
             random_int_weight(32, 64, 4, 32, act_order=True, seed=1),
         "group size 48 does not divide in_features 64": random_int_weight(32, 64, 4, 48),
         "4-bit activations": random_int_weight(32, 64, 8, -1, True, act_bits=4),
+        "activations quantized in groups or on an asymmetric grid": random_int_weight(
+            32, 64, 8, -1, True, act_bits=8, act_group_size=32),
+        "symmetric per-token or per-tensor int8": random_int_weight(
+            32, 64, 8, -1, True, act_bits=8, act_symmetric=False),
     }
     for reason, qweight in cases.items():
         layers = {"a": record(w4), "model.layers.0.mlp.up_proj": record(qweight)}

@@ -12,7 +12,7 @@ from qcore.builtin.torch_kernels import TorchKernels
 from qcore.builtin.torch_lut_kernels import TorchLUTKernels
 from qcore.codebook import VQPacker
 
-QCORE_CONTRACT_VERSION = "1.3"
+QCORE_CONTRACT_VERSION = "1.4"
 
 
 @hookimpl

@@ -58,11 +58,13 @@ def make_int_weight(
         tensors["g_idx"] = g_idx.to("cpu").int() if g_idx.device.type == "cpu" else g_idx.int()
     if scheme.act_bits is not None and not scheme.act_dynamic:
         tensors["input_scale"] = static_input_scale(stats["minmax"], scheme.act_bits)
-    return QuantizedWeight(
-        format="int", shape=(codes.shape[0], codes.shape[1]), tensors=tensors,
-        params={"bits": scheme.bits, "group_size": scheme.group_size,
-                "symmetric": scheme.symmetric, "act_bits": scheme.act_bits,
-                "act_dynamic": scheme.act_dynamic})
+    params = {"bits": scheme.bits, "group_size": scheme.group_size,
+              "symmetric": scheme.symmetric, "act_bits": scheme.act_bits,
+              "act_dynamic": scheme.act_dynamic}
+    if scheme.act_bits is not None:
+        params.update(act_group_size=scheme.act_group_size, act_symmetric=scheme.act_symmetric)
+    return QuantizedWeight(format="int", shape=(codes.shape[0], codes.shape[1]),
+                           tensors=tensors, params=params)
 
 
 def static_input_scale(minmax: Mapping[str, torch.Tensor], act_bits: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The ``torch`` kernel provider: dequantize, then ``torch.nn.functional.linear``.
 
 The always-available fallback, on CPU and GPU: supports every bit-width, group size,
-act-order and static/dynamic activation quantization of the ``int-packed`` layout.
+act-order and activation quantization (static or dynamic, per token or in groups,
+symmetric or asymmetric) of the ``int-packed`` layout: the exact reference of each.
 
 Dequantized weights are kept in a bounded, process-wide cache: a layer whose float weight
 fits in what is left of the budget keeps it after its first call (one per dtype), and
@@ -77,6 +78,8 @@ class PreparedIntWeight:
     in_features: int
     act_bits: int | None
     input_scale: torch.Tensor | None
+    act_group_size: int = -1
+    act_symmetric: bool = True
     #: Dequantized weights by dtype, within :data:`DEQUANT_BUDGET`.
     cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -119,6 +122,8 @@ class TorchKernels(KernelProvider):
         ops=frozenset({"linear"}),
         layouts=frozenset({LAYOUT}),
         act_bits=frozenset({None, 4, 8}),
+        act_group_sizes=None,
+        act_symmetric=frozenset({True, False}),
         priority=-100,
     )
 
@@ -126,6 +131,7 @@ class TorchKernels(KernelProvider):
         import torch
 
         from qcore.grid import zero_points
+        from qcore.interfaces import act_fields
 
         qweight = IntPacker().unpack(packed)
         t = qweight.tensors
@@ -146,7 +152,8 @@ class TorchKernels(KernelProvider):
             codes=codes.contiguous().to(device), scales=scales.to(device),
             zeros=zeros.to(device), g_idx=None if natural else g_idx.long().to(device),
             in_features=in_f, act_bits=qweight.params.get("act_bits"),  # type: ignore[arg-type]
-            input_scale=None if input_scale is None else input_scale.float().to(device))
+            input_scale=None if input_scale is None else input_scale.float().to(device),
+            **act_fields(qweight.params))
 
     def linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
         import torch.nn.functional as F
@@ -155,5 +162,6 @@ class TorchKernels(KernelProvider):
 
         w = prepared.weight(x.dtype)
         if prepared.act_bits is not None:
-            x = fake_quantize_activations(x, prepared.act_bits, prepared.input_scale)
+            x = fake_quantize_activations(x, prepared.act_bits, prepared.input_scale,
+                                          prepared.act_group_size, prepared.act_symmetric)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -87,6 +87,8 @@ def random_int_weight(
     static_input_scale: bool = False,
     scale_dtype: torch.dtype = torch.float16,
     seed: int = 0,
+    act_group_size: int = PER_CHANNEL,
+    act_symmetric: bool = True,
 ) -> QuantizedWeight:
     """A random (seeded) weight in the ``"int"`` format: codes uniform over
     ``0 .. 2**bits - 1``, positive scales, random zero points when asymmetric, a random
@@ -113,8 +115,17 @@ def random_int_weight(
     params: dict[str, Any] = {"bits": bits, "group_size": group_size, "symmetric": symmetric,
                               "act_bits": act_bits,
                               "act_dynamic": not static_input_scale}
+    if act_bits is not None:
+        params.update(act_group_size=act_group_size, act_symmetric=act_symmetric)
     return QuantizedWeight(format="int", shape=(out_features, in_features), tensors=tensors,
                            params=params)
+
+
+def _first_act_group(support: KernelSupport) -> int:
+    if support.act_group_sizes is None:
+        return 64
+    grouped = sorted(g for g in support.act_group_sizes if g != PER_CHANNEL)
+    return grouped[0] if grouped else PER_CHANNEL
 
 
 def _nearest_rows(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -266,16 +277,25 @@ def reference_linear(
     bias: torch.Tensor | None = None,
     act_bits: int | None = None,
     input_scale: torch.Tensor | None = None,
+    act_group_size: int = PER_CHANNEL,
+    act_symmetric: bool = True,
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The torch reference of a quantized linear, in float32: activations fake-quantized
-    as the scheme says (per token, or with the static ``input_scale``), then
-    ``F.linear`` with the dense (dequantized) ``weight``."""
+    as the scheme says (per token, or with the static ``input_scale``, or per group of
+    ``act_group_size`` columns on a symmetric or asymmetric grid), then ``F.linear`` with
+    the dense (dequantized) ``weight``, plus the low-rank branch ``(x downᵀ) upᵀ`` of
+    the unquantized ``x`` when ``lowrank = (down, up)`` is given."""
     from qcore.grid import fake_quantize_activations
 
+    xq = x
     if act_bits is not None:
-        x = fake_quantize_activations(x, act_bits, input_scale)
-    return F.linear(x.float(), weight.float().to(x.device),
-                    None if bias is None else bias.float())
+        xq = fake_quantize_activations(x, act_bits, input_scale, act_group_size, act_symmetric)
+    y = F.linear(xq.float(), weight.float().to(x.device), None if bias is None else bias.float())
+    if lowrank is not None:
+        down, up = (t.float().to(x.device) for t in lowrank)
+        y = y + (x.float() @ down.T) @ up.T
+    return y
 
 
 def _tensors_of(value: Any, where: str = "statistic") -> list[tuple[str, torch.Tensor]]:
@@ -1013,10 +1033,14 @@ class BaseKernelProviderTests(_ComponentChecks):
                 _must_override("make_quantized_weight",
                                f"a function (request, packer, seed) -> QuantizedWeight of "
                                f"format {packer.format!r}")
+            per_token = request.act_group_size == PER_CHANNEL and request.act_symmetric
             return random_int_weight(
                 request.out_features, request.in_features, request.bits, request.group_size,
                 request.symmetric, act_order=request.act_order, act_bits=request.act_bits,
-                static_input_scale=request.act_bits is not None and seed % 2 == 1, seed=seed)
+                static_input_scale=(request.act_bits is not None and per_token
+                                    and seed % 2 == 1),
+                seed=seed, act_group_size=request.act_group_size,
+                act_symmetric=request.act_symmetric)
         return make
 
     @pytest.fixture
@@ -1083,6 +1107,24 @@ class BaseKernelProviderTests(_ComponentChecks):
                                     if a is not None and a != act_bits_default)
             requests += [request(b, gs, sym, act_bits=ab) for ab in other_act_bits
                          for _ in range(2)]
+            # Activation groups and grids (contract 1.4): each declared value once, at the
+            # widest declared activation width; a group size that divides in_features.
+            if act_widths:
+                ab = act_widths[-1]
+                groups_pool = ([64] if support.act_group_sizes is None
+                               else sorted(g for g in support.act_group_sizes if g != PER_CHANNEL))
+                for ag in groups_pool:
+                    for asym in sorted(support.act_symmetric):
+                        requests.append(request(b, gs, sym, act_bits=ab, act_group_size=ag,
+                                                act_symmetric=asym))
+                if False in support.act_symmetric and PER_CHANNEL in (
+                        support.act_group_sizes or {PER_CHANNEL}):
+                    requests.append(request(b, gs, sym, act_bits=ab, act_symmetric=False))
+            # A low-rank branch, for providers that compute it in their op.
+            if support.lowrank:
+                requests += [request(b, gs, sym, **(
+                    {"act_bits": act_widths[-1], "act_group_size": _first_act_group(support)}
+                    if act_widths else {}), lowrank_rank=r) for r in (1, 8)]
         return requests
 
     @staticmethod
@@ -1097,13 +1139,26 @@ class BaseKernelProviderTests(_ComponentChecks):
             in_f = group_size * 2 + group_size // 2  # a shorter last group
         else:
             in_f = 2 * math.lcm(group_size, in_multiple)
+        # A provider that only quantizes activations in groups (or asymmetrically) gets
+        # requests in what it declares.
+        groups = support.act_group_sizes
+        act_group = (PER_CHANNEL if groups is None or PER_CHANNEL in groups
+                     else sorted(groups)[0])
         fields: dict[str, Any] = dict(
             op=packer.op, layout=packer.layout, bits=bits, group_size=group_size,
             symmetric=symmetric, in_features=in_f,
             out_features=_round_up(24, support.out_features_multiple),
             act_bits=act_bits, act_order=False, dtype=dtype, device=device,
-            compute_capability=devices[device])
+            compute_capability=devices[device], act_group_size=act_group,
+            act_symmetric=True in support.act_symmetric)
         fields.update(changes)
+        act_group = fields.get("act_group_size", PER_CHANNEL)
+        if (fields["act_bits"] is not None and act_group != PER_CHANNEL
+                and fields["in_features"] % act_group and support.act_group_sizes is not None):
+            # Whole activation groups for a provider that names its group sizes; one that
+            # takes any keeps the shorter last group.
+            fields["in_features"] = 2 * math.lcm(act_group, in_multiple,
+                                                 1 if group_size == PER_CHANNEL else group_size)
         return KernelRequest(**fields)
 
     def _run(self, provider: KernelProvider, packer: Packer, request: KernelRequest,
@@ -1112,17 +1167,24 @@ class BaseKernelProviderTests(_ComponentChecks):
              seed: int) -> tuple[torch.Tensor, torch.Tensor, PackedWeight, dict[str, torch.Tensor]]:
         qweight = make_quantized_weight(request, packer, seed)
         packed = packer.pack(qweight)
-        before = _clone_tensors(packed.tensors)
         device = torch.device(request.device)
         dtype = getattr(torch, request.dtype)
         g = _generator(seed + 1000)
         # The core hands ops 2-D inputs: QuantLinear flattens the leading dimensions.
         x = torch.randn(5, request.in_features, generator=g).to(device=device, dtype=dtype)
         bias = torch.randn(request.out_features, generator=g).to(device=device, dtype=dtype)
+        lowrank = None
+        if request.lowrank_rank:  # as QuantLinear hands a fusing provider its branch
+            down = (torch.randn(request.lowrank_rank, request.in_features, generator=g) * 0.05)
+            up = (torch.randn(request.out_features, request.lowrank_rank, generator=g) * 0.05)
+            lowrank = (down.to(torch.float16).to(device), up.to(torch.float16).to(device))
+            packed.tensors["lowrank_down"], packed.tensors["lowrank_up"] = lowrank
+        before = _clone_tensors(packed.tensors)
         prepared = provider.prepare(packed, device)
         y = getattr(provider, request.op)(x, prepared, bias)
         want = reference_linear(x, dequantize(qweight), bias, request.act_bits,
-                                qweight.tensors.get("input_scale"))
+                                qweight.tensors.get("input_scale"), request.act_group_size,
+                                request.act_symmetric, lowrank)
         return y, want, packed, before
 
     def _check_close(self, y: torch.Tensor, want: torch.Tensor, request: KernelRequest) -> None:

@@ -94,4 +94,20 @@ template <> struct Pair<__nv_bfloat16> {
     static __device__ __forceinline__ type mul(type a, type b) { return __hmul2(a, b); }
 };
 
+// Split-K arrival, called by every thread of a block once its partial sums are written and
+// fenced: true in the last of the `splits` blocks that share `ticket` (which it resets for
+// the next launch), after a fence that makes the other blocks' sums visible; false in the
+// others. `last` is the kernel's __shared__ flag.
+__device__ __forceinline__ bool last_split_arrived(int* ticket, int splits, int& last) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(ticket, 1) == splits - 1;
+        if (last) *ticket = 0;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    return true;
+}
+
 }  // namespace qk

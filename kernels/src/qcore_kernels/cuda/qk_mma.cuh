@@ -1,4 +1,5 @@
-// Warp-level tile products on shared memory, the only tensor-core code of the kernels.
+// Warp-level tile products, the only tensor-core code of the kernels: WarpTile (wmma, on
+// shared memory), and mma_16816 (fp16/bf16) and mma_s4_16864 (int4) on fragments in registers.
 //
 // WarpTile<In, Acc, FM, FN> holds a warp's FM x FN grid of 16x16 accumulator tiles.
 // mma(a, lda, b, ldb) adds one k-step of 16: A rows at a + r * lda (row-major), B stored
@@ -148,6 +149,52 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
     for (int e = 0; e < 4; ++e) {
         float sum = 0.f;
         for (int k = 0; k < 16; ++k) sum += arow[e / 2][k] * bcol[e % 2][k];
+        c[e] += sum;
+    }
+#endif
+}
+
+// One m16n8k64 int4 tensor-core product, c += a * b (PTX mma.sync.aligned.m16n8k64.row.col
+// .s32.s4.s4.s32): signed 4-bit values, eight per 32-bit register, element i in bits
+// 4i .. 4i+3. With g = lane / 4 and q = lane % 4: a[0] = A[g][8q..8q+7],
+// a[1] = A[g+8][8q..8q+7], a[2] = A[g][32+8q..32+8q+7], a[3] = A[g+8][32+8q..32+8q+7];
+// b[0] = B[8q..8q+7][g], b[1] = B[32+8q..32+8q+7][g]; c[e] = C[g + 8 * (e / 2)][2q + e % 2]
+// (int32, exact: |sum| <= 64 * 64). Available on sm_80 and above. The CPU harness computes
+// the same contract in SIMT code, gathering the operands with warp shuffles.
+__device__ __forceinline__ void mma_s4_16864(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifndef QK_CPU_HARNESS
+    asm volatile(
+        "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    const int lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
+    // element i of a register, sign-extended from its 4 bits
+    auto s4 = [](unsigned v, int i) { return static_cast<int>(v << (28 - 4 * i)) >> 28; };
+    int arow[2][64], bcol[2][64];  // A rows g and g + 8; B columns 2q and 2q + 1
+    for (int src = 0; src < 4; ++src) {
+        // one shuffle carries two registers: A rows g and g + 8 of a k-half, B's two k-halves
+        for (int half = 0; half < 2; ++half) {  // A row g's (g+8's) owners are lanes 4g .. 4g+3
+            const unsigned long long pair = (static_cast<unsigned long long>(a[2 * half + 1]) << 32) | a[2 * half];
+            const unsigned long long v = __shfl_sync(FULL_MASK, pair, g * 4 + src);
+            for (int i = 0; i < 8; ++i) {
+                arow[0][32 * half + 8 * src + i] = s4(static_cast<unsigned>(v), i);
+                arow[1][32 * half + 8 * src + i] = s4(static_cast<unsigned>(v >> 32), i);
+            }
+        }
+        for (int cc = 0; cc < 2; ++cc) {  // B column n's owners are lanes 4n .. 4n+3
+            const unsigned long long pair = (static_cast<unsigned long long>(b[1]) << 32) | b[0];
+            const unsigned long long v = __shfl_sync(FULL_MASK, pair, (2 * q + cc) * 4 + src);
+            for (int i = 0; i < 8; ++i) {
+                bcol[cc][8 * src + i] = s4(static_cast<unsigned>(v), i);
+                bcol[cc][32 + 8 * src + i] = s4(static_cast<unsigned>(v >> 32), i);
+            }
+        }
+    }
+    for (int e = 0; e < 4; ++e) {
+        int sum = 0;
+        for (int k = 0; k < 64; ++k) sum += arow[e / 2][k] * bcol[e % 2][k];
         c[e] += sum;
     }
 #endif

@@ -227,15 +227,7 @@ __global__ void __launch_bounds__(KW * 32) qk_wq_mma(
                 }
             __threadfence();  // this split's sums are visible before its ticket
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
-            last_split = atomicAdd(ticket, 1) == splits - 1;
-            if (last_split) *ticket = 0;  // ready for the next launch
-        }
-        __syncthreads();
-        if (!last_split) return;
-        __threadfence();
+        if (!qk::last_split_arrived(tickets + blockIdx.y * gridDim.x + blockIdx.x, splits, last_split)) return;
         if (warp != 0) return;
 #pragma unroll
         for (int t = 0; t < NT; ++t)

@@ -23,10 +23,11 @@ in which no thread reaches a barrier or returns for ``timeout`` seconds (an endl
 cancels the stuck threads.
 
 The qcore kernels keep their tensor-core code in ``qk_mma.cuh`` (``WarpTile``, wmma; and
-``mma_16816``, PTX ``mma.sync``), which the harness build replaces by SIMT code with the
-same contract: their kernels run here (loads, dequantization, shared-memory layout,
-fragment layout, split-K reduction, epilogue), all but the tensor-core instructions
-themselves, which only the GPU tests (``qcore_kernels_tests/test_kernels_gpu.py``) check.
+``mma_16816`` and ``mma_s4_16864``, PTX ``mma.sync`` on fp16/bf16 and int4), which the
+harness build replaces by SIMT code with the same contract: their kernels run here (loads,
+dequantization, shared-memory layout, fragment layout, split-K reduction, epilogue), all but
+the tensor-core instructions themselves, which only the GPU tests
+(``qcore_kernels_tests/test_kernels_gpu.py`` and the like) check.
 
 What it cannot check: tensor cores (``<mma.h>``/WMMA, ``mma.sync``) and any inline PTX
 (``asm``), async copies (``cp.async``, TMA), dynamic shared memory (``extern __shared__``);

@@ -25,7 +25,9 @@ class GPTQQuantizer(Quantizer):
     needs = frozenset({"hessian"})
     produces = "int"
     supported_bits = frozenset({2, 3, 4, 5, 6, 7, 8})
-    supported_act_bits = frozenset({None})
+    #: Activations are the kernel's business: GPTQ solves the weights on the float inputs'
+    #: Hessian and records the scheme's activation grid (static scales from ``minmax``).
+    supported_act_bits = frozenset({None, 8, 4})
     sequential = True
 
     @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class GPTQQuantizer(Quantizer):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self.sequential = self.config.true_sequential  # type: ignore[misc]
+
+    def needs_for(self, scheme: Scheme) -> frozenset[str]:
+        if scheme.act_bits is not None and not scheme.act_dynamic:
+            return self.needs | {"minmax"}
+        return self.needs
 
     def quantize(self, weight: torch.Tensor, stats: Mapping[str, Any], scheme: Scheme) -> QuantizedWeight:
         return self.quantize_group([weight], stats, scheme)[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qcore.errors import CheckpointError
+from qcore.interfaces import act_fields
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,9 @@ class LayerScheme:
     static_input_scale: bool
     out_features: int
     in_features: int
+    #: activation groups (-1: per token) and grid (contract 1.4)
+    act_group_size: int = PER_CHANNEL
+    act_symmetric: bool = True
 
     def label(self) -> str:
         """E.g. ``W4 g128 asym``, ``W8A8 per-channel sym``, ``W4 g32 sym act-order``."""
@@ -101,7 +105,8 @@ def record_scheme(record: Mapping[str, Any]) -> LayerScheme:
         symmetric=bool(params.get("symmetric", False)), act_bits=_act_bits(params),
         act_dynamic=bool(params.get("act_dynamic", True)), act_order="g_idx" in tensors,
         scale_dtype=None if scales is None else str(scales["dtype"]).removeprefix("torch."),
-        static_input_scale="input_scale" in tensors, out_features=out_f, in_features=in_f)
+        static_input_scale="input_scale" in tensors, out_features=out_f, in_features=in_f,
+        **act_fields(params))
 
 
 def weight_scheme(qweight: QuantizedWeight) -> LayerScheme:
@@ -114,7 +119,8 @@ def weight_scheme(qweight: QuantizedWeight) -> LayerScheme:
         symmetric=bool(params.get("symmetric", False)), act_bits=_act_bits(params),
         act_dynamic=bool(params.get("act_dynamic", True)), act_order="g_idx" in tensors,
         scale_dtype=None, static_input_scale="input_scale" in tensors,
-        out_features=int(qweight.shape[0]), in_features=int(qweight.shape[1]))
+        out_features=int(qweight.shape[0]), in_features=int(qweight.shape[1]),
+        **act_fields(params))
 
 
 def not_an_int_grid(record: Mapping[str, Any], fmt: str) -> str | None:
@@ -294,6 +300,8 @@ def int_weight(where: str, shape: tuple[int, int], bits: int, group_size: int,
     params: dict[str, Any] = {"bits": bits, "group_size": group_size,
                               "symmetric": "zeros" not in tensors, "act_bits": act_bits,
                               "act_dynamic": act_dynamic}
+    if act_bits is not None:  # per-token (or per-tensor) symmetric: what the formats hold
+        params.update(act_group_size=PER_CHANNEL, act_symmetric=True)
     return QuantizedWeight(format="int", shape=(out_f, in_f), tensors=tensors, params=params)
 
 

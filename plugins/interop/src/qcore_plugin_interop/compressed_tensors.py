@@ -88,6 +88,10 @@ def _limit(scheme: LayerScheme) -> str | None:
                 "activations")
     if scheme.act_bits and not scheme.act_dynamic and not scheme.static_input_scale:
         return "static activations without an input_scale"
+    if scheme.act_bits and (scheme.act_group_size != PER_CHANNEL or not scheme.act_symmetric):
+        return ("activations quantized in groups or on an asymmetric grid: the "
+                "compressed-tensors export writes symmetric per-token or per-tensor int8 "
+                "activations")
     return None
 
 
