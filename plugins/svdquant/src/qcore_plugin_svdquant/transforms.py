@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qcore.errors import ConfigError
 from qcore.interfaces import Transform
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     import torch
 
     from qcore.context import BlockContext
-    from qcore.model import LinearGroup
 
 
 class SVDQuant(Transform):
@@ -106,9 +105,10 @@ class SVDQuant(Transform):
                      ctx.index, time.perf_counter() - start, "; ".join(chosen) or "no smoothing",
                      c.rank, refits)
 
-    def _smooth_group(self, ctx: BlockContext, group: LinearGroup, quantize: object,
+    def _smooth_group(self, ctx: BlockContext, group: Any, quantize: object,
                       dtype: torch.dtype) -> float | None:
-        """Search and fold the group's smoothing scales; the α chosen (None: none)."""
+        """Search and fold the smoothing scales of ``group`` (one of
+        ``ctx.structure.groups``); the α chosen (None: none)."""
         import torch
 
         from qcore.ops import fold_scales_into_source, weight_matrix
